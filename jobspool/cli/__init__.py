@@ -1,0 +1,322 @@
+"""The ``jobspool`` command: parse arguments, call the core, print.
+
+Every error the core raises carries its exit code (``jobspool.errors``);
+:func:`main` turns it into one line on stderr, in one place. The core is
+imported inside each command so that a read command loads only what it
+needs: ``status``, ``queue`` and ``log`` never import lxml or structlog.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from jobspool import __version__
+from jobspool.errors import JobspoolError
+
+if TYPE_CHECKING:
+    from jobspool.config import Config
+
+EX_SOFTWARE = 70  # an internal error: a bug, reported as one line (traceback with --debug)
+
+
+class State:
+    """What the group's options leave for the commands."""
+
+    def __init__(self, config_path: str | None, debug: bool) -> None:
+        self.config_path = config_path
+        self.debug = debug
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            from jobspool import config
+
+            self._config = config.load(self.config_path)
+        return self._config
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def _complete_interface(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    try:
+        from jobspool import config
+
+        path = ctx.find_root().params.get("config_path")
+        return [i for i in config.load(path).interfaces if i.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+iface_arg = click.argument("interface", metavar="IFACE", shell_complete=_complete_interface)
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="Configuration file [default: $JOBSPOOL_CONFIG, ./jobspool.yaml, "
+    "/etc/jobspool/jobspool.yaml].",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+@click.version_option(__version__, "-V", "--version", prog_name="jobspool")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+    """Move XML jobs through a spool: check, queue, handle, log, archive."""
+    ctx.obj = State(config_path, debug)
+
+
+# --- read commands -------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("jobs", metavar="JOB...", nargs=-1, required=True)
+@json_opt
+@pass_state
+def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
+    """Where a job is: incoming/IFACE, queue/IFACE, bak/IFACE or joberrors.
+
+    With several jobs, each line is 'JOB STATUS'. Exits 2 if any is unknown.
+    """
+    from jobspool.errors import BadRequest
+    from jobspool.spool import Spool
+
+    spool = Spool(state.config.spool, state.config.interfaces)
+    spool.require()
+    answers: list[tuple[str, str | None]] = []
+    for name in jobs:
+        try:
+            found = spool.find(name)
+        except BadRequest as exc:
+            if len(jobs) == 1:
+                raise
+            _warn(str(exc))
+            answers.append((name, None))
+        else:
+            answers.append((name, str(found.place)))
+    if as_json:
+        _print_json([{"job": j, "status": s} for j, s in answers])
+    elif len(jobs) == 1:
+        click.echo(answers[0][1])
+    else:
+        click.echo("".join(f"{j} {s}\n" for j, s in answers if s), nl=False)
+    if any(s is None for _, s in answers):
+        sys.exit(BadRequest.exit_code)
+
+
+@cli.command()
+@iface_arg
+@json_opt
+@pass_state
+def queue(state: State, interface: str, as_json: bool) -> None:
+    """The jobs queued on IFACE, one per line, in processing order."""
+    from jobspool.spool import Spool
+
+    state.config.interface(interface)
+    jobs = Spool(state.config.spool, state.config.interfaces).queued(interface)
+    if as_json:
+        _print_json([{"job": name, "accepted": _iso(ns)} for ns, name in jobs])
+    else:
+        sys.stdout.write("".join(name + "\n" for _, name in jobs))
+
+
+@cli.command()
+@click.argument("job")
+@json_opt
+@pass_state
+def log(state: State, job: str, as_json: bool) -> None:
+    """Print the XML log of JOB (exit 75 while it has none yet)."""
+    from jobspool.spool import Spool
+
+    data = Spool(state.config.spool, state.config.interfaces).read_log(job)
+    if as_json:
+        _print_json({"job": job, "log": data.decode("utf-8", "replace")})
+    else:
+        sys.stdout.buffer.write(data)
+
+
+@cli.command()
+@json_opt
+@pass_state
+def interfaces(state: State, as_json: bool) -> None:
+    """Each interface: direction, queued jobs, age of the oldest, paused, errors."""
+    from jobspool.spool import Spool
+
+    cfg = state.config
+    overview = Spool(cfg.spool, cfg.interfaces).overview()
+    rows = [
+        {"interface": o.interface, "direction": cfg.interfaces[o.interface].direction,
+         "queued": o.queued, "oldest_seconds": o.oldest_seconds, "paused": o.paused,
+         "errors": o.errors}
+        for o in overview
+    ]  # fmt: skip
+    if as_json:
+        _print_json(rows)
+        return
+    table = [("INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS")]
+    table += [
+        (o.interface, cfg.interfaces[o.interface].direction, str(o.queued),
+         "-" if o.oldest_seconds is None else _age(o.oldest_seconds),
+         "yes" if o.paused else "no", str(o.errors))
+        for o in overview
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# --- write commands ------------------------------------------------------------
+
+
+@cli.command()
+@pass_state
+def init(state: State) -> None:
+    """Create the spool tree for the configuration (safe to repeat)."""
+    from jobspool.intake import spool_of
+
+    spool = spool_of(state.config)
+    created = spool.init()
+    click.echo(f"spool ready at {spool.root} ({len(created)} directories created)")
+
+
+@cli.command()
+@iface_arg
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@json_opt
+@pass_state
+def check(state: State, interface: str, file: str, as_json: bool) -> None:
+    """Check FILE against IFACE's schema; change nothing (exit 0 or 65)."""
+    from jobspool.errors import Rejected
+    from jobspool.intake import check_file
+
+    iface = state.config.interface(interface)
+    result = check_file(iface, file)
+    if as_json:
+        errors = [{"line": e.line, "column": e.column, "message": e.message} for e in result.errors]
+        _print_json({"file": file, "interface": interface, "ok": result.ok, "errors": errors})
+    elif result.ok:
+        click.echo(f"{file}: ok for {interface}")
+    else:
+        for e in result.errors:
+            click.echo(f"{file}:{e.line}:{e.column}: {e.message}", err=True)
+    if not result.ok:
+        sys.exit(Rejected.exit_code)
+
+
+@cli.command()
+@iface_arg
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--name", help="The job's name [default: FILE's base name; required for -].")
+@pass_state
+def submit(state: State, interface: str, file: str, name: str | None) -> None:
+    """Check FILE and queue it on IFACE; print the job's name."""
+    from jobspool.intake import submit as submit_job
+
+    click.echo(submit_job(state.config, interface, file, name))
+
+
+@cli.command()
+@click.argument("job")
+@pass_state
+def retry(state: State, job: str) -> None:
+    """Take JOB out of joberrors, check it again, queue it on its interface."""
+    from jobspool.intake import retry as retry_job
+
+    click.echo(retry_job(state.config, job))
+
+
+@cli.command()
+@iface_arg
+@pass_state
+def pause(state: State, interface: str) -> None:
+    """Stop processing IFACE (it still accepts jobs); survives restarts."""
+    from jobspool.intake import spool_of
+
+    state.config.interface(interface)
+    spool_of(state.config).pause(interface)
+    click.echo(f"{interface} paused")
+
+
+@cli.command()
+@iface_arg
+@pass_state
+def resume(state: State, interface: str) -> None:
+    """Process IFACE again after 'jobspool pause'."""
+    from jobspool.intake import spool_of
+
+    state.config.interface(interface)
+    spool_of(state.config).resume(interface)
+    click.echo(f"{interface} resumed")
+
+
+# --- printing ------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    import json
+
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _iso(ns: int) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="milliseconds")
+
+
+def _age(seconds: float) -> str:
+    """A short age for a table: 45s, 12m, 5h, 3d (the unit changes at twice its size)."""
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= 2 * size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _warn(message: str) -> None:
+    click.echo(f"jobspool: {message}", err=True)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    _warn(message)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The console script: run a command, turn every failure into one line and a code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="jobspool", standalone_mode=False)
+    except JobspoolError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _fail(str(exc), exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        _fail(f"{exc.format_message()} (see 'jobspool --help')", exc.exit_code)
+    except click.Abort:
+        _fail("aborted", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        # The reader (head, less) went away: nothing left to say to it.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+              EX_SOFTWARE)  # fmt: skip
+    sys.exit(0)

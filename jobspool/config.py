@@ -1,0 +1,339 @@
+"""The configuration: one YAML file turned into frozen dataclasses (SPEC 3).
+
+Discovery order: ``-c/--config``, ``$JOBSPOOL_CONFIG``, ``./jobspool.yaml``,
+``/etc/jobspool/jobspool.yaml``. Paths inside the file are relative to the
+file. Every problem is a :class:`ConfigError` naming the file, the key and
+what is expected. This module never touches the spool and never imports lxml:
+the read commands load it on their fast path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jobspool import names
+from jobspool.errors import ConfigError
+
+DEFAULT_LOCATIONS = (Path("jobspool.yaml"), Path("/etc/jobspool/jobspool.yaml"))
+DEFAULT_SPOOL = "/var/spool/jobspool"
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_SIZE = 10_000_000
+
+SCHEMA_SUFFIXES = (".xsd", ".rng")
+
+
+@dataclass(frozen=True)
+class Interface:
+    """One interface: where its jobs come from, how they are checked and handled."""
+
+    name: str
+    schema: Path | None = None
+    command: tuple[str, ...] | None = None
+    handler: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    max_size: int = DEFAULT_MAX_SIZE
+
+    @property
+    def outbound(self) -> bool:
+        """An ``_out`` interface has no handler: its jobs wait to be fetched."""
+        return self.name.endswith("_out")
+
+    @property
+    def direction(self) -> str:
+        return "out" if self.outbound else "in"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A scheduled handler as configured (SPEC 6); run by the scheduler."""
+
+    id: str
+    name: str
+    timing: Mapping[str, str]
+    runs: Mapping[str, Any]
+    enabled: bool = True
+    owner: str | None = None
+    timezone: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    catchup: str = "once"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, as read from :attr:`path`."""
+
+    path: Path
+    spool: Path
+    interfaces: Mapping[str, Interface]
+    schedules: Mapping[str, Schedule] = field(default_factory=dict)
+
+    def interface(self, name: str) -> Interface:
+        """The interface called ``name``; :class:`BadRequest` if there is none."""
+        try:
+            return self.interfaces[name]
+        except KeyError:
+            from jobspool.errors import BadRequest
+
+            known = ", ".join(sorted(self.interfaces)) or "none configured"
+            raise BadRequest(f"unknown interface {name!r} (known: {known})") from None
+
+
+# --- discovery ---------------------------------------------------------------
+
+
+def find(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The configuration file to use, in the documented discovery order."""
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    elif os.environ.get("JOBSPOOL_CONFIG"):
+        candidates = [Path(os.environ["JOBSPOOL_CONFIG"])]
+    else:
+        candidates = list(DEFAULT_LOCATIONS)
+    for path in candidates:
+        if path.is_file():
+            return path.absolute()
+    if len(candidates) == 1:
+        raise ConfigError(f"{candidates[0]}: no such configuration file")
+    tried = ", ".join(str(p) for p in candidates)
+    raise ConfigError(
+        f"no configuration found (tried {tried}); pass -c FILE or set $JOBSPOOL_CONFIG"
+    )
+
+
+def load(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Find, read and validate the configuration."""
+    path = find(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate YAML ``text`` read from ``path`` into a :class:`Config`."""
+    import yaml  # only here: 20-30 ms that the error paths should not pay twice
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(text, Loader=loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f": line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    return _Reader(path).config(data)
+
+
+# --- units -------------------------------------------------------------------
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(value: object) -> int:
+    """``10MB`` → 10_000_000, ``1MiB`` → 1_048_576, ``512`` → 512 bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError("a size like 512, 64KB, 10MB or 1GiB")
+    unit = (match.group(2) or "B").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: object) -> float:
+    """``30s``, ``5m``, ``2h``, ``1d``, ``1w``, ``500ms`` or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError("a duration like 300, 30s, 5m, 2h or 1d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+# --- validation --------------------------------------------------------------
+
+T = TypeVar("T")
+
+_INTERFACE_KEYS = {"schema", "command", "handler", "timeout", "max_size"}
+_SCHEDULE_TIMINGS = ("cron", "every", "at")
+_SCHEDULE_RUNS = ("command", "handler", "template")
+_SCHEDULE_KEYS = {
+    "name", "owner", "enabled", "timezone", "timeout", "catchup", "with",
+    *_SCHEDULE_TIMINGS, *_SCHEDULE_RUNS,
+}  # fmt: skip
+_HANDLER_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class _Reader:
+    """Walks the parsed YAML, converting values and naming the key on error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def fail(self, key: str, expected: str, got: object = ...) -> ConfigError:
+        shown = "" if got is ... else f", got {_show(got)}"
+        return ConfigError(f"{self.path}: {key}: expected {expected}{shown}")
+
+    def mapping(self, value: object, key: str, allowed: set[str] | None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, "a mapping", value)
+        for k in value:
+            if not isinstance(k, str):
+                raise self.fail(f"{key}.{k}", "a text key", k)
+            if allowed is not None and k not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise ConfigError(f"{self.path}: {_join(key, k)}: unknown key (known: {known})")
+        return value
+
+    def convert(self, value: object, key: str, conv: Callable[[object], T]) -> T:
+        try:
+            return conv(value)
+        except ValueError as exc:
+            raise self.fail(key, str(exc), value) from None
+
+    def relative(self, value: object, key: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "a path", value)
+        return (self.base / value).absolute()
+
+    def config(self, data: object) -> Config:
+        top = self.mapping(data, "", {"spool", "interfaces", "schedules"})
+        spool = self.relative(top.get("spool", DEFAULT_SPOOL), "spool")
+        raw_ifaces = self.mapping(top.get("interfaces"), "interfaces", None)
+        if not raw_ifaces:
+            raise self.fail("interfaces", "at least one interface")
+        interfaces = {n: self.interface(n, v) for n, v in raw_ifaces.items()}
+        raw_scheds = self.mapping(top.get("schedules"), "schedules", None)
+        schedules = {i: self.schedule(i, v) for i, v in raw_scheds.items()}
+        return Config(self.path, spool, interfaces, schedules)
+
+    def interface(self, name: str, value: object) -> Interface:
+        key = f"interfaces.{name}"
+        if not names.is_valid(name):
+            raise self.fail(key, "an interface name that is a valid directory name: "
+                            + names.why_invalid(name))  # fmt: skip
+        raw = self.mapping(value, key, _INTERFACE_KEYS)
+        schema = None
+        if raw.get("schema") is not None:
+            schema = self.relative(raw["schema"], f"{key}.schema")
+            if schema.suffix not in SCHEMA_SUFFIXES:
+                raise self.fail(
+                    f"{key}.schema", "an XSD (.xsd) or RELAX NG (.rng) file", str(schema)
+                )
+            if not schema.is_file():
+                raise self.fail(f"{key}.schema", "an existing schema file", str(schema))
+        command = self.command(raw["command"], f"{key}.command") if "command" in raw else None
+        handler = self.handler(raw["handler"], f"{key}.handler") if "handler" in raw else None
+        outbound = name.endswith("_out")
+        if outbound and (command or handler):
+            raise self.fail(
+                key, "no command or handler: an _out interface's jobs wait to be fetched"
+            )
+        if not outbound and (command is None) == (handler is None):
+            raise self.fail(key, "exactly one of command: or handler: (or a name ending in _out)")
+        return Interface(
+            name=name,
+            schema=schema,
+            command=command,
+            handler=handler,
+            timeout=self.positive(raw.get("timeout", DEFAULT_TIMEOUT), f"{key}.timeout"),
+            max_size=self.convert(
+                raw.get("max_size", DEFAULT_MAX_SIZE), f"{key}.max_size", parse_size
+            ),
+        )
+
+    def positive(self, value: object, key: str) -> float:
+        seconds = self.convert(value, key, parse_duration)
+        if seconds <= 0:
+            raise self.fail(key, "a duration above zero", value)
+        return seconds
+
+    def command(self, value: object, key: str) -> tuple[str, ...]:
+        if isinstance(value, str):
+            argv = shlex.split(value)
+        elif isinstance(value, list) and all(isinstance(a, str) for a in value):
+            argv = list(value)
+        else:
+            raise self.fail(key, "a list of strings like [/usr/local/bin/import, --flag]", value)
+        if not argv or not argv[0]:
+            raise self.fail(key, "a program to run", value)
+        if "/" in argv[0]:  # a path, relative to the configuration file; bare names use $PATH
+            argv[0] = str(self.base / argv[0])
+        return tuple(argv)
+
+    def handler(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not _HANDLER_REF.fullmatch(value):
+            raise self.fail(key, "a Python callable as module:function", value)
+        return value
+
+    def schedule(self, sid: str, value: object) -> Schedule:
+        key = f"schedules.{sid}"
+        if not names.is_valid(sid):
+            raise self.fail(key, "a schedule id of A-Z a-z 0-9 . _ -: " + names.why_invalid(sid))
+        raw = self.mapping(value, key, _SCHEDULE_KEYS)
+        timing = {k: raw[k] for k in _SCHEDULE_TIMINGS if k in raw}
+        runs = {k: raw[k] for k in _SCHEDULE_RUNS if k in raw}
+        if len(timing) != 1 or not all(isinstance(v, str) for v in timing.values()):
+            raise self.fail(key, "exactly one of cron:, every: or at:, as text")
+        if len(runs) != 1:
+            raise self.fail(key, "exactly one of command:, handler: or template:")
+        if "command" in runs:
+            runs["command"] = self.command(runs["command"], f"{key}.command")
+        if "handler" in runs:
+            runs["handler"] = self.handler(runs["handler"], f"{key}.handler")
+        if "with" in raw:
+            runs["with"] = self.mapping(raw["with"], f"{key}.with", None)
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise self.fail(f"{key}.enabled", "true or false", enabled)
+        catchup = raw.get("catchup", "once")
+        if catchup not in ("once", "skip"):
+            raise self.fail(f"{key}.catchup", "once or skip", catchup)
+        for opt in ("name", "owner", "timezone"):
+            if opt in raw and not isinstance(raw[opt], str):
+                raise self.fail(f"{key}.{opt}", "text", raw[opt])
+        return Schedule(
+            id=sid,
+            name=raw.get("name", sid),
+            timing=timing,
+            runs=runs,
+            enabled=enabled,
+            owner=raw.get("owner"),
+            timezone=raw.get("timezone"),
+            timeout=self.positive(raw.get("timeout", DEFAULT_TIMEOUT), f"{key}.timeout"),
+            catchup=catchup,
+        )
+
+
+def _join(key: str, sub: str) -> str:
+    return f"{key}.{sub}" if key else sub
+
+
+def _show(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)

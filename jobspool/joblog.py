@@ -1,0 +1,122 @@
+"""The XML job log: what happened to a job, and when (``schemas/joblog.xsd``).
+
+A log is built in memory as events happen and written once, beside the job,
+just before the job's final rename: a log in ``bak`` or ``joberrors`` is
+always complete. A queued job has no log yet (``jobspool log`` says 75);
+a retried job carries its history in ``state/pending/`` until it is done.
+
+Text from outside (handler output, hostile file names) is made safe for XML
+here: characters XML cannot hold become U+FFFD or backslash escapes.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+
+from lxml import etree
+
+from jobspool.errors import CheckError
+
+NS = "urn:jobspool:joblog:1"
+_Q = f"{{{NS}}}"
+SCHEMA = Path(__file__).parent / "schemas" / "joblog.xsd"
+
+Log = etree._Element
+
+
+def now() -> str:
+    """The current local time as xs:dateTime, with its UTC offset."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def new(job: str, interface: str | None) -> Log:
+    """An empty log for ``job``; the interface is recorded where it is known."""
+    log = etree.Element(_Q + "joblog", nsmap={None: NS})
+    log.set("job", job)
+    if interface is not None:
+        log.set("interface", interface)
+    log.set("version", "1")
+    return log
+
+
+def event(log: Log, kind: str, at: str | None = None, **attrs: object) -> etree._Element:
+    """Append one event; ``None`` attributes are left out, ``under_scores`` become dashes."""
+    el = etree.SubElement(log, _Q + kind)
+    el.set("time", at or now())
+    for key, value in attrs.items():
+        if value is not None:
+            el.set(key.replace("_", "-"), xml_text(str(value)))
+    return el
+
+
+def received(
+    log: Log,
+    via: str,
+    at: str | None = None,
+    original_name: str | None = None,
+    reason: str | None = None,
+    ref: str | None = None,
+) -> None:
+    original = escape_name(original_name) if original_name is not None else None
+    event(log, "received", at, via=via, original_name=original, reason=reason, ref=ref)
+
+
+def checked(log: Log, errors: list[CheckError], schema: Path | None, at: str | None = None) -> None:
+    el = event(log, "checked", at, outcome="rejected" if errors else "accepted", schema=schema)
+    for err in errors:
+        e = etree.SubElement(
+            el, _Q + "error", line=str(max(err.line, 0)), column=str(max(err.column, 0))
+        )
+        e.text = xml_text(err.message)
+
+
+def moved(log: Log, source: str, dest: str, at: str | None = None) -> None:
+    event(log, "moved", at, **{"from": source, "to": dest})
+
+
+def note(log: Log, text: str, at: str | None = None) -> None:
+    event(log, "note", at).text = xml_text(text)
+
+
+def to_bytes(log: Log) -> bytes:
+    return etree.tostring(log, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+def from_bytes(data: bytes) -> Log:
+    """Read a log back (to carry a retried job's history on)."""
+    from jobspool.check import hardened_parser
+
+    # Blank text goes so that events appended later are indented like the rest.
+    return etree.fromstring(data, hardened_parser(remove_blank_text=True))
+
+
+_schema: etree.XMLSchema | None = None
+
+
+def validate(data: bytes) -> list[str]:
+    """Problems of a log against ``joblog.xsd`` (empty when valid)."""
+    global _schema
+    if _schema is None:
+        _schema = etree.XMLSchema(etree.parse(str(SCHEMA)))
+    doc = etree.fromstring(data).getroottree()
+    if _schema.validate(doc):
+        return []
+    return [f"line {e.line}: {e.message}" for e in _schema.error_log]
+
+
+# XML 1.0 cannot hold most control characters, lone surrogates or U+FFFE/F.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """``text`` with every character XML 1.0 cannot hold replaced by U+FFFD."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
+def escape_name(name: str) -> str:
+    """A file name as printable text: control characters and undecodable bytes escaped."""
+    raw = name.encode("utf-8", "surrogateescape")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -1,0 +1,395 @@
+"""The spool tree: every path, every move, and where a job is (SPEC 1, 2).
+
+The filesystem is the database. A job's state is the directory it sits in,
+and every change of state is one ``rename`` that never replaces an existing
+file (``renameat2(RENAME_NOREPLACE)``). New files are written into ``tmp/``,
+fsynced, renamed into place, and the directory is fsynced before anyone is
+told the job is there.
+
+Queue order is acceptance order. A job's modification time *is* its
+acceptance stamp: jobspool sets it when it takes the job (strictly increasing
+within a process), rename keeps it, and ``ls -tr queue/IFACE`` shows the
+processing order. Listing sorts by (mtime, name), so the order survives
+restarts with no index to keep in step.
+
+This module imports nothing of jobspool's but ``errors`` and ``names``, and
+nothing slow: the read commands (``status``, ``queue``, ``log``) use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from jobspool import names
+from jobspool.errors import BadRequest, ConfigError, Denied, JobspoolError, TryLater
+
+INCOMING, QUEUE, BAK, JOBERRORS, TMP, STATE = (
+    "incoming",
+    "queue",
+    "bak",
+    "joberrors",
+    "tmp",
+    "state",
+)
+PER_INTERFACE = (INCOMING, QUEUE, BAK)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a job is: one of the four answers of ``jobspool status``."""
+
+    state: str
+    interface: str | None = None
+
+    def __str__(self) -> str:
+        return self.state if self.interface is None else f"{self.state}/{self.interface}"
+
+
+@dataclass(frozen=True)
+class Found:
+    """A job located in the spool."""
+
+    name: str
+    place: Place
+    path: Path
+
+    @property
+    def log_path(self) -> Path:
+        return self.path.with_name(names.log_name(self.name))
+
+
+@dataclass(frozen=True)
+class Overview:
+    """How one interface stands: what ``jobspool interfaces`` shows."""
+
+    interface: str
+    queued: int
+    oldest_seconds: float | None
+    paused: bool
+    errors: int
+
+
+class Spool:
+    """One spool directory tree and the interfaces it serves."""
+
+    def __init__(self, root: Path, interfaces: Iterable[str]) -> None:
+        self.root = root
+        self.interfaces = tuple(interfaces)
+        self.tmp = root / TMP
+        self.state = root / STATE
+        self.joberrors = root / JOBERRORS
+        self._last_stamp = 0
+
+    # --- paths ---------------------------------------------------------------
+
+    def dir(self, state: str, interface: str | None = None) -> Path:
+        """The directory of a state (``interface`` for incoming, queue and bak)."""
+        return self.root / state if interface is None else self.root / state / interface
+
+    def dirs(self) -> list[Path]:
+        """Every directory of the tree, parents first."""
+        out = [self.root / s for s in (*PER_INTERFACE, JOBERRORS, TMP, STATE)]
+        out += [self.dir(s, i) for s in PER_INTERFACE for i in self.interfaces]
+        out += [self.state / "paused", self.state / "pending"]
+        return out
+
+    def pending_log(self, name: str) -> Path:
+        """The log a queued job carries (retried jobs), published when it is done."""
+        return self.state / "pending" / names.log_name(name)
+
+    # --- the tree --------------------------------------------------------------
+
+    def init(self) -> list[Path]:
+        """Create whatever is missing of the tree; return what was created."""
+        created = []
+        with os_errors(f"cannot create the spool at {self.root}"):
+            for path in [self.root, *self.dirs()]:
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    if not path.is_dir():
+                        raise ConfigError(f"{path} exists and is not a directory") from None
+                    continue
+                created.append(path)
+                fsync_dir(path.parent)
+        return created
+
+    def require(self) -> None:
+        """Fail with a hint when the tree has not been created."""
+        if not self.state.is_dir():
+            raise ConfigError(f"no spool at {self.root}: run 'jobspool init' first")
+
+    # --- where is a job --------------------------------------------------------
+
+    def places(self) -> Iterator[Place]:
+        """Every place a job can be, in the order of its life."""
+        for state in PER_INTERFACE:
+            for iface in self.interfaces:
+                yield Place(state, iface)
+        yield Place(JOBERRORS)
+
+    def locate(self, name: str) -> Found | None:
+        """Find a job by name: a handful of ``stat`` calls, whatever the queue depths."""
+        names.check_name(name)
+        for place in self.places():
+            path = self.dir(place.state, place.interface) / name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                return Found(name, place, path)
+        return None
+
+    def find(self, name: str) -> Found:
+        """Like :meth:`locate`, but an unknown job is a :class:`BadRequest`."""
+        found = self.locate(name)
+        if found is None:
+            raise BadRequest(f"unknown job {name!r}: not in incoming, queue, bak or joberrors")
+        return found
+
+    def queued(self, interface: str) -> list[tuple[int, str]]:
+        """The queue of ``interface`` in processing order, as (stamp in ns, name)."""
+        return sorted(self._jobs_in(self.dir(QUEUE, interface)))
+
+    def _jobs_in(self, directory: Path) -> Iterator[tuple[int, str]]:
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            self.require()
+            return
+        with entries:
+            for entry in entries:
+                if names.is_valid(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):  # taken meanwhile
+                        yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name
+
+    def read_log(self, name: str) -> bytes:
+        """The XML log of a job in bak or joberrors; :class:`TryLater` if it has none yet."""
+        found = self.find(name)
+        if found.place.state not in (BAK, JOBERRORS):
+            raise TryLater(f"{name} is in {found.place}: its log is written when it is processed")
+        try:
+            return found.log_path.read_bytes()
+        except FileNotFoundError:
+            raise TryLater(f"{name} is in {found.place} but its log is not there yet") from None
+
+    # --- pause -----------------------------------------------------------------
+
+    def pause_marker(self, interface: str) -> Path:
+        return self.state / "paused" / interface
+
+    def is_paused(self, interface: str) -> bool:
+        return self.pause_marker(interface).exists()
+
+    def pause(self, interface: str) -> None:
+        """Persistently pause an interface: it accepts jobs but does not process them."""
+        self.require()
+        self.write(self.pause_marker(interface), [b"paused\n"], replace=True)
+
+    def resume(self, interface: str) -> None:
+        marker = self.pause_marker(interface)
+        with os_errors(f"cannot resume {interface}"), contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+            fsync_dir(marker.parent)
+
+    # --- overview --------------------------------------------------------------
+
+    def overview(self) -> list[Overview]:
+        """Queue depth, age of the oldest queued job, pause and errors, per interface."""
+        self.require()
+        errors = self.errors_by_interface()
+        now = time.time_ns()
+        out = []
+        for iface in self.interfaces:
+            jobs = self.queued(iface)
+            oldest = round((now - jobs[0][0]) / 1e9, 3) if jobs else None
+            out.append(
+                Overview(iface, len(jobs), oldest, self.is_paused(iface), errors.get(iface, 0))
+            )
+        return out
+
+    def errors_by_interface(self) -> dict[str, int]:
+        """How many jobs in joberrors came from each interface (read from their logs)."""
+        counts: dict[str, int] = {}
+        for _, name in self._jobs_in(self.joberrors):
+            iface = self.interface_of_log(self.joberrors / names.log_name(name)) or "?"
+            counts[iface] = counts.get(iface, 0) + 1
+        return counts
+
+    @staticmethod
+    def interface_of_log(log: Path) -> str | None:
+        """The interface a log names, read from its first bytes (no XML parser needed)."""
+        try:
+            with open(log, "rb") as f:
+                head = f.read(1024)
+        except OSError:
+            return None
+        match = _LOG_INTERFACE.search(head)
+        return match.group(1).decode() if match else None
+
+    # --- writing and moving ----------------------------------------------------
+
+    def stamp(self) -> int:
+        """A fresh acceptance stamp (ns), strictly increasing within this process."""
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        return self._last_stamp
+
+    def write(
+        self,
+        dest: Path,
+        chunks: Iterable[bytes],
+        *,
+        replace: bool = False,
+        stamp_ns: int | None = None,
+    ) -> None:
+        """Durably create ``dest`` from ``chunks``: write in tmp/, fsync, rename, fsync the dir.
+
+        Without ``replace`` an existing ``dest`` is never touched
+        (:class:`FileExistsError`). ``stamp_ns`` sets the file's mtime, which
+        is its place in a queue.
+        """
+        with os_errors(f"cannot write {dest.name}"):
+            fd, tmp = _mkstemp(self.tmp, dest.name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                    f.flush()
+                    if stamp_ns is not None:
+                        os.utime(f.fileno(), ns=(stamp_ns, stamp_ns))
+                    os.fsync(f.fileno())
+                if replace:
+                    os.replace(tmp, dest)
+                else:
+                    rename_noreplace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(dest.parent)
+
+    def move(self, src: Path, dest_dir: Path, *, stamp_ns: int | None = None) -> Path:
+        """Move a job to another state directory: one rename, then both dirs fsynced."""
+        dest = dest_dir / src.name
+        with os_errors(f"cannot move {src.name} to {dest_dir.relative_to(self.root)}"):
+            if stamp_ns is not None:
+                os.utime(src, ns=(stamp_ns, stamp_ns))
+            rename_noreplace(src, dest)
+            fsync_dir(dest_dir)
+            fsync_dir(src.parent)
+        return dest
+
+    @contextlib.contextmanager
+    def names_lock(self) -> Iterator[None]:
+        """Held while a new name enters the spool, so two entries cannot take one name."""
+        import fcntl
+
+        self.require()
+        with os_errors("cannot lock the spool"):
+            fd = os.open(self.state / "names.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+_LOG_INTERFACE = re.compile(rb'<joblog\b[^>]*?\binterface="([A-Za-z0-9._-]{1,200})"')
+
+
+# --- the edges: fsync and rename ----------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkstemp(directory: Path, name: str) -> tuple[int, str]:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(dir=directory, prefix=name[:100] + ".")
+    os.fchmod(fd, 0o640)
+    return fd, path
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_renameat2: Callable[..., int] | Literal[False] | None = None
+
+
+def rename_noreplace(src: str | Path, dest: str | Path) -> None:
+    """Rename ``src`` to ``dest``, failing with :class:`FileExistsError` if ``dest`` exists.
+
+    Uses Linux's ``renameat2(RENAME_NOREPLACE)``, which checks and renames in
+    one step. Where a filesystem lacks it (some NFS, FUSE), falls back to a
+    check then a plain rename: still one rename, so a crash never leaves a
+    job in two places; only a foreign writer racing us could be replaced.
+    """
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = _load_renameat2()
+    if _renameat2 is not False:
+        if (
+            _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE)
+            == 0
+        ):
+            return
+        import ctypes
+
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dest))
+    if os.path.lexists(dest):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dest))
+    os.rename(src, dest)
+
+
+def _load_renameat2() -> Callable[..., int] | Literal[False]:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def os_errors(what: str) -> Iterator[None]:
+    """Turn an OS error into the exit code a sysadmin can act on."""
+    try:
+        yield
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in _FULL:
+            raise TryLater(f"{what}: {reason}{where}; free some space and try again") from exc
+        if exc.errno in _DENIED:
+            raise Denied(f"{what}: {reason}{where}") from exc
+        raise JobspoolError(f"{what}: {reason}{where}") from exc
