@@ -25,9 +25,8 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from jobspool import names
 from jobspool.errors import BadRequest, ConfigError, Denied, JobspoolError, TryLater
@@ -43,8 +42,7 @@ INCOMING, QUEUE, BAK, JOBERRORS, TMP, STATE = (
 PER_INTERFACE = (INCOMING, QUEUE, BAK)
 
 
-@dataclass(frozen=True)
-class Place:
+class Place(NamedTuple):
     """Where a job is: one of the four answers of ``jobspool status``."""
 
     state: str
@@ -54,8 +52,7 @@ class Place:
         return self.state if self.interface is None else f"{self.state}/{self.interface}"
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(NamedTuple):
     """A job located in the spool."""
 
     name: str
@@ -67,8 +64,7 @@ class Found:
         return self.path.with_name(names.log_name(self.name))
 
 
-@dataclass(frozen=True)
-class Overview:
+class Overview(NamedTuple):
     """How one interface stands: what ``jobspool interfaces`` shows."""
 
     interface: str
