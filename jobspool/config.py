@@ -44,6 +44,9 @@ class Interface(NamedTuple):
     handler: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     max_size: int = DEFAULT_MAX_SIZE
+    concurrency: int = 1
+    memory_limit: int | None = None
+    cpu_limit: float | None = None
 
     @property
     def outbound(self) -> bool:
@@ -69,6 +72,20 @@ class Schedule(NamedTuple):
     catchup: str = "once"
 
 
+class Daemon(NamedTuple):
+    """How the daemon watches and works (the ``daemon:`` section)."""
+
+    watch: str = "inotify"  # or "poll", for NFS and CIFS where inotify sees nothing
+    rescan: float = 60.0  # full rescan of every folder, whatever the events said
+    settle: float = 2.0  # a file written in place is taken this long after its last change
+    grace: float = 30.0  # on SIGTERM, how long running handlers may take to finish
+    backoff_initial: float = 1.0  # first wait after "try later", doubled each time
+    backoff_max: float = 300.0
+    output_limit: int = 65536  # bytes of a handler's stdout and stderr kept in the log
+    metrics: Path | None = None  # Prometheus textfile for node_exporter
+    metrics_interval: float = 15.0
+
+
 class Config(NamedTuple):
     """The whole configuration, as read from :attr:`path`."""
 
@@ -76,6 +93,7 @@ class Config(NamedTuple):
     spool: Path
     interfaces: Mapping[str, Interface]
     schedules: Mapping[str, Schedule]
+    daemon: Daemon = Daemon()
 
     def interface(self, name: str) -> Interface:
         """The interface called ``name``; :class:`BadRequest` if there is none."""
@@ -223,7 +241,11 @@ def parse_duration(value: object) -> float:
 
 T = TypeVar("T")
 
-_INTERFACE_KEYS = {"schema", "command", "handler", "timeout", "max_size"}
+_INTERFACE_KEYS = {
+    "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
+    "cpu_limit",
+}  # fmt: skip
+_DAEMON_KEYS = set(Daemon._fields)
 _SCHEDULE_TIMINGS = ("cron", "every", "at")
 _SCHEDULE_RUNS = ("command", "handler", "template")
 _SCHEDULE_KEYS = {
@@ -269,7 +291,7 @@ class _Reader:
         return (self.base / value).absolute()
 
     def config(self, data: object) -> Config:
-        top = self.mapping(data, "", {"spool", "interfaces", "schedules"})
+        top = self.mapping(data, "", {"spool", "interfaces", "schedules", "daemon"})
         spool = self.relative(top.get("spool", DEFAULT_SPOOL), "spool")
         raw_ifaces = self.mapping(top.get("interfaces"), "interfaces", None)
         if not raw_ifaces:
@@ -277,7 +299,31 @@ class _Reader:
         interfaces = {n: self.interface(n, v) for n, v in raw_ifaces.items()}
         raw_scheds = self.mapping(top.get("schedules"), "schedules", None)
         schedules = {i: self.schedule(i, v) for i, v in raw_scheds.items()}
-        return Config(self.path, spool, interfaces, schedules)
+        return Config(self.path, spool, interfaces, schedules, self.daemon(top.get("daemon")))
+
+    def daemon(self, value: object) -> Daemon:
+        raw = self.mapping(value, "daemon", _DAEMON_KEYS)
+        d = Daemon()
+        watch = raw.get("watch", d.watch)
+        if watch not in ("inotify", "poll"):
+            raise self.fail("daemon.watch", "inotify or poll", watch)
+        seconds = {
+            k: self.convert(raw.get(k, getattr(d, k)), f"daemon.{k}", parse_duration)
+            for k in ("rescan", "settle", "grace", "backoff_initial", "backoff_max",
+                      "metrics_interval")
+        }  # fmt: skip
+        for k in ("rescan", "backoff_initial", "metrics_interval"):
+            if seconds[k] <= 0:
+                raise self.fail(f"daemon.{k}", "a duration above zero", raw.get(k))
+        metrics = raw.get("metrics")
+        return Daemon(
+            watch=watch,
+            output_limit=self.convert(
+                raw.get("output_limit", d.output_limit), "daemon.output_limit", parse_size
+            ),
+            metrics=None if metrics is None else self.relative(metrics, "daemon.metrics"),
+            **seconds,
+        )
 
     def interface(self, name: str, value: object) -> Interface:
         key = f"interfaces.{name}"
@@ -312,7 +358,19 @@ class _Reader:
             max_size=self.convert(
                 raw.get("max_size", DEFAULT_MAX_SIZE), f"{key}.max_size", parse_size
             ),
+            concurrency=self.count(raw.get("concurrency", 1), f"{key}.concurrency"),
+            memory_limit=None
+            if raw.get("memory_limit") is None
+            else self.convert(raw["memory_limit"], f"{key}.memory_limit", parse_size),
+            cpu_limit=None
+            if raw.get("cpu_limit") is None
+            else self.positive(raw["cpu_limit"], f"{key}.cpu_limit"),
         )
+
+    def count(self, value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(key, "a whole number of at least 1", value)
+        return value
 
     def positive(self, value: object, key: str) -> float:
         seconds = self.convert(value, key, parse_duration)

@@ -13,17 +13,20 @@ becomes the start of its log when it is done.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 from jobspool import check as checking
 from jobspool import joblog, names
 from jobspool.config import Config, Interface
-from jobspool.errors import BadRequest, CheckError, Rejected
-from jobspool.spool import JOBERRORS, QUEUE, Spool, os_errors
+from jobspool.errors import BadRequest, CheckError, Denied, Rejected
+from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors
 
 _CHUNK = 1 << 20
 
@@ -101,9 +104,22 @@ def retry(cfg: Config, name: str) -> str:
         spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
         # The retried job joins the end of its queue: it is accepted now.
         spool.move(found.path, queue, stamp_ns=spool.stamp())
-        with os_errors(f"cannot remove the old log of {name}"):
-            found.log_path.unlink(missing_ok=True)
+        spool.remove(found.log_path)
     return f"{QUEUE}/{iface.name}"
+
+
+def log_so_far(spool: Spool, name: str, interface: str, stamp_ns: int) -> joblog.Log:
+    """A queued job's log: its pending history, or, without one, when it was accepted.
+
+    Jobs without a pending log were accepted by a daemon that has since
+    restarted, or placed in the queue by another program.
+    """
+    try:
+        return joblog.from_bytes(spool.pending_log(name).read_bytes())
+    except (OSError, SyntaxError):  # none, or damaged by a crash: start anew
+        log = joblog.new(name, interface)
+        joblog.received(log, "queue", at=joblog.iso(stamp_ns / 1e9))
+        return log
 
 
 def _check(iface: Interface, head: bytes) -> checking.Result:
@@ -163,3 +179,98 @@ def open_source(source: str) -> Iterator[BinaryIO]:
 def _rest(f: BinaryIO) -> Iterator[bytes]:
     while chunk := f.read(_CHUNK):
         yield chunk
+
+
+# --- drop folders ----------------------------------------------------------------
+
+
+class Taken(NamedTuple):
+    """What became of a dropped file."""
+
+    name: str  # its job name in the spool (a safe new one if its own was unusable)
+    place: str  # "queue/IFACE" or "joberrors"
+    stamp: int
+    log: joblog.Log  # its log so far; the daemon finishes it
+    reason: str | None = None  # why it went to joberrors
+
+
+def take_drop(spool: Spool, iface: Interface, filename: str) -> Taken | None:
+    """Take one whole file from ``incoming/IFACE`` into the queue or joberrors.
+
+    None when the file is gone. An unreadable file raises :class:`Denied`
+    and stays where it is. A name that is invalid or in use sends the file
+    to joberrors under a safe unique name; the log keeps the original.
+    """
+    src = spool.dir(INCOMING, iface.name) / filename
+    with spool.names_lock():
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        stamp = spool.stamp()
+        if not stat.S_ISREG(st.st_mode):
+            return _drop_to_errors(spool, iface, src, stamp, f"not a regular file ({_kind(st)})")
+        if not names.is_valid(filename):
+            why = f"invalid job name: {names.why_invalid(filename)}"
+            return _drop_to_errors(spool, iface, src, stamp, why)
+        found = spool.locate(filename, besides=src)
+        if found is not None:
+            return _drop_to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
+        data = read_drop(src, iface.max_size)
+        result = _check(iface, data)
+        log = joblog.new(filename, iface.name)
+        joblog.received(log, "drop")
+        joblog.checked(log, result.errors, result.schema)
+        if result.errors:
+            joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
+            spool.write(spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)],
+                        replace=True)  # fmt: skip
+            spool.move(src, spool.joberrors)
+            return Taken(filename, JOBERRORS, stamp, log, str(result.errors[0]))
+        queue = spool.dir(QUEUE, iface.name)
+        joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
+        try:
+            spool.move(src, queue, stamp_ns=stamp)
+        except Denied:
+            # Not the file's owner, so its mtime (the queue order) cannot be
+            # set: queue a copy we own instead, then drop the original.
+            spool.write(queue / filename, [data], stamp_ns=stamp)
+            spool.remove(src)
+        return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
+
+
+def read_drop(path: Path, max_size: int) -> bytes:
+    """Read at most ``max_size + 1`` bytes of a dropped file, never following a link."""
+    with os_errors(f"cannot read dropped file {path}"):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(max_size + 1)
+
+
+def safe_name(original: str, stamp: int) -> str:
+    """A valid, unique name for a file whose own name cannot be a job's."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", original).lstrip(".-")[:150] or "unnamed"
+    return f"{base}.{stamp}"
+
+
+def _drop_to_errors(spool: Spool, iface: Interface, src: Path, stamp: int, reason: str) -> Taken:
+    name = src.name if names.is_valid(src.name) else safe_name(src.name, stamp)
+    if name != src.name or spool.locate(name, besides=src) is not None:
+        name = safe_name(src.name, stamp)
+    log = joblog.new(name, iface.name)
+    original = src.name if name != src.name else None
+    joblog.received(log, "drop", original_name=original, reason=reason)
+    joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
+    spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
+    spool.move(src, spool.joberrors, new_name=name)
+    return Taken(name, JOBERRORS, stamp, log, reason)
+
+
+def _kind(st: os.stat_result) -> str:
+    mode = st.st_mode
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):  # fmt: skip
+        if test(mode):
+            return kind
+    return "not a file"

@@ -14,10 +14,14 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
 from jobspool.errors import CheckError
+
+if TYPE_CHECKING:
+    from jobspool.handlers import Outcome
 
 NS = "urn:jobspool:joblog:1"
 _Q = f"{{{NS}}}"
@@ -29,6 +33,11 @@ Log = etree._Element
 def now() -> str:
     """The current local time as xs:dateTime, with its UTC offset."""
     return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def iso(timestamp: float) -> str:
+    """A POSIX timestamp as local xs:dateTime, with its UTC offset."""
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
 
 
 def new(job: str, interface: str | None) -> Log:
@@ -70,6 +79,32 @@ def checked(log: Log, errors: list[CheckError], schema: Path | None, at: str | N
             el, _Q + "error", line=str(max(err.line, 0)), column=str(max(err.column, 0))
         )
         e.text = xml_text(err.message)
+
+
+def ran(log: Log, outcome: Outcome, handler: str) -> None:
+    """One handler run: times, outcome, exit status or signal, and its bounded output."""
+    el = event(
+        log,
+        "ran",
+        at=iso(outcome.started),
+        end=iso(outcome.ended),
+        handler=handler,
+        outcome=outcome.result,
+        exit_status=outcome.exit_status,
+        signal=outcome.signal,
+        timed_out="true" if outcome.timed_out else None,
+        reason=outcome.reason,
+    )
+    streams = (("stdout", outcome.stdout, outcome.stdout_dropped),
+               ("stderr", outcome.stderr, outcome.stderr_dropped))  # fmt: skip
+    for stream, data, dropped in streams:
+        if data:
+            out = etree.SubElement(el, _Q + "output", stream=stream)
+            if dropped:
+                out.set("truncated", str(dropped))
+            out.text = xml_text(data.decode("utf-8", "replace"))
+    if outcome.traceback:
+        etree.SubElement(el, _Q + "traceback").text = xml_text(outcome.traceback)
 
 
 def moved(log: Log, source: str, dest: str, at: str | None = None) -> None:

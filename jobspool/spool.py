@@ -72,6 +72,7 @@ class Overview(NamedTuple):
     oldest_seconds: float | None
     paused: bool
     errors: int
+    blocked: str | None  # why the head of the queue does not move (from the daemon)
 
 
 class Spool:
@@ -95,7 +96,7 @@ class Spool:
         """Every directory of the tree, parents first."""
         out = [self.root / s for s in (*PER_INTERFACE, JOBERRORS, TMP, STATE)]
         out += [self.dir(s, i) for s in PER_INTERFACE for i in self.interfaces]
-        out += [self.state / "paused", self.state / "pending"]
+        out += [self.state / "paused", self.state / "pending", self.state / "blocked"]
         return out
 
     def pending_log(self, name: str) -> Path:
@@ -133,11 +134,17 @@ class Spool:
                 yield Place(state, iface)
         yield Place(JOBERRORS)
 
-    def locate(self, name: str) -> Found | None:
-        """Find a job by name: a handful of ``stat`` calls, whatever the queue depths."""
+    def locate(self, name: str, besides: Path | None = None) -> Found | None:
+        """Find a job by name: a handful of ``stat`` calls, whatever the queue depths.
+
+        ``besides`` is a path to look past: a dropped file asking whether its
+        name is in use anywhere else.
+        """
         names.check_name(name)
         for place in self.places():
             path = self.dir(place.state, place.interface) / name
+            if path == besides:
+                continue
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -183,6 +190,10 @@ class Spool:
 
     # --- pause -----------------------------------------------------------------
 
+    def blocked_marker(self, interface: str) -> Path:
+        """Written by the daemon while a job at the head blocks the interface."""
+        return self.state / "blocked" / interface
+
     def pause_marker(self, interface: str) -> Path:
         return self.state / "paused" / interface
 
@@ -211,9 +222,12 @@ class Spool:
         for iface in self.interfaces:
             jobs = self.queued(iface)
             oldest = round((now - jobs[0][0]) / 1e9, 3) if jobs else None
-            out.append(
-                Overview(iface, len(jobs), oldest, self.is_paused(iface), errors.get(iface, 0))
-            )
+            try:
+                blocked: str | None = self.blocked_marker(iface).read_text().strip()
+            except OSError:
+                blocked = None
+            paused = self.is_paused(iface)
+            out.append(Overview(iface, len(jobs), oldest, paused, errors.get(iface, 0), blocked))
         return out
 
     def errors_by_interface(self) -> dict[str, int]:
@@ -250,35 +264,19 @@ class Spool:
         replace: bool = False,
         stamp_ns: int | None = None,
     ) -> None:
-        """Durably create ``dest`` from ``chunks``: write in tmp/, fsync, rename, fsync the dir.
+        """Durably create ``dest`` from ``chunks``, staged in the spool's tmp/.
 
         Without ``replace`` an existing ``dest`` is never touched
         (:class:`FileExistsError`). ``stamp_ns`` sets the file's mtime, which
         is its place in a queue.
         """
-        with os_errors(f"cannot write {dest.name}"):
-            fd, tmp = _mkstemp(self.tmp, dest.name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in chunks:
-                        f.write(chunk)
-                    f.flush()
-                    if stamp_ns is not None:
-                        os.utime(f.fileno(), ns=(stamp_ns, stamp_ns))
-                    os.fsync(f.fileno())
-                if replace:
-                    os.replace(tmp, dest)
-                else:
-                    rename_noreplace(tmp, dest)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            fsync_dir(dest.parent)
+        write_file(dest, chunks, staging=self.tmp, replace=replace, stamp_ns=stamp_ns)
 
-    def move(self, src: Path, dest_dir: Path, *, stamp_ns: int | None = None) -> Path:
+    def move(
+        self, src: Path, dest_dir: Path, *, stamp_ns: int | None = None, new_name: str | None = None
+    ) -> Path:
         """Move a job to another state directory: one rename, then both dirs fsynced."""
-        dest = dest_dir / src.name
+        dest = dest_dir / (new_name or src.name)
         with os_errors(f"cannot move {src.name} to {dest_dir.relative_to(self.root)}"):
             if stamp_ns is not None:
                 os.utime(src, ns=(stamp_ns, stamp_ns))
@@ -287,14 +285,27 @@ class Spool:
             fsync_dir(src.parent)
         return dest
 
-    @contextlib.contextmanager
-    def names_lock(self) -> Iterator[None]:
+    def remove(self, path: Path) -> None:
+        """Durably remove a file (a copy's original, a log that moved on)."""
+        with os_errors(f"cannot remove {path.name}"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            fsync_dir(path.parent)
+
+    def names_lock(self) -> contextlib.AbstractContextManager[None]:
         """Held while a new name enters the spool, so two entries cannot take one name."""
+        return self.locked("names")
+
+    @contextlib.contextmanager
+    def locked(self, what: str) -> Iterator[None]:
+        """An exclusive lock on ``state/WHAT.lock``, held for the ``with`` block."""
         import fcntl
 
         self.require()
         with os_errors("cannot lock the spool"):
-            fd = os.open(self.state / "names.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+            fd = os.open(self.state / f"{what}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -305,7 +316,37 @@ class Spool:
 _LOG_INTERFACE = re.compile(rb'<joblog\b[^>]*?\binterface="([A-Za-z0-9._-]{1,200})"')
 
 
-# --- the edges: fsync and rename ----------------------------------------------
+# --- the edges: write, fsync and rename ----------------------------------------
+
+
+def write_file(
+    dest: Path,
+    chunks: Iterable[bytes],
+    *,
+    staging: Path,
+    replace: bool = False,
+    stamp_ns: int | None = None,
+) -> None:
+    """Write in ``staging`` (same filesystem as ``dest``), fsync, rename, fsync the dir."""
+    with os_errors(f"cannot write {dest.name}"):
+        fd, tmp = _mkstemp(staging, dest.name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                if stamp_ns is not None:
+                    os.utime(f.fileno(), ns=(stamp_ns, stamp_ns))
+                os.fsync(f.fileno())
+            if replace:
+                os.replace(tmp, dest)
+            else:
+                rename_noreplace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(dest.parent)
 
 
 def fsync_dir(path: Path) -> None:
@@ -320,7 +361,8 @@ def fsync_dir(path: Path) -> None:
 def _mkstemp(directory: Path, name: str) -> tuple[int, str]:
     import tempfile
 
-    fd, path = tempfile.mkstemp(dir=directory, prefix=name[:100] + ".")
+    # A leading dot: a staging file in someone's folder is an upload in progress.
+    fd, path = tempfile.mkstemp(dir=directory, prefix="." + name[:100] + ".")
     os.fchmod(fd, 0o640)
     return fd, path
 

@@ -9,6 +9,7 @@ needs: ``status``, ``queue`` and ``log`` never import lxml or structlog.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -146,7 +147,11 @@ def log(state: State, job: str, as_json: bool) -> None:
 @json_opt
 @pass_state
 def interfaces(state: State, as_json: bool) -> None:
-    """Each interface: direction, queued jobs, age of the oldest, paused, errors."""
+    """Each interface: direction, queued jobs, age of the oldest, paused, errors.
+
+    An interface whose queue does not move says why in the last column: which
+    job blocks its head, since when, and the handler's reason.
+    """
     from jobspool.spool import Spool
 
     cfg = state.config
@@ -154,17 +159,18 @@ def interfaces(state: State, as_json: bool) -> None:
     rows = [
         {"interface": o.interface, "direction": cfg.interfaces[o.interface].direction,
          "queued": o.queued, "oldest_seconds": o.oldest_seconds, "paused": o.paused,
-         "errors": o.errors}
+         "errors": o.errors, "blocked": o.blocked}
         for o in overview
     ]  # fmt: skip
     if as_json:
         _print_json(rows)
         return
-    table = [("INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS")]
+    table = [("INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS", "WHY NOT MOVING")]
     table += [
         (o.interface, cfg.interfaces[o.interface].direction, str(o.queued),
          "-" if o.oldest_seconds is None else _age(o.oldest_seconds),
-         "yes" if o.paused else "no", str(o.errors))
+         "yes" if o.paused else "no", str(o.errors),
+         "paused" if o.paused and o.queued else (o.blocked or ""))
         for o in overview
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -254,6 +260,36 @@ def resume(state: State, interface: str) -> None:
     state.config.interface(interface)
     spool_of(state.config).resume(interface)
     click.echo(f"{interface} resumed")
+
+
+@cli.command()
+@iface_arg
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to copy the jobs into.")  # fmt: skip
+@click.argument("jobs", metavar="[JOB]...", nargs=-1)
+@pass_state
+def fetch(state: State, interface: str, to: Path, jobs: tuple[str, ...]) -> None:
+    """Copy queued jobs of an _out interface into DIR, durably, then move them to bak.
+
+    Without JOB names, every queued job is fetched, in queue order. Prints
+    each job's name once it is safely in DIR.
+    """
+    from jobspool.fetch import fetch as fetch_jobs
+
+    for name in fetch_jobs(state.config, interface, to, jobs):
+        click.echo(name)
+
+
+@cli.command()
+@click.option(
+    "--once", is_flag=True, help="Process what is there, then exit (for tests and demos)."
+)
+@pass_state
+def daemon(state: State, once: bool) -> None:
+    """Run the daemon in the foreground (under systemd: Type=notify)."""
+    from jobspool.daemon import main as run_daemon
+
+    sys.exit(run_daemon(state.config_path, once=once))
 
 
 # --- printing ------------------------------------------------------------------

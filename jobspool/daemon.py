@@ -1,0 +1,361 @@
+"""``jobspool daemon``: one process that owns a spool and keeps its jobs moving.
+
+The :class:`Daemon` is the orchestrator (as in huey's consumer): it takes the
+spool's lock, cleans up after a crash, starts the watcher and one
+:class:`~jobspool.worker.Lane` per inbound interface, and then runs
+:meth:`Daemon.loop` on the main thread: take dropped files that are whole,
+rescan on its interval, restart a dead observer, ping systemd, write metrics.
+Signals only set flags: SIGTERM/SIGINT stop (running handlers get ``grace``
+seconds, then their process groups are killed and their jobs stay queued),
+SIGHUP reloads the configuration (a broken one is refused, the old one
+kept).
+
+Crash safety comes from the spool's discipline, not from here: every state
+change is one durable rename, a job's log is in place before its final
+rename, and a job still in the queue after a crash simply runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from jobspool import check, config, intake, joblog, logs, metrics, names, notify, watch
+from jobspool.config import Config
+from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
+from jobspool.handlers import Outcome
+from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
+from jobspool.worker import Lane
+
+TMP_MAX_AGE = 60.0  # leftovers in tmp/ older than this are a crash's; younger may be a submit's
+
+
+class Daemon:
+    """The daemon for one configuration file."""
+
+    def __init__(self, config_path: str | None, once: bool = False) -> None:
+        self.config_path = config_path
+        self.cfg: Config = config.load(config_path)
+        self.spool = Spool(self.cfg.spool, self.cfg.interfaces)
+        self.once = once
+        self.log = logs.get()
+        self.wake_event = threading.Event()
+        self.stopping = False
+        self.reload_requested = False
+        self.lanes: dict[str, Lane] = {}
+        self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
+        self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
+        self.logs: dict[str, joblog.Log] = {}  # logs of jobs accepted by this process
+        self.logs_lock = threading.Lock()
+        self.counters: dict[tuple[str, str], float] = {}
+        self.counters_lock = threading.Lock()
+        self.watcher: watch.Watcher | None = None
+        self._lock_fd: int | None = None
+        self._folders: dict[Path, tuple[str, str]] = {}
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve the spool until SIGTERM (or, with ``once``, until nothing is left to do)."""
+        self.spool.init()
+        self.lock()
+        self.clean_up()
+        self.install_signals()
+        sys.path.insert(0, str(self.cfg.path.parent))  # handler modules beside the config
+        self.start_watching()
+        self.rescan()
+        self.start_lanes()
+        self.log.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
+        notify.notify("READY=1", f"STATUS={self.status_line()}")
+        next_rescan = time.monotonic() + self.cfg.daemon.rescan
+        next_ping = time.monotonic()
+        next_metrics = time.monotonic()
+        ping = notify.watchdog_interval()
+        while not self.stopping:
+            now = time.monotonic()
+            if self.reload_requested:
+                self.reload()
+            due = self.loop(time.time())
+            if now >= next_rescan:
+                self.rescan()
+                next_rescan = now + self.cfg.daemon.rescan
+            if ping is not None and now >= next_ping:
+                notify.notify("WATCHDOG=1", f"STATUS={self.status_line()}")
+                next_ping = now + ping
+            if self.cfg.daemon.metrics is not None and now >= next_metrics:
+                self.write_metrics()
+                next_metrics = now + self.cfg.daemon.metrics_interval
+            if self.once and self.idle():
+                break
+            # Sleep until the next thing is due; an event or a signal wakes us sooner.
+            timeout = min(next_rescan - now, (due - time.time()) if due else 1.0, 1.0)
+            if ping is not None:
+                timeout = min(timeout, next_ping - now)
+            self.wake_event.wait(max(timeout, 0.01))
+            self.wake_event.clear()
+        self.shut_down()
+        return 0
+
+    def loop(self, now: float) -> float | None:
+        """One turn: take the hinted and due drops; return when a waiting drop is due."""
+        assert self.watcher is not None
+        while True:
+            try:
+                hint = self.watcher.hints.get_nowait()
+            except Exception:
+                break
+            self.look_at(Path(hint.path), hint.renamed_in, now)
+        for path, (due, renamed_in) in list(self.waiting.items()):
+            if due <= now:
+                self.look_at(path, renamed_in, now)
+        if not self.watcher.healthy():
+            self.log.error("file watcher died; restarting it and rescanning")
+            self.watcher.restart()
+            self.rescan()
+        return min((due for due, _ in self.waiting.values()), default=None)
+
+    def idle(self) -> bool:
+        """Nothing waiting, nothing queued that could run (``--once``)."""
+        if self.waiting or not self.watcher or not self.watcher.hints.empty():
+            return False
+        return all(
+            lane.depth() == 0 or self.spool.is_paused(name) for name, lane in self.lanes.items()
+        )
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    # --- drops and queues -------------------------------------------------------------
+
+    def look_at(self, path: Path, renamed_in: bool, now: float) -> None:
+        where = self._folders.get(path.parent)
+        if where is None:
+            return
+        state, iface_name = where
+        if state == QUEUE:
+            self.waiting.pop(path, None)
+            with contextlib.suppress(OSError):
+                if self.spool.locate(path.name) and path.is_file():
+                    self.lanes[iface_name].offer(path.stat().st_mtime_ns, path.name)
+            return
+        ready = watch.readiness(path, renamed_in, self.cfg.daemon.settle, now)
+        if ready == watch.GONE:
+            self.waiting.pop(path, None)
+        elif ready == watch.READY:
+            self.waiting.pop(path, None)
+            self.take(path, iface_name, now)
+        else:
+            assert isinstance(ready, float)
+            self.waiting[path] = (ready, renamed_in)
+
+    def take(self, path: Path, iface_name: str, now: float) -> None:
+        iface = self.cfg.interfaces[iface_name]
+        bound = logs.get(job=path.name, interface=iface_name)
+        try:
+            taken = intake.take_drop(self.spool, iface, path.name)
+        except Denied as exc:
+            key = (path, _mtime(path))
+            if key not in self.reported:  # once per version of the file, not every rescan
+                self.reported.add(key)
+                bound.error("cannot take dropped file; left in place", error=str(exc))
+            return
+        except (TryLater, JobspoolError) as exc:
+            bound.error("cannot take dropped file now; will try again", error=str(exc))
+            self.waiting[path] = (now + 5.0, False)
+            return
+        if taken is None:
+            return
+        bound = logs.get(job=taken.name, interface=iface_name)
+        if taken.place == JOBERRORS:
+            bound.warning("rejected", to=taken.place, reason=taken.reason, dropped_as=path.name)
+            self.count(iface_name, None, "rejected")
+            return
+        bound.info("accepted", to=taken.place)
+        if iface.outbound:
+            return
+        with self.logs_lock:
+            self.logs[taken.name] = taken.log
+        self.lanes[iface_name].offer(taken.stamp, taken.name)
+
+    def take_log(self, name: str, stamp: int, interface: str) -> joblog.Log:
+        """The log a job has so far: from this process, from state/pending, or anew."""
+        with self.logs_lock:
+            log = self.logs.pop(name, None)
+        return log if log is not None else intake.log_so_far(self.spool, name, interface, stamp)
+
+    def rescan(self) -> None:
+        """Look at every drop folder and queue, whatever the events said."""
+        now = time.time()
+        for iface in self.cfg.interfaces:
+            folder = self.spool.dir(INCOMING, iface)
+            for name in watch.candidates(folder):
+                path = folder / name
+                if path not in self.waiting:
+                    self.look_at(path, False, now)
+        for lane in self.lanes.values():
+            lane.refill()
+
+    # --- start, stop, reload ----------------------------------------------------------
+
+    def lock(self) -> None:
+        """One daemon per spool: an exclusive lock on state/daemon.lock, holding our pid."""
+        path = self.spool.state / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TryLater(
+                f"spool {self.spool.root} is already served by jobspool daemon pid {holder}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def clean_up(self) -> None:
+        """After a crash: stale files in tmp/, pending logs of jobs no longer queued."""
+        with self.spool.names_lock():
+            for entry in os.scandir(self.spool.tmp):
+                with contextlib.suppress(OSError):
+                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
+                        os.unlink(entry.path)
+            pending = self.spool.state / "pending"
+            for entry in os.scandir(pending):
+                name = entry.name.removesuffix(",log.xml")
+                found = self.spool.locate(name) if names.is_valid(name) else None
+                if found is None or found.place.state != QUEUE:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def install_signals(self) -> None:
+        def stop(signum: int, frame: Any) -> None:
+            self.stopping = True
+            self.wake()
+
+        def reload(signum: int, frame: Any) -> None:
+            self.reload_requested = True
+            self.wake()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def start_watching(self) -> None:
+        self._folders = {
+            self.spool.dir(state, iface): (state, iface)
+            for iface in self.cfg.interfaces
+            for state in (INCOMING, QUEUE)
+        }
+        self.watcher = watch.Watcher(
+            list(self._folders), self.cfg.daemon.watch == "poll", self.wake
+        )
+        self.watcher.start()
+
+    def start_lanes(self) -> None:
+        for iface in self.cfg.interfaces.values():
+            if not iface.outbound and iface.name not in self.lanes:
+                lane = self.lanes[iface.name] = Lane(self, iface)
+                lane.refill()
+                lane.start()
+
+    def shut_down(self) -> None:
+        """Stop taking jobs; give running handlers ``grace`` seconds, then kill them."""
+        notify.notify("STOPPING=1")
+        self.log.info("stopping", grace=self.cfg.daemon.grace)
+        for lane in self.lanes.values():
+            lane.stop()
+        deadline = time.monotonic() + self.cfg.daemon.grace
+        while time.monotonic() < deadline and any(lane.busy() for lane in self.lanes.values()):
+            time.sleep(0.05)
+        for lane in self.lanes.values():
+            if lane.busy():
+                lane.interrupt()
+            lane.join(5.0)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again; keep the old one if the new one is broken."""
+        self.reload_requested = False
+        notify.reloading()
+        try:
+            new = config.load(self.config_path)
+            if new.spool != self.cfg.spool:
+                raise ConfigError(f"{new.path}: spool: cannot change while running; restart")
+        except ConfigError as exc:
+            self.log.error("reload refused; keeping the running configuration", error=str(exc))
+            notify.notify("READY=1")
+            return
+        self.cfg = new
+        self.spool = Spool(new.spool, new.interfaces)
+        self.spool.init()
+        check.forget_compiled()
+        for name, lane in list(self.lanes.items()):
+            iface = new.interfaces.get(name)
+            if iface is None or iface.outbound:
+                lane.stop()  # its jobs stay on disk
+                del self.lanes[name]
+            else:
+                lane.iface = iface  # the next job runs with the new handler
+        self.start_lanes()
+        assert self.watcher is not None
+        self.watcher.stop()
+        self.start_watching()
+        self.rescan()
+        self.log.info("reloaded", interfaces=list(new.interfaces))
+        notify.notify("READY=1", f"STATUS={self.status_line()}")
+
+    # --- reporting --------------------------------------------------------------------
+
+    def publish_blocked(self, interface: str, why: str | None) -> None:
+        """Say in state/blocked/IFACE which job blocks the interface (or that none does)."""
+        path = self.spool.blocked_marker(interface)
+        try:
+            if why is None:
+                self.spool.remove(path)
+            else:
+                self.spool.write(path, [why.encode() + b"\n"], replace=True)
+        except JobspoolError as exc:
+            self.log.error("cannot record blocked interface", interface=interface, error=str(exc))
+
+    def count(self, interface: str, outcome: Outcome | None, what: str | None = None) -> None:
+        with self.counters_lock:
+            key = (interface, what or (outcome.result if outcome else "?"))
+            self.counters[key] = self.counters.get(key, 0) + 1
+            if outcome is not None:
+                for k, v in (("handler_seconds", outcome.ended - outcome.started), ("runs", 1)):
+                    self.counters[(interface, k)] = self.counters.get((interface, k), 0) + v
+
+    def status_line(self) -> str:
+        return ", ".join(f"{n}: {lane.depth()} queued" for n, lane in self.lanes.items()) or "idle"
+
+    def write_metrics(self) -> None:
+        assert self.cfg.daemon.metrics is not None
+        with self.counters_lock:
+            counters = dict(self.counters)
+        try:
+            metrics.write(self.cfg.daemon.metrics, self.spool.overview(), counters)
+        except OSError as exc:
+            self.log.error("cannot write metrics", error=str(exc))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def main(config_path: str | None, once: bool = False) -> int:
+    """Run the daemon in the foreground."""
+    logs.setup()
+    return Daemon(config_path, once=once).run()

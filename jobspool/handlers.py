@@ -1,0 +1,245 @@
+"""Running an interface's handler on one job (SPEC 4).
+
+A *command* gets the job's path as its last argument and the ``JOBSPOOL_*``
+environment. It runs in a process group of its own, so a timeout kills it and
+everything it started. Its output is captured, bounded (head and tail kept),
+into the job's log. Exit 0 is done, 75 is try later, anything else, a
+signal or the timeout is failed.
+
+A *Python handler* (``module:function``) is called in-process with a
+:class:`Job`; returning is done, raising :class:`jobspool.TryLater` is try
+later, any other exception is failed with its traceback in the log. Python
+handlers share the daemon's process: their ``timeout`` cannot be enforced
+(a thread cannot be killed), so it is only reported; use a command for code
+that may hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from jobspool.errors import TryLater
+
+DONE, LATER, FAILED = "done", "later", "failed"
+EX_TEMPFAIL = 75
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a timed-out group
+
+
+class Job:
+    """What a Python handler is given: the job's name, interface, path and parsed tree."""
+
+    def __init__(self, name: str, interface: str, path: Path, tree: Any = None) -> None:
+        self.name = name
+        self.interface = interface
+        self.path = path
+        self._tree = tree
+
+    @property
+    def tree(self) -> Any:
+        """The job's document as an lxml ElementTree, parsed with the hardened parser."""
+        if self._tree is None:
+            from lxml import etree
+
+            from jobspool.check import hardened_parser
+
+            self._tree = etree.parse(str(self.path), hardened_parser())
+        return self._tree
+
+    def __repr__(self) -> str:
+        return f"Job({self.name!r}, {self.interface!r})"
+
+
+class Limits(NamedTuple):
+    """Resource limits for a command, applied with setrlimit in the child."""
+
+    memory: int | None = None  # bytes of address space
+    cpu: int | None = None  # CPU seconds
+
+
+class Outcome(NamedTuple):
+    """What one handler run did."""
+
+    result: str  # done | later | failed
+    started: float  # wall-clock time
+    ended: float
+    exit_status: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+    traceback: str | None = None
+    reason: str | None = None
+
+
+def job_environment(job: str, interface: str, spool: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(JOBSPOOL_JOB=job, JOBSPOOL_INTERFACE=interface, JOBSPOOL_SPOOL=str(spool))
+    return env
+
+
+def run_command(
+    argv: tuple[str, ...],
+    path: Path,
+    env: Mapping[str, str],
+    timeout: float,
+    output_limit: int = 65536,
+    limits: Limits | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> Outcome:
+    """Run a command handler on the job at ``path`` and wait for it (or its timeout)."""
+    started = time.time()
+    try:
+        proc = subprocess.Popen(
+            [*argv, str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+            start_new_session=True,  # its own process group: the timeout kills them all
+            preexec_fn=_rlimits(limits) if limits else None,
+            close_fds=True,
+        )
+    except OSError as exc:
+        return Outcome(FAILED, started, time.time(), reason=f"cannot run {argv[0]}: {exc.strerror}")
+    if on_start is not None:
+        on_start(proc)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = _Capture(proc.stdout, output_limit), _Capture(proc.stderr, output_limit)
+    timed_out = False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_group(proc)
+    # The group is gone; a grandchild that left the group may still hold the
+    # pipes, so the readers get a bounded wait.
+    out.join(KILL_GRACE)
+    err.join(KILL_GRACE)
+    status = proc.returncode
+    sig = -status if status is not None and status < 0 else None
+    if timed_out:
+        result, reason = FAILED, f"timed out after {timeout:g}s"
+    elif sig is not None:
+        result, reason = FAILED, f"killed by signal {signal.Signals(sig).name}"
+    elif status == 0:
+        result, reason = DONE, None
+    elif status == EX_TEMPFAIL:
+        result, reason = LATER, "exit 75: try later"
+    else:
+        result, reason = FAILED, f"exit {status}"
+    return Outcome(
+        result,
+        started,
+        time.time(),
+        exit_status=None if sig is not None else status,
+        signal=sig,
+        timed_out=timed_out,
+        stdout=out.data(),
+        stderr=err.data(),
+        stdout_dropped=out.dropped,
+        stderr_dropped=err.dropped,
+        reason=reason,
+    )
+
+
+def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
+    """SIGTERM the handler's process group, then SIGKILL whatever is left after ``grace``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    # Even when the leader obeyed, members of its group may not have.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_python(ref: str, job: Job) -> Outcome:
+    """Call a Python handler in-process."""
+    started = time.time()
+    try:
+        func = load_callable(ref)
+        func(job)
+    except TryLater as exc:
+        return Outcome(LATER, started, time.time(), reason=str(exc) or "TryLater raised")
+    except Exception as exc:
+        return Outcome(
+            FAILED,
+            started,
+            time.time(),
+            traceback=traceback.format_exc(),
+            reason=f"{type(exc).__name__}: {exc}",
+        )
+    return Outcome(DONE, started, time.time())
+
+
+def load_callable(ref: str) -> Callable[[Job], object]:
+    """Import ``module:function``."""
+    module, _, name = ref.partition(":")
+    func = getattr(importlib.import_module(module), name)
+    if not callable(func):
+        raise TypeError(f"{ref} is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+def _rlimits(limits: Limits) -> Callable[[], None]:
+    import resource
+
+    def apply() -> None:  # runs in the child between fork and exec: setrlimit only
+        if limits.memory:
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory, limits.memory))
+        if limits.cpu:
+            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu, limits.cpu + 5))
+
+    return apply
+
+
+class _Capture:
+    """Reads a pipe to its end, keeping the head and the tail within ``limit`` bytes."""
+
+    def __init__(self, pipe: IO[bytes], limit: int) -> None:
+        self.pipe = pipe
+        self.half = max(limit // 2, 1)
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with self.pipe:
+            while chunk := self.pipe.read1(65536):  # type: ignore[attr-defined]
+                room = self.half - len(self.head)
+                if room > 0:
+                    self.head += chunk[:room]
+                    chunk = chunk[room:]
+                self.tail += chunk
+                if len(self.tail) > self.half:
+                    self.dropped += len(self.tail) - self.half
+                    del self.tail[: len(self.tail) - self.half]
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def data(self) -> bytes:
+        if self.dropped:
+            return (
+                bytes(self.head)
+                + f"\n[... {self.dropped} bytes dropped ...]\n".encode()
+                + bytes(self.tail)
+            )
+        return bytes(self.head + self.tail)

@@ -1,0 +1,234 @@
+"""Processing one interface's queue: in acceptance order, one job at a time by default.
+
+A :class:`Lane` holds the interface's queue in memory as a heap of
+(stamp, name), filled by the daemon's scans, its events and its own accepts;
+the directory stays the truth, so a job that vanished is simply skipped. Its
+worker threads take the head, run the handler, and finish the job:
+
+- done: the log is written into ``bak/IFACE`` (durably), then the job is
+  renamed beside it;
+- failed: the same into ``joberrors``;
+- try later: the job keeps its place at the head, its log so far is kept in
+  ``state/pending``, and the lane waits, doubling the wait each time (from
+  ``backoff_initial`` up to ``backoff_max``). ``state/blocked/IFACE`` says
+  which job blocks the lane and since when, for ``jobspool interfaces``.
+
+A handler that the daemon itself interrupts (shutdown after the grace period)
+leaves its job in the queue: it runs again after the restart. Handlers run at
+least once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import shlex
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from jobspool import handlers, joblog, logs, names
+from jobspool.config import Interface
+from jobspool.spool import BAK, JOBERRORS, QUEUE, Spool
+
+if TYPE_CHECKING:
+    from jobspool.daemon import Daemon
+
+
+class Lane:
+    """One interface's queue and the threads that work through it."""
+
+    def __init__(self, daemon: Daemon, iface: Interface) -> None:
+        self.daemon = daemon
+        self.iface = iface
+        self.heap: list[tuple[int, str]] = []
+        self.known: set[str] = set()
+        self.in_flight: set[str] = set()
+        self.cond = threading.Condition()
+        self.not_before = 0.0  # monotonic time before which the lane waits (try later)
+        self.attempts: dict[str, int] = {}
+        self.blocked_since: dict[str, float] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.interrupted: set[str] = set()
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def spool(self) -> Spool:
+        return self.daemon.spool
+
+    # --- the queue in memory -------------------------------------------------------
+
+    def offer(self, stamp: int, name: str) -> None:
+        """A job is in the queue directory (again); the lane takes note once."""
+        with self.cond:
+            if name not in self.known:
+                self.known.add(name)
+                heapq.heappush(self.heap, (stamp, name))
+                self.cond.notify()
+
+    def refill(self) -> None:
+        """Add whatever the queue directory holds that the lane does not know."""
+        for stamp, name in self.spool.queued(self.iface.name):
+            self.offer(stamp, name)
+
+    def depth(self) -> int:
+        with self.cond:
+            return len(self.known)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    # --- threads -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for i in range(self.iface.concurrency):
+            t = threading.Thread(target=self._work, name=f"lane-{self.iface.name}-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        """Take no new job; running ones finish (see :meth:`interrupt`)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def busy(self) -> bool:
+        return any(t.is_alive() for t in self.threads) and bool(self.in_flight)
+
+    def interrupt(self) -> None:
+        """Kill running commands' process groups; their jobs stay queued."""
+        with self.cond:
+            procs = dict(self.procs)
+            self.interrupted.update(procs)
+        for proc in procs.values():
+            handlers.kill_group(proc, grace=2.0)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _take(self) -> tuple[int, str] | None:
+        with self.cond:
+            while True:
+                if self.stopping:
+                    return None
+                wait = self.not_before - time.monotonic()
+                if self.heap and wait <= 0 and not self.spool.is_paused(self.iface.name):
+                    item = heapq.heappop(self.heap)
+                    self.in_flight.add(item[1])
+                    return item
+                # Pause markers are files: look again every second.
+                self.cond.wait(min(max(wait, 0.05), 1.0) if self.heap else 1.0)
+
+    def _work(self) -> None:
+        while (item := self._take()) is not None:
+            stamp, name = item
+            bound = logs.get(job=name, interface=self.iface.name)
+            try:
+                self.process(stamp, name)
+            except Exception as exc:  # disk full, permission: the job stays queued
+                bound.error("processing failed; the job stays queued", error=str(exc))
+                self._back_off(stamp, name)
+            finally:
+                with self.cond:
+                    self.in_flight.discard(name)
+
+    # --- one job -------------------------------------------------------------------------
+
+    def process(self, stamp: int, name: str) -> None:
+        iface, spool = self.iface, self.spool
+        path = spool.dir(QUEUE, iface.name) / name
+        bound = logs.get(job=name, interface=iface.name)
+        if not path.is_file():
+            self._forget(name)  # fetched, or moved by hand: nothing to do
+            return
+        log = self.daemon.take_log(name, stamp, iface.name)
+        bound.info("started", handler=self._describe())
+        if iface.command is not None:
+            outcome = handlers.run_command(
+                iface.command,
+                path,
+                handlers.job_environment(name, iface.name, spool.root),
+                iface.timeout,
+                output_limit=self.daemon.cfg.daemon.output_limit,
+                limits=handlers.Limits(iface.memory_limit, int(iface.cpu_limit or 0) or None)
+                if iface.memory_limit or iface.cpu_limit
+                else None,
+                on_start=lambda proc: self._running(name, proc),
+            )
+        else:
+            assert iface.handler is not None
+            outcome = handlers.run_python(iface.handler, handlers.Job(name, iface.name, path))
+        with self.cond:
+            self.procs.pop(name, None)
+            interrupted = name in self.interrupted
+            self.interrupted.discard(name)
+        if interrupted:
+            bound.warning("interrupted by shutdown; it stays queued and runs again")
+            return
+        joblog.ran(log, outcome, self._describe())
+        self.daemon.count(iface.name, outcome)
+        if outcome.result == handlers.LATER:
+            spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
+            bound.info("try later", reason=outcome.reason)
+            self._back_off(stamp, name, outcome.reason or "try later")
+            return
+        dest = BAK if outcome.result == handlers.DONE else JOBERRORS
+        final = self.finish(name, log, dest)
+        self._forget(name)
+        level = bound.info if dest == BAK else bound.warning
+        level(outcome.result, to=final, reason=outcome.reason)
+
+    def finish(self, name: str, log: joblog.Log, dest: str) -> str:
+        """Log first, then the one rename into bak/IFACE or joberrors; returns where."""
+        spool, iface = self.spool, self.iface
+        dest_dir = spool.dir(BAK, iface.name) if dest == BAK else spool.joberrors
+        label = f"{BAK}/{iface.name}" if dest == BAK else JOBERRORS
+        src = spool.dir(QUEUE, iface.name) / name
+        new_name = name
+        if (dest_dir / name).exists():  # only if someone put a file there by hand
+            from jobspool.intake import safe_name
+
+            new_name = safe_name(name, spool.stamp())
+            log.set("job", new_name)
+            joblog.note(log, f"{name} was already in {label}; this job was renamed {new_name}")
+        joblog.moved(log, f"{QUEUE}/{iface.name}", label)
+        spool.write(dest_dir / names.log_name(new_name), [joblog.to_bytes(log)], replace=True)
+        spool.move(src, dest_dir, new_name=new_name)
+        spool.remove(spool.pending_log(name))
+        return label
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def _running(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        with self.cond:
+            self.procs[name] = proc
+
+    def _forget(self, name: str) -> None:
+        with self.cond:
+            self.known.discard(name)
+            self.attempts.pop(name, None)
+            if self.blocked_since.pop(name, None) is not None:
+                self.daemon.publish_blocked(self.iface.name, None)
+
+    def _back_off(self, stamp: int, name: str, reason: str = "error") -> None:
+        cfg = self.daemon.cfg.daemon
+        with self.cond:
+            n = self.attempts[name] = self.attempts.get(name, 0) + 1
+            delay = min(cfg.backoff_initial * 2 ** (n - 1), cfg.backoff_max)
+            self.not_before = time.monotonic() + delay
+            heapq.heappush(self.heap, (stamp, name))  # it keeps its place at the head
+            since = self.blocked_since.setdefault(name, time.time())
+        self.daemon.publish_blocked(
+            self.iface.name,
+            f"{name} blocks the queue since {joblog.iso(since)}: {reason} "
+            f"(attempt {n}, next in {delay:g}s)",
+        )
+
+    def _describe(self) -> str:
+        if self.iface.command is not None:
+            return shlex.join(self.iface.command)
+        return f"python:{self.iface.handler}"
