@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import queue
 import signal
+import stat
 import sys
 import threading
 import time
@@ -109,7 +111,7 @@ class Daemon:
         while True:
             try:
                 hint = self.watcher.hints.get_nowait()
-            except Exception:
+            except queue.Empty:
                 break
             self.look_at(Path(hint.path), hint.renamed_in, now)
         for path, (due, renamed_in) in list(self.waiting.items()):
@@ -117,7 +119,11 @@ class Daemon:
                 self.look_at(path, renamed_in, now)
         if not self.watcher.healthy():
             self.log.error("file watcher died; restarting it and rescanning")
-            self.watcher.restart()
+            try:
+                self.spool.init()  # a folder removed by hand is what kills an emitter
+                self.watcher.restart()
+            except Exception as exc:  # rescans still find everything, only later
+                self.log.error("cannot restart the file watcher", error=str(exc))
             self.rescan()
         return min((due for due, _ in self.waiting.values()), default=None)
 
@@ -135,22 +141,43 @@ class Daemon:
     # --- drops and queues -------------------------------------------------------------
 
     def look_at(self, path: Path, renamed_in: bool, now: float) -> None:
+        """Take a whole drop, note a job placed in a queue; one bad file never stops the loop."""
         where = self._folders.get(path.parent)
         if where is None:
             return
-        state, iface_name = where
+        try:
+            self._look_at(path, renamed_in, now, *where)
+        except Exception as exc:
+            logs.get(job=path.name, interface=where[1]).exception(
+                "cannot look at file; will try again", error=str(exc)
+            )
+            self.waiting[path] = (now + self.cfg.daemon.rescan, renamed_in)
+
+    def _look_at(self, path: Path, renamed_in: bool, now: float, state: str, iface: str) -> None:
         if state == QUEUE:
-            self.waiting.pop(path, None)
-            with contextlib.suppress(OSError):
-                if self.spool.locate(path.name) and path.is_file():
-                    self.lanes[iface_name].offer(path.stat().st_mtime_ns, path.name)
+            # Placed by another program, or our own accept: the lane takes note.
+            if names.is_partial_upload(path.name):
+                return  # still being written there
+            if not names.is_valid(path.name):
+                taken = intake.take_stray(self.spool, self.cfg.interfaces[iface], path.name)
+                if taken is not None:
+                    logs.get(job=taken.name, interface=iface).warning(
+                        "rejected", to=taken.place, reason=taken.reason, placed_as=path.name
+                    )
+                return
+            lane = self.lanes.get(iface)  # _out interfaces have none
+            if lane is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(path)
+                    if stat.S_ISREG(st.st_mode):
+                        lane.offer(st.st_mtime_ns, path.name)
             return
         ready = watch.readiness(path, renamed_in, self.cfg.daemon.settle, now)
         if ready == watch.GONE:
             self.waiting.pop(path, None)
         elif ready == watch.READY:
             self.waiting.pop(path, None)
-            self.take(path, iface_name, now)
+            self.take(path, iface, now)
         else:
             assert isinstance(ready, float)
             self.waiting[path] = (ready, renamed_in)
@@ -199,6 +226,9 @@ class Daemon:
                 path = folder / name
                 if path not in self.waiting:
                     self.look_at(path, False, now)
+            for name in watch.candidates(self.spool.dir(QUEUE, iface)):
+                if not names.is_valid(name):
+                    self.look_at(self.spool.dir(QUEUE, iface) / name, False, now)
         for lane in self.lanes.values():
             lane.refill()
 

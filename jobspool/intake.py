@@ -56,22 +56,31 @@ def submit(cfg: Config, interface: str, source: str, name: str | None = None) ->
         name = os.path.basename(source)
     names.check_name(name)
     spool = spool_of(cfg)
-    with open_source(source) as f, spool.names_lock():
-        found = spool.locate(name)
-        if found is not None:
-            raise BadRequest(f"job name {name!r} is already in use ({found.place}); "
-                             "choose another with --name")  # fmt: skip
+    with open_source(source) as f:
+        # Read and check outside the lock: a slow stdin must not hold up the daemon.
         head = f.read(iface.max_size + 1)
         result = _check(iface, head)
-        log = joblog.new(name, iface.name)
-        joblog.received(log, "submit")
-        joblog.checked(log, result.errors, result.schema)
-        if result.errors:
-            _reject(spool, name, log, chain([head], _rest(f)), result.errors)
-        joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
-        spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
-        spool.write(spool.dir(QUEUE, iface.name) / name, [head], stamp_ns=spool.stamp())
+        with spool.names_lock():
+            _submit_locked(spool, iface, name, head, result, f)
     return name
+
+
+def _submit_locked(
+    spool: Spool, iface: Interface, name: str, head: bytes, result: checking.Result, f: BinaryIO
+) -> None:
+    """The part of submit that needs the names lock: claim the name, then queue or reject."""
+    found = spool.locate(name)
+    if found is not None:
+        raise BadRequest(f"job name {name!r} is already in use ({found.place}); "
+                         "choose another with --name")  # fmt: skip
+    log = joblog.new(name, iface.name)
+    joblog.received(log, "submit")
+    joblog.checked(log, result.errors, result.schema)
+    if result.errors:
+        _reject(spool, name, log, chain([head], _rest(f)), result.errors)
+    joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
+    spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
+    spool.write(spool.dir(QUEUE, iface.name) / name, [head], stamp_ns=spool.stamp())
 
 
 def retry(cfg: Config, name: str) -> str:
@@ -209,13 +218,13 @@ def take_drop(spool: Spool, iface: Interface, filename: str) -> Taken | None:
             return None
         stamp = spool.stamp()
         if not stat.S_ISREG(st.st_mode):
-            return _drop_to_errors(spool, iface, src, stamp, f"not a regular file ({_kind(st)})")
+            return _to_errors(spool, iface, src, stamp, f"not a regular file ({_kind(st)})")
         if not names.is_valid(filename):
             why = f"invalid job name: {names.why_invalid(filename)}"
-            return _drop_to_errors(spool, iface, src, stamp, why)
+            return _to_errors(spool, iface, src, stamp, why)
         found = spool.locate(filename, besides=src)
         if found is not None:
-            return _drop_to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
+            return _to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
         data = read_drop(src, iface.max_size)
         result = _check(iface, data)
         log = joblog.new(filename, iface.name)
@@ -239,6 +248,20 @@ def take_drop(spool: Spool, iface: Interface, filename: str) -> Taken | None:
         return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
 
 
+def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:
+    """A file another program put in ``queue/IFACE`` under a name no job can have.
+
+    It goes to joberrors under a safe name (files still being written there,
+    named like uploads in progress, are left alone by the caller).
+    """
+    src = spool.dir(QUEUE, iface.name) / filename
+    with spool.names_lock():
+        if not os.path.lexists(src):
+            return None
+        return _to_errors(spool, iface, src, spool.stamp(), "invalid job name: "
+                          + names.why_invalid(filename), f"{QUEUE}/{iface.name}")  # fmt: skip
+
+
 def read_drop(path: Path, max_size: int) -> bytes:
     """Read at most ``max_size + 1`` bytes of a dropped file, never following a link."""
     with os_errors(f"cannot read dropped file {path}"):
@@ -253,14 +276,19 @@ def safe_name(original: str, stamp: int) -> str:
     return f"{base}.{stamp}"
 
 
-def _drop_to_errors(spool: Spool, iface: Interface, src: Path, stamp: int, reason: str) -> Taken:
+def _to_errors(
+    spool: Spool, iface: Interface, src: Path, stamp: int, reason: str, came_from: str = ""
+) -> Taken:
+    """Into joberrors under a safe name, untouched and unread, its log saying why."""
+    came_from = came_from or f"{INCOMING}/{iface.name}"
     name = src.name if names.is_valid(src.name) else safe_name(src.name, stamp)
     if name != src.name or spool.locate(name, besides=src) is not None:
         name = safe_name(src.name, stamp)
     log = joblog.new(name, iface.name)
     original = src.name if name != src.name else None
-    joblog.received(log, "drop", original_name=original, reason=reason)
-    joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
+    via = "queue" if came_from.startswith(QUEUE) else "drop"
+    joblog.received(log, via, original_name=original, reason=reason)
+    joblog.moved(log, came_from, JOBERRORS)
     spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
     spool.move(src, spool.joberrors, new_name=name)
     return Taken(name, JOBERRORS, stamp, log, reason)

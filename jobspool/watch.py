@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import queue
 import stat
@@ -163,9 +164,16 @@ class Watcher:
 
     def stop(self) -> None:
         if self.observer is not None:
-            with contextlib.suppress(Exception):
-                self.observer.stop()
-                self.observer.join(5)
+            # watchdog logs a spurious error when an emitter stops mid-read.
+            quiet = logging.getLogger("watchdog.observers.inotify")
+            level = quiet.level
+            quiet.setLevel(logging.CRITICAL)
+            try:
+                with contextlib.suppress(Exception):
+                    self.observer.stop()
+                    self.observer.join(5)
+            finally:
+                quiet.setLevel(level)
             self.observer = None
 
     def restart(self) -> None:
