@@ -114,7 +114,7 @@ class Daemon:
             except queue.Empty:
                 break
             self.look_at(Path(hint.path), hint.renamed_in, now)
-        for path, (due, renamed_in) in list(self.waiting.items()):
+        for path, (due, renamed_in) in sorted(self.waiting.items(), key=lambda w: w[1][0]):
             if due <= now:
                 self.look_at(path, renamed_in, now)
         if not self.watcher.healthy():

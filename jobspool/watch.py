@@ -86,13 +86,19 @@ def writer_open(path: Path) -> bool | None:
 
 
 def candidates(directory: Path) -> list[str]:
-    """Names in a drop folder worth a look: regular files and odd ones, not uploads in progress."""
-    out = []
+    """Names in a folder worth a look, oldest first: files and odd ones, not uploads in progress.
+
+    Oldest first (by mtime, then name), so that files found by a rescan are
+    taken in the order they arrived.
+    """
+    found = []
     with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
         for entry in entries:
-            if not names.is_partial_upload(entry.name) and not entry.is_dir(follow_symlinks=False):
-                out.append(entry.name)
-    return out
+            if names.is_partial_upload(entry.name) or entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+    return [name for _, name in sorted(found)]
 
 
 class Watcher:

@@ -179,8 +179,10 @@ class Lane:
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
         final = self.finish(name, log, dest)
         self._forget(name)
-        level = bound.info if dest == BAK else bound.warning
-        level(outcome.result, to=final, reason=outcome.reason)
+        if dest == BAK:
+            bound.info(outcome.result, to=final)
+        else:
+            bound.warning(outcome.result, to=final, reason=outcome.reason)
 
     def finish(self, name: str, log: joblog.Log, dest: str) -> str:
         """Log first, then the one rename into bak/IFACE or joberrors; returns where."""
