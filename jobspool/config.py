@@ -59,17 +59,28 @@ class Interface(NamedTuple):
 
 
 class Schedule(NamedTuple):
-    """A scheduled handler as configured (SPEC 6); run by the scheduler."""
+    """A scheduled handler (SPEC 6): when it runs, what it runs, and who owns it.
+
+    ``timing`` is ``cron``, ``every`` or ``at`` with its text in ``when``;
+    ``action`` is ``command`` (``target`` an argv tuple), ``handler``
+    (``module:function``) or ``template`` (a built-in, with ``settings``).
+    ``raw`` is the mapping it was read from, so that changes made with
+    ``jobspool schedule set`` are checked exactly as strictly.
+    """
 
     id: str
     name: str
-    timing: Mapping[str, str]
-    runs: Mapping[str, Any]
-    enabled: bool = True
-    owner: str | None = None
-    timezone: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-    catchup: str = "once"
+    timing: str
+    when: str
+    action: str
+    target: Any
+    settings: Mapping[str, Any]
+    enabled: bool
+    owner: str | None
+    timezone: str | None
+    timeout: float
+    catchup: str
+    raw: Mapping[str, Any]
 
 
 class Daemon(NamedTuple):
@@ -84,6 +95,7 @@ class Daemon(NamedTuple):
     output_limit: int = 65536  # bytes of a handler's stdout and stderr kept in the log
     metrics: Path | None = None  # Prometheus textfile for node_exporter
     metrics_interval: float = 15.0
+    history: int = 50  # results kept per schedule
 
 
 class Config(NamedTuple):
@@ -318,6 +330,7 @@ class _Reader:
         metrics = raw.get("metrics")
         return Daemon(
             watch=watch,
+            history=self.count(raw.get("history", d.history), "daemon.history"),
             output_limit=self.convert(
                 raw.get("output_limit", d.output_limit), "daemon.output_limit", parse_size
             ),
@@ -401,18 +414,28 @@ class _Reader:
         if not names.is_valid(sid):
             raise self.fail(key, "a schedule id of A-Z a-z 0-9 . _ -: " + names.why_invalid(sid))
         raw = self.mapping(value, key, _SCHEDULE_KEYS)
-        timing = {k: raw[k] for k in _SCHEDULE_TIMINGS if k in raw}
-        runs = {k: raw[k] for k in _SCHEDULE_RUNS if k in raw}
-        if len(timing) != 1 or not all(isinstance(v, str) for v in timing.values()):
-            raise self.fail(key, "exactly one of cron:, every: or at:, as text")
-        if len(runs) != 1:
+        timings = [k for k in _SCHEDULE_TIMINGS if k in raw]
+        actions = [k for k in _SCHEDULE_RUNS if k in raw]
+        if len(timings) != 1:
+            raise self.fail(key, "exactly one of cron:, every: or at:")
+        if len(actions) != 1:
             raise self.fail(key, "exactly one of command:, handler: or template:")
-        if "command" in runs:
-            runs["command"] = self.command(runs["command"], f"{key}.command")
-        if "handler" in runs:
-            runs["handler"] = self.handler(runs["handler"], f"{key}.handler")
-        if "with" in raw:
-            runs["with"] = self.mapping(raw["with"], f"{key}.with", None)
+        timing, action = timings[0], actions[0]
+        when = raw[timing]
+        if timing == "at" and hasattr(when, "isoformat"):  # YAML read a timestamp
+            when = when.isoformat(sep=" ")
+        if not isinstance(when, str) or not when.strip():
+            raise self.fail(f"{key}.{timing}", _TIMING_HELP[timing], when)
+        if timing == "every":
+            self.convert(when, f"{key}.every", parse_every)
+        target: Any = raw[action]
+        if action == "command":
+            target = self.command(target, f"{key}.command")
+        elif action == "handler":
+            target = self.handler(target, f"{key}.handler")
+        elif not isinstance(target, str) or not names.is_valid(target):
+            raise self.fail(f"{key}.template", "the name of a built-in template", target)
+        settings = self.mapping(raw.get("with"), f"{key}.with", None)
         enabled = raw.get("enabled", True)
         if not isinstance(enabled, bool):
             raise self.fail(f"{key}.enabled", "true or false", enabled)
@@ -426,13 +449,42 @@ class _Reader:
             id=sid,
             name=raw.get("name", sid),
             timing=timing,
-            runs=runs,
+            when=when.strip(),
+            action=action,
+            target=target,
+            settings=settings,
             enabled=enabled,
             owner=raw.get("owner"),
             timezone=raw.get("timezone"),
             timeout=self.positive(raw.get("timeout", DEFAULT_TIMEOUT), f"{key}.timeout"),
             catchup=catchup,
+            raw=raw,
         )
+
+
+def read_schedule(path: Path, sid: str, raw: Mapping[str, Any]) -> Schedule:
+    """Check one schedule's mapping as strictly as the configuration file would."""
+    return _Reader(path).schedule(sid, dict(raw))
+
+
+_TIMING_HELP = {
+    "cron": "a cron expression like '0 3 * * *' (five fields, optional seconds last)",
+    "every": "an interval as h:m:s like '1:00:00'",
+    "at": "a date and time like '2026-12-24 18:00'",
+}
+
+
+def parse_every(value: object) -> float:
+    """``every:`` as ``h:m:s`` (``0:0:30``, ``1:00:00``, ``24:00:00``) → seconds."""
+    parts = value.split(":") if isinstance(value, str) else []
+    try:
+        h, m, s = (float(p) for p in parts)
+    except ValueError:
+        h = m = s = -1.0
+    total = h * 3600 + m * 60 + s
+    if len(parts) != 3 or min(h, m, s) < 0 or total <= 0:
+        raise ValueError(_TIMING_HELP["every"])
+    return total
 
 
 def _join(key: str, sub: str) -> str:

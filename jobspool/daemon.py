@@ -33,6 +33,8 @@ from jobspool import check, config, intake, joblog, logs, metrics, names, notify
 from jobspool.config import Config
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.handlers import Outcome
+from jobspool.scheduler import Scheduler
+from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 from jobspool.worker import Lane
 
@@ -45,6 +47,7 @@ class Daemon:
     def __init__(self, config_path: str | None, once: bool = False) -> None:
         self.config_path = config_path
         self.cfg: Config = config.load(config_path)
+        Store(self.cfg).all()  # cron, zones, owners, templates: refuse to start on a bad one
         self.spool = Spool(self.cfg.spool, self.cfg.interfaces)
         self.once = once
         self.log = logs.get()
@@ -59,6 +62,7 @@ class Daemon:
         self.counters: dict[tuple[str, str], float] = {}
         self.counters_lock = threading.Lock()
         self.watcher: watch.Watcher | None = None
+        self.scheduler: Scheduler | None = None
         self._lock_fd: int | None = None
         self._folders: dict[Path, tuple[str, str]] = {}
 
@@ -74,6 +78,7 @@ class Daemon:
         self.start_watching()
         self.rescan()
         self.start_lanes()
+        self.scheduler = Scheduler(Store(self.cfg), self.log)
         self.log.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
         next_rescan = time.monotonic() + self.cfg.daemon.rescan
@@ -85,6 +90,10 @@ class Daemon:
             if self.reload_requested:
                 self.reload()
             due = self.loop(time.time())
+            if self.scheduler is not None and not self.once:
+                next_schedule = self.scheduler.loop(time.time())
+                if next_schedule is not None:
+                    due = min(due, next_schedule) if due is not None else next_schedule
             if now >= next_rescan:
                 self.rescan()
                 next_rescan = now + self.cfg.daemon.rescan
@@ -311,6 +320,8 @@ class Daemon:
             lane.join(5.0)
         if self.watcher is not None:
             self.watcher.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
         self.log.info("stopped")
 
     def reload(self) -> None:
@@ -321,6 +332,7 @@ class Daemon:
             new = config.load(self.config_path)
             if new.spool != self.cfg.spool:
                 raise ConfigError(f"{new.path}: spool: cannot change while running; restart")
+            Store(new).all()
         except ConfigError as exc:
             self.log.error("reload refused; keeping the running configuration", error=str(exc))
             notify.notify("READY=1")
@@ -337,6 +349,9 @@ class Daemon:
             else:
                 lane.iface = iface  # the next job runs with the new handler
         self.start_lanes()
+        if self.scheduler is not None:
+            self.scheduler.store = Store(new)
+            self.scheduler.signature = None  # reload the definitions on the next turn
         assert self.watcher is not None
         self.watcher.stop()
         self.start_watching()

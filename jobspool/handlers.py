@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -90,19 +90,19 @@ def job_environment(job: str, interface: str, spool: Path) -> dict[str, str]:
 
 
 def run_command(
-    argv: tuple[str, ...],
-    path: Path,
+    argv: Sequence[str],
     env: Mapping[str, str],
     timeout: float,
     output_limit: int = 65536,
     limits: Limits | None = None,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    user: str | None = None,
 ) -> Outcome:
-    """Run a command handler on the job at ``path`` and wait for it (or its timeout)."""
+    """Run a command and wait for it (or its timeout); ``user`` to run it as (root only)."""
     started = time.time()
     try:
         proc = subprocess.Popen(
-            [*argv, str(path)],
+            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -110,6 +110,9 @@ def run_command(
             start_new_session=True,  # its own process group: the timeout kills them all
             preexec_fn=_rlimits(limits) if limits else None,
             close_fds=True,
+            user=user,
+            group=_primary_group(user) if user else None,
+            extra_groups=[] if user else None,
         )
     except OSError as exc:
         return Outcome(FAILED, started, time.time(), reason=f"cannot run {argv[0]}: {exc.strerror}")
@@ -152,6 +155,12 @@ def run_command(
         stderr_dropped=err.dropped,
         reason=reason,
     )
+
+
+def _primary_group(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
 
 
 def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:

@@ -149,8 +149,7 @@ class Lane:
         bound.info("started", handler=self._describe())
         if iface.command is not None:
             outcome = handlers.run_command(
-                iface.command,
-                path,
+                [*iface.command, str(path)],  # the job's path is the last argument
                 handlers.job_environment(name, iface.name, spool.root),
                 iface.timeout,
                 output_limit=self.daemon.cfg.daemon.output_limit,

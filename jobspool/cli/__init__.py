@@ -103,7 +103,7 @@ def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
         else:
             answers.append((name, str(found.place)))
     if as_json:
-        _print_json([{"job": j, "status": s} for j, s in answers])
+        print_json([{"job": j, "status": s} for j, s in answers])
     elif len(jobs) == 1:
         click.echo(answers[0][1])
     else:
@@ -123,7 +123,7 @@ def queue(state: State, interface: str, as_json: bool) -> None:
     state.config.interface(interface)
     jobs = Spool(state.config.spool, state.config.interfaces).queued(interface)
     if as_json:
-        _print_json([{"job": name, "accepted": _iso(ns)} for ns, name in jobs])
+        print_json([{"job": name, "accepted": _iso(ns)} for ns, name in jobs])
     else:
         sys.stdout.write("".join(name + "\n" for _, name in jobs))
 
@@ -138,7 +138,7 @@ def log(state: State, job: str, as_json: bool) -> None:
 
     data = Spool(state.config.spool, state.config.interfaces).read_log(job)
     if as_json:
-        _print_json({"job": job, "log": data.decode("utf-8", "replace")})
+        print_json({"job": job, "log": data.decode("utf-8", "replace")})
     else:
         sys.stdout.buffer.write(data)
 
@@ -163,7 +163,7 @@ def interfaces(state: State, as_json: bool) -> None:
         for o in overview
     ]  # fmt: skip
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     table = [("INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS", "WHY NOT MOVING")]
     table += [
@@ -206,7 +206,7 @@ def check(state: State, interface: str, file: str, as_json: bool) -> None:
     result = check_file(iface, file)
     if as_json:
         errors = [{"line": e.line, "column": e.column, "message": e.message} for e in result.errors]
-        _print_json({"file": file, "interface": interface, "ok": result.ok, "errors": errors})
+        print_json({"file": file, "interface": interface, "ok": result.ok, "errors": errors})
     elif result.ok:
         click.echo(f"{file}: ok for {interface}")
     else:
@@ -295,7 +295,8 @@ def daemon(state: State, once: bool) -> None:
 # --- printing ------------------------------------------------------------------
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON (every --json goes through here)."""
     import json
 
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
@@ -323,6 +324,16 @@ def _warn(message: str) -> None:
 def _fail(message: str, code: int) -> NoReturn:
     _warn(message)
     sys.exit(code)
+
+
+def _add_schedule_group() -> None:
+    # Its module is small; click needs the group object to list it in --help.
+    from jobspool.cli.schedule import schedule
+
+    cli.add_command(schedule)
+
+
+_add_schedule_group()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -1,0 +1,249 @@
+"""``jobspool schedule ...``: see and manage scheduled handlers (SPEC 6)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from jobspool.cli import State, pass_state, print_json
+
+if TYPE_CHECKING:
+    from jobspool.config import Schedule
+    from jobspool.schedules import Store
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _store(state: State) -> Store:
+    from jobspool.schedules import Store
+
+    return Store(state.config)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+def _last(store: Store, sid: str) -> dict[str, str] | None:
+    from jobspool.schedules import read_result
+
+    results = store.results(sid)
+    return read_result(results[0]) if results else None
+
+
+def _describe(s: Schedule) -> dict[str, Any]:
+    target = " ".join(s.target) if s.action == "command" else s.target
+    return {
+        "id": s.id, "name": s.name, "owner": s.owner, "enabled": s.enabled,
+        "timing": f"{s.timing}: {s.when}", "timezone": s.timezone, "timeout": s.timeout,
+        "catchup": s.catchup, "runs": f"{s.action}: {target}", "with": dict(s.settings),
+    }  # fmt: skip
+
+
+@click.group()
+def schedule() -> None:
+    """Scheduled handlers: list, show, run, enable, disable, rename, chown, history, set."""
+
+
+@schedule.command("list")
+@json_opt
+@pass_state
+def list_(state: State, as_json: bool) -> None:
+    """Every schedule: id, name, owner, enabled, timing, next run, last outcome."""
+    import time
+
+    from jobspool.scheduler import next_run
+
+    store, now = _store(state), time.time()
+    rows = []
+    for sid, s in store.all().items():
+        last = _last(store, sid)
+        rows.append({**_describe(s), "next": _when(next_run(s, now) if s.enabled else None),
+                     "last": last.get("outcome") if last else None})  # fmt: skip
+    if as_json:
+        print_json(rows)
+        return
+    table = [("ID", "NAME", "OWNER", "ENABLED", "TIMING", "NEXT", "LAST")]
+    table += [(r["id"], r["name"], r["owner"] or "-", "yes" if r["enabled"] else "no",
+               r["timing"], r["next"], r["last"] or "-") for r in rows]  # fmt: skip
+    _table(table)
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@json_opt
+@pass_state
+def show(state: State, sid: str, as_json: bool) -> None:
+    """Every property, the next five run times, and the last run's result."""
+    import time
+
+    from jobspool.scheduler import preview
+
+    store = _store(state)
+    s = store.get(sid)
+    info = {**_describe(s), "next": [_when(t) for t in preview(s, time.time())],
+            "last_run": _last(store, sid)}  # fmt: skip
+    if as_json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        if key == "next":
+            click.echo("next:")
+            for t in value:
+                click.echo(f"  {t}")
+        elif key == "last_run":
+            click.echo(
+                "last run: " + (" ".join(f"{k}={v}" for k, v in value.items()) if value else "-")
+            )
+        elif key == "with":
+            click.echo("with: " + (", ".join(f"{k}={v}" for k, v in value.items()) or "-"))
+        else:
+            click.echo(f"{key}: {'-' if value is None else value}")
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@pass_state
+def run(state: State, sid: str) -> None:
+    """Run ID now (never alongside a run the daemon is making). Exits 1 if the run failed."""
+    from jobspool.errors import BadRequest, TryLater
+    from jobspool.schedules import execute
+
+    store = _store(state)
+    s = store.get(sid)
+    if not s.enabled:
+        raise BadRequest(f"schedule {sid} is disabled; 'jobspool schedule enable {sid}' first")
+    result = execute(store, s, "manual")
+    if result.outcome == "skipped":
+        raise TryLater(f"schedule {sid} is running now; try again when it is done")
+    click.echo(f"{sid}: {result.outcome}" + (f": {result.message}" if result.message else ""))
+    if result.outcome != "ok":
+        sys.exit(1)
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@pass_state
+def enable(state: State, sid: str) -> None:
+    """Enable ID (persistent; a running daemon follows within a second)."""
+    _store(state).change(sid, {"enabled": True})
+    click.echo(f"{sid} enabled")
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@pass_state
+def disable(state: State, sid: str) -> None:
+    """Disable ID: it runs neither on time nor by hand."""
+    _store(state).change(sid, {"enabled": False})
+    click.echo(f"{sid} disabled")
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@click.argument("name")
+@pass_state
+def rename(state: State, sid: str, name: str) -> None:
+    """Change ID's display name (the id stays)."""
+    _store(state).change(sid, {"name": name})
+    click.echo(f"{sid} renamed {name!r}")
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@click.argument("user")
+@pass_state
+def chown(state: State, sid: str, user: str) -> None:
+    """Change ID's owner (an existing user; a root daemon runs its command as that user)."""
+    import pwd
+
+    from jobspool.errors import BadRequest
+
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise BadRequest(f"no such user {user!r}") from None
+    _store(state).change(sid, {"owner": user})
+    click.echo(f"{sid} owned by {user}")
+
+
+@schedule.command("set")
+@click.argument("sid", metavar="ID")
+@click.argument("pairs", metavar="KEY=VALUE...", nargs=-1, required=True)
+@pass_state
+def set_(state: State, sid: str, pairs: tuple[str, ...]) -> None:
+    """Change properties, as YAML values: cron="0 4 * * *", timeout=10m, with.older_than=7d."""
+    import yaml
+
+    from jobspool.errors import BadRequest
+
+    store = _store(state)
+    changes: dict[str, Any] = {}
+    settings = dict(store.get(sid).settings)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        if key.startswith("with."):
+            settings[key[5:]] = value
+            changes["with"] = settings
+        else:
+            changes[key] = value
+    s = store.change(sid, changes)
+    click.echo(f"{sid}: " + ", ".join(f"{k}={v}" for k, v in _describe(s).items() if k != "id"))
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@json_opt
+@pass_state
+def history(state: State, sid: str, as_json: bool) -> None:
+    """Every recorded run of ID, newest first."""
+    from jobspool.schedules import read_result
+
+    store = _store(state)
+    store.get(sid)
+    runs = [read_result(p) for p in store.results(sid)]
+    if as_json:
+        print_json(runs)
+        return
+    table = [("START", "TRIGGER", "OUTCOME", "EXIT", "MESSAGE")]
+    table += [(r["start"], r["trigger"], r["outcome"], r.get("exit-status", "-"),
+               r.get("message", "").splitlines()[0] if r.get("message") else "")
+              for r in runs]  # fmt: skip
+    _table(table)
+
+
+@schedule.command()
+@json_opt
+def templates(as_json: bool) -> None:
+    """The built-in templates and their settings."""
+    from jobspool.templates import TEMPLATES
+
+    if as_json:
+        print_json([{"template": t.name, "summary": t.summary,
+                      "settings": [s._asdict() for s in t.settings]}
+                     for t in TEMPLATES.values()])  # fmt: skip
+        return
+    for t in TEMPLATES.values():
+        click.echo(f"{t.name}: {t.summary}")
+        for s in t.settings:
+            default = "required" if s.default is None else f"default {s.default}"
+            click.echo(f"  with.{s.name}: {s.meaning} ({default})")
+
+
+def _table(rows: list[tuple[Any, ...]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,309 @@
+"""Schedules as they stand: the configuration, changes made from the command line, results.
+
+The configuration file defines each schedule. ``jobspool schedule enable``,
+``disable``, ``rename``, ``chown`` and ``set`` never rewrite that file (it is
+the administrator's, with its comments); they store the changed keys in
+``state/schedules/ID/settings.json``, written atomically. The effective
+schedule is the configuration's mapping with those keys laid over it,
+checked exactly as strictly as the file itself. The daemon notices a changed
+settings file within a second, so changes take effect without a restart.
+
+Per schedule, under ``state/schedules/ID/``:
+
+- ``settings.json``: the command line's changes;
+- ``last``: the last tick the daemon fired (for catch-up after downtime);
+- ``run.lock``: held during a run, by the daemon or by ``schedule run``, so
+  two runs never overlap;
+- ``runs/START.xml``: the result of each run (``schemas/result.xsd``), the
+  newest ``daemon.history`` kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from jobspool import config, handlers, joblog, templates
+from jobspool.config import Config, Schedule
+from jobspool.errors import BadRequest, ConfigError
+from jobspool.spool import Spool, write_file
+
+NS = "urn:jobspool:run:1"
+SCHEMA = Path(__file__).parent / "schemas" / "result.xsd"
+TIMINGS = ("cron", "every", "at")
+ACTIONS = ("command", "handler", "template")
+
+
+class Result(NamedTuple):
+    """One run of a schedule, as recorded."""
+
+    schedule: str
+    trigger: str  # time | manual | catch-up
+    outcome: str  # ok | failed | skipped
+    start: float
+    end: float
+    due: float | None = None
+    exit_status: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    message: str | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+    traceback: str | None = None
+
+
+class Store:
+    """The schedules of one configuration and their state on disk."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool, cfg.interfaces)
+        self.root = self.spool.state / "schedules"
+
+    def folder(self, sid: str) -> Path:
+        return self.root / sid
+
+    # --- definitions -----------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        return list(self.cfg.schedules)
+
+    def get(self, sid: str) -> Schedule:
+        """The effective schedule ``sid``; :class:`BadRequest` if there is none."""
+        if sid not in self.cfg.schedules:
+            known = ", ".join(self.cfg.schedules) or "none configured"
+            raise BadRequest(f"unknown schedule {sid!r} (known: {known})")
+        return self._merge(self.cfg.schedules[sid], self.overrides(sid))
+
+    def all(self) -> dict[str, Schedule]:
+        return {sid: self.get(sid) for sid in self.cfg.schedules}
+
+    def overrides(self, sid: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.folder(sid) / "settings.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.folder(sid) / 'settings.json'}: unreadable: {exc}") from None
+        return data if isinstance(data, dict) else {}
+
+    def signature(self) -> tuple[tuple[str, int], ...]:
+        """Changes whenever a settings file changes: the daemon's cue to reload them."""
+        out = []
+        for sid in self.cfg.schedules:
+            try:
+                out.append((sid, (self.folder(sid) / "settings.json").stat().st_mtime_ns))
+            except OSError:
+                out.append((sid, 0))
+        return tuple(out)
+
+    def change(self, sid: str, changes: Mapping[str, Any]) -> Schedule:
+        """Store changed keys, checked as strictly as the configuration; return the result."""
+        self.get(sid)  # an unknown id is a bad request
+        base = self.cfg.schedules[sid]
+        merged = {**self.overrides(sid), **changes}
+        # Setting one timing (or action) replaces the other ones.
+        for group in (TIMINGS, ACTIONS):
+            chosen = [k for k in group if k in changes]
+            for k in group:
+                if chosen and k not in chosen:
+                    merged[k] = None
+        try:
+            schedule = self._merge(base, merged)
+        except ConfigError as exc:  # the request is what is wrong, not the file
+            raise BadRequest(str(exc).removeprefix(f"{self.cfg.path}: ")) from None
+        folder = self.folder(sid)
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(merged, indent=2, sort_keys=True, default=str).encode()
+        write_file(folder / "settings.json", [text], staging=folder, replace=True)
+        return schedule
+
+    def _merge(self, base: Schedule, overrides: Mapping[str, Any]) -> Schedule:
+        raw = {**base.raw, **overrides}
+        raw = {k: v for k, v in raw.items() if v is not None}
+        s = config.read_schedule(self.cfg.path, base.id, raw)
+        check(s, self.cfg.path)
+        return s
+
+    # --- ticks and results -------------------------------------------------------------------
+
+    def last_tick(self, sid: str) -> float | None:
+        try:
+            return float((self.folder(sid) / "last").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def record_tick(self, sid: str, tick: float) -> None:
+        folder = self.folder(sid)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_file(folder / "last", [f"{tick!r}\n".encode()], staging=folder, replace=True)
+
+    def results(self, sid: str) -> list[Path]:
+        """Result files, newest first."""
+        try:
+            files = [p for p in (self.folder(sid) / "runs").iterdir() if p.suffix == ".xml"]
+        except FileNotFoundError:
+            return []
+        return sorted(files, key=lambda p: int(p.stem) if p.stem.isdigit() else 0, reverse=True)
+
+    def record(self, s: Schedule, result: Result) -> Path:
+        """Write a run's result durably, then keep only the newest ``daemon.history``."""
+        runs = self.folder(s.id) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        path = runs / f"{int(result.start * 1e9)}.xml"
+        write_file(path, [result_xml(s, result)], staging=runs, replace=True)
+        for old in self.results(s.id)[self.cfg.daemon.history :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    @contextlib.contextmanager
+    def run_lock(self, sid: str) -> Iterator[bool]:
+        """Try to take the schedule's run lock; yields whether we have it."""
+        folder = self.folder(sid)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / "run.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+
+def check(s: Schedule, path: Path) -> None:
+    """What the configuration's shape cannot say: a valid cron, zone, owner and template."""
+    from jobspool import scheduler
+
+    where = f"{path}: schedules.{s.id}"
+    try:
+        scheduler.next_run(s, time.time())
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{where}.{s.timing}: {exc}") from None
+    if s.owner is not None:
+        try:
+            pwd.getpwnam(s.owner)
+        except KeyError:
+            raise ConfigError(f"{where}.owner: no such user {s.owner!r}") from None
+    if s.action == "template":
+        try:
+            templates.settings(s.target, s.settings)
+        except BadRequest as exc:
+            raise ConfigError(f"{where}.with: {exc}") from None
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class Context(NamedTuple):
+    """What a Python schedule handler is called with."""
+
+    schedule: str
+    spool: Path
+    settings: Mapping[str, Any]
+
+
+def execute(store: Store, s: Schedule, trigger: str, due: float | None = None) -> Result:
+    """Run a schedule now, unless its previous run is still going (then: skipped)."""
+    with store.run_lock(s.id) as mine:
+        if not mine:
+            now = time.time()
+            result = Result(s.id, trigger, "skipped", now, now, due,
+                            message="the previous run was still going")  # fmt: skip
+        else:
+            result = _run(store, s, trigger, due)
+        store.record(s, result)
+    return result
+
+
+def _run(store: Store, s: Schedule, trigger: str, due: float | None) -> Result:
+    start = time.time()
+    if s.action == "command":
+        env = dict(os.environ, JOBSPOOL_SCHEDULE=s.id, JOBSPOOL_SPOOL=str(store.spool.root))
+        as_user = s.owner if os.geteuid() == 0 and s.owner not in (None, "root") else None
+        limit = store.cfg.daemon.output_limit
+        o = handlers.run_command(s.target, env, s.timeout, output_limit=limit, user=as_user)
+        return Result(
+            s.id, trigger, "ok" if o.result == handlers.DONE else "failed", o.started, o.ended,
+            due, o.exit_status, o.signal, o.timed_out, o.reason, o.stdout, o.stderr,
+            o.stdout_dropped, o.stderr_dropped,
+        )  # fmt: skip
+    try:
+        if s.action == "template":
+            template = templates.TEMPLATES[s.target]
+            message = template.run(store.spool, templates.settings(s.target, s.settings))
+        else:
+            handlers.load_callable(s.target)(Context(s.id, store.spool.root, s.settings))  # type: ignore[arg-type]
+            message = None
+    except templates.TemplateFailed as exc:
+        return Result(s.id, trigger, "failed", start, time.time(), due, message=str(exc))
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        return Result(s.id, trigger, "failed", start, time.time(), due, message=message,
+                      traceback=traceback.format_exc())  # fmt: skip
+    return Result(s.id, trigger, "ok", start, time.time(), due, message=message)
+
+
+def result_xml(s: Schedule, r: Result) -> bytes:
+    from lxml import etree
+
+    q = f"{{{NS}}}"
+    el = etree.Element(q + "run", nsmap={None: NS})
+    attrs: dict[str, object] = {
+        "schedule": s.id, "name": s.name, "trigger": r.trigger, "outcome": r.outcome,
+        "due": None if r.due is None else joblog.iso(r.due),
+        "start": joblog.iso(r.start), "end": joblog.iso(r.end),
+        "exit-status": r.exit_status, "signal": r.signal,
+        "timed-out": "true" if r.timed_out else None,
+    }  # fmt: skip
+    for key, value in attrs.items():
+        if value is not None:
+            el.set(key, joblog.xml_text(str(value)))
+    if r.message:
+        etree.SubElement(el, q + "message").text = joblog.xml_text(r.message)
+    for stream, data, dropped in (("stdout", r.stdout, r.stdout_dropped),
+                                  ("stderr", r.stderr, r.stderr_dropped)):  # fmt: skip
+        if data:
+            out = etree.SubElement(el, q + "output", stream=stream)
+            if dropped:
+                out.set("truncated", str(dropped))
+            out.text = joblog.xml_text(data.decode("utf-8", "replace"))
+    if r.traceback:
+        etree.SubElement(el, q + "traceback").text = joblog.xml_text(r.traceback)
+    return etree.tostring(el, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+def read_result(path: Path) -> dict[str, str]:
+    """A result's attributes and message, for listing."""
+    from lxml import etree
+
+    from jobspool.check import hardened_parser
+
+    root = etree.parse(str(path), hardened_parser()).getroot()
+    out = dict(root.attrib)
+    msg = root.find(f"{{{NS}}}message")
+    if msg is not None and msg.text:
+        out["message"] = msg.text
+    return {str(k): str(v) for k, v in out.items()}
+
+
+def validate(data: bytes) -> list[str]:
+    """Problems of a result against ``result.xsd`` (empty when valid)."""
+    from lxml import etree
+
+    schema = etree.XMLSchema(etree.parse(str(SCHEMA)))
+    if schema.validate(etree.fromstring(data).getroottree()):
+        return []
+    return [f"line {e.line}: {e.message}" for e in schema.error_log]
