@@ -282,7 +282,7 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(key, "a mapping", value)
+            raise self.fail(key or "the top level", "a mapping", value)
         for k in value:
             if not isinstance(k, str):
                 raise self.fail(f"{key}.{k}", "a text key", k)

@@ -42,7 +42,11 @@ def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> 
             src = queue / name
             with os_errors(f"cannot read {name}"):
                 data = src.read_bytes()
-            write_file(to / name, [data], staging=to)
+            try:
+                write_file(to / name, [data], staging=to)
+            except FileExistsError:
+                raise BadRequest(f"{to / name} already exists; fetch into an empty "
+                                 "directory or move it away first") from None  # fmt: skip
             log = log_so_far(spool, name, interface, src.stat().st_mtime_ns)
             joblog.note(log, f"fetched to {to}")
             joblog.moved(log, f"{QUEUE}/{interface}", f"{BAK}/{interface}")

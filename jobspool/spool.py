@@ -159,6 +159,7 @@ class Spool:
         """Like :meth:`locate`, but an unknown job is a :class:`BadRequest`."""
         found = self.locate(name)
         if found is None:
+            self.require()  # no spool at all is a setup problem, not an unknown job
             raise BadRequest(f"unknown job {name!r}: not in incoming, queue, bak or joberrors")
         return found
 

@@ -21,6 +21,7 @@ least once.
 from __future__ import annotations
 
 import heapq
+import math
 import shlex
 import subprocess
 import threading
@@ -153,7 +154,7 @@ class Lane:
                 handlers.job_environment(name, iface.name, spool.root),
                 iface.timeout,
                 output_limit=self.daemon.cfg.daemon.output_limit,
-                limits=handlers.Limits(iface.memory_limit, int(iface.cpu_limit or 0) or None)
+                limits=handlers.Limits(iface.memory_limit, math.ceil(iface.cpu_limit or 0) or None)
                 if iface.memory_limit or iface.cpu_limit
                 else None,
                 on_start=lambda proc: self._running(name, proc),
