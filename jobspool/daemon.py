@@ -46,8 +46,7 @@ class Daemon:
 
     def __init__(self, config_path: str | None, once: bool = False) -> None:
         self.config_path = config_path
-        self.cfg: Config = config.load(config_path)
-        Store(self.cfg).all()  # cron, zones, owners, templates: refuse to start on a bad one
+        self.cfg: Config = check_config(config_path)
         self.spool = Spool(self.cfg.spool, self.cfg.interfaces)
         self.once = once
         self.log = logs.get()
@@ -64,6 +63,8 @@ class Daemon:
         self.watcher: watch.Watcher | None = None
         self.scheduler: Scheduler | None = None
         self._lock_fd: int | None = None
+        self.ping = notify.watchdog_interval()  # seconds between WATCHDOG=1, if systemd asks
+        self.next_ping = 0.0
         self._folders: dict[Path, tuple[str, str]] = {}
 
     # --- life cycle -------------------------------------------------------------------
@@ -82,9 +83,7 @@ class Daemon:
         self.log.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
         next_rescan = time.monotonic() + self.cfg.daemon.rescan
-        next_ping = time.monotonic()
         next_metrics = time.monotonic()
-        ping = notify.watchdog_interval()
         while not self.stopping:
             now = time.monotonic()
             if self.reload_requested:
@@ -97,9 +96,7 @@ class Daemon:
             if now >= next_rescan:
                 self.rescan()
                 next_rescan = now + self.cfg.daemon.rescan
-            if ping is not None and now >= next_ping:
-                notify.notify("WATCHDOG=1", f"STATUS={self.status_line()}")
-                next_ping = now + ping
+            self.keepalive()
             if self.cfg.daemon.metrics is not None and now >= next_metrics:
                 self.write_metrics()
                 next_metrics = now + self.cfg.daemon.metrics_interval
@@ -107,8 +104,8 @@ class Daemon:
                 break
             # Sleep until the next thing is due; an event or a signal wakes us sooner.
             timeout = min(next_rescan - now, (due - time.time()) if due else 1.0, 1.0)
-            if ping is not None:
-                timeout = min(timeout, next_ping - now)
+            if self.ping is not None:
+                timeout = min(timeout, self.next_ping - now)
             self.wake_event.wait(max(timeout, 0.01))
             self.wake_event.clear()
         self.shut_down()
@@ -123,9 +120,11 @@ class Daemon:
             except queue.Empty:
                 break
             self.look_at(Path(hint.path), hint.renamed_in, now)
+            self.keepalive()
         for path, (due, renamed_in) in sorted(self.waiting.items(), key=lambda w: w[1][0]):
             if due <= now:
                 self.look_at(path, renamed_in, now)
+                self.keepalive()
         if not self.watcher.healthy():
             self.log.error("file watcher died; restarting it and rescanning")
             try:
@@ -135,6 +134,12 @@ class Daemon:
                 self.log.error("cannot restart the file watcher", error=str(exc))
             self.rescan()
         return min((due for due, _ in self.waiting.values()), default=None)
+
+    def keepalive(self) -> None:
+        """Ping systemd's watchdog when due; called inside long loops too (bursts, rescans)."""
+        if self.ping is not None and time.monotonic() >= self.next_ping:
+            notify.notify("WATCHDOG=1", f"STATUS={self.status_line()}")
+            self.next_ping = time.monotonic() + self.ping
 
     def idle(self) -> bool:
         """Nothing waiting, nothing queued that could run (``--once``)."""
@@ -235,6 +240,7 @@ class Daemon:
                 path = folder / name
                 if path not in self.waiting:
                     self.look_at(path, False, now)
+                    self.keepalive()
             for name in watch.candidates(self.spool.dir(QUEUE, iface)):
                 if not names.is_valid(name):
                     self.look_at(self.spool.dir(QUEUE, iface) / name, False, now)
@@ -329,17 +335,16 @@ class Daemon:
         self.reload_requested = False
         notify.reloading()
         try:
-            new = config.load(self.config_path)
+            new = check_config(self.config_path)
             if new.spool != self.cfg.spool:
                 raise ConfigError(f"{new.path}: spool: cannot change while running; restart")
-            Store(new).all()
-        except ConfigError as exc:
+            Spool(new.spool, new.interfaces).init()  # new interfaces' folders
+        except JobspoolError as exc:  # a bad file, or folders that cannot be made
             self.log.error("reload refused; keeping the running configuration", error=str(exc))
             notify.notify("READY=1")
             return
         self.cfg = new
         self.spool = Spool(new.spool, new.interfaces)
-        self.spool.init()
         check.forget_compiled()
         for name, lane in list(self.lanes.items()):
             iface = new.interfaces.get(name)
@@ -398,6 +403,13 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def check_config(config_path: str | None) -> Config:
+    """Everything the daemon checks before it starts or reloads (``daemon --check``)."""
+    cfg = config.load(config_path)
+    Store(cfg).all()  # cron expressions, time zones, owners, template settings
+    return cfg
 
 
 def main(config_path: str | None, once: bool = False) -> int:

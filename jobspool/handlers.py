@@ -83,8 +83,12 @@ class Outcome(NamedTuple):
     reason: str | None = None
 
 
+_DAEMON_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
 def job_environment(job: str, interface: str, spool: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    """The daemon's environment without systemd's notify variables, plus ``JOBSPOOL_*``."""
+    env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY}
     env.update(JOBSPOOL_JOB=job, JOBSPOOL_INTERFACE=interface, JOBSPOOL_SPOOL=str(spool))
     return env
 

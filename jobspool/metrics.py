@@ -56,4 +56,5 @@ def write(
 ) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(render(overview, counters))
+    os.chmod(tmp, 0o644)  # node_exporter runs as another user; the daemon's umask is 0027
     os.replace(tmp, path)

@@ -284,9 +284,20 @@ def fetch(state: State, interface: str, to: Path, jobs: tuple[str, ...]) -> None
 @click.option(
     "--once", is_flag=True, help="Process what is there, then exit (for tests and demos)."
 )
+@click.option("--check", is_flag=True, help="Only check the configuration as the daemon would.")
 @pass_state
-def daemon(state: State, once: bool) -> None:
-    """Run the daemon in the foreground (under systemd: Type=notify)."""
+def daemon(state: State, once: bool, check: bool) -> None:
+    """Run the daemon in the foreground (under systemd: Type=notify).
+
+    With --check, validate everything the daemon validates at start and on
+    SIGHUP (schedules included), print nothing and exit 0, or 78 with the
+    problem: what the unit's ExecReload= runs before it sends SIGHUP.
+    """
+    if check:
+        from jobspool.daemon import check_config
+
+        check_config(state.config_path)
+        return
     from jobspool.daemon import main as run_daemon
 
     sys.exit(run_daemon(state.config_path, once=once))
