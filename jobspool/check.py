@@ -12,8 +12,10 @@ once per process.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lxml import etree
 
@@ -33,9 +35,21 @@ class Result:
         return not self.errors
 
 
+class _NothingOutside(etree.Resolver):
+    """Every external reference resolves to nothing.
+
+    libxml2 reads a DOCTYPE's external subset and external parameter
+    entities even with ``load_dtd=False``; with this resolver on the parser
+    it asks us instead, and gets an empty string: no file is ever opened.
+    """
+
+    def resolve(self, system_url: str | None, public_id: str | None, context: object, /) -> Any:
+        return self.resolve_string("", context)
+
+
 def hardened_parser(remove_blank_text: bool = False) -> etree.XMLParser:
     """A parser that never reads a file, opens a connection or expands an entity."""
-    return etree.XMLParser(
+    parser = etree.XMLParser(
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
@@ -44,10 +58,15 @@ def hardened_parser(remove_blank_text: bool = False) -> etree.XMLParser:
         collect_ids=False,
         remove_blank_text=remove_blank_text,
     )
+    parser.resolvers.add(_NothingOutside())
+    return parser
 
 
 def check(data: bytes, schema: Path | None) -> Result:
     """Check one document: well-formed, no DOCTYPE, valid against ``schema`` if given."""
+    line = _doctype_in_prolog(data)
+    if line:  # rejected before any parser sees it
+        return Result([CheckError(line, 1, _NO_DOCTYPE)], schema=schema)
     parser = hardened_parser()
     try:
         root = etree.fromstring(data, parser)
@@ -55,16 +74,13 @@ def check(data: bytes, schema: Path | None) -> Result:
         return Result(_syntax_errors(exc, parser.error_log), schema=schema)
     tree = root.getroottree()
     if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-        line = _doctype_line(data)
-        return Result(
-            [CheckError(line, 1, "document declares a DOCTYPE; jobs must not")], schema=schema
-        )
+        return Result([CheckError(_doctype_line(data), 1, _NO_DOCTYPE)], schema=schema)
     if schema is None:
         return Result([], tree)
     validator = compiled(schema)
     if validator.validate(tree):
         return Result([], tree, schema)
-    errors = [CheckError(e.line, e.column, e.message.strip()) for e in validator.error_log]
+    errors = [CheckError(e.line, e.column, one_line(e.message)) for e in validator.error_log]
     return Result(errors or [CheckError(0, 0, "not valid against the schema")], tree, schema)
 
 
@@ -104,13 +120,45 @@ def _compile(schema: Path) -> etree._Validator:
 def _syntax_errors(exc: etree.XMLSyntaxError, log: etree._ListErrorLog) -> list[CheckError]:
     # The parser's own log: the exception's log is shared by the thread and
     # would carry errors of documents parsed before this one.
-    errors = [CheckError(e.line, e.column, e.message.strip()) for e in log]
+    errors = [CheckError(e.line, e.column, one_line(e.message)) for e in log]
     if not errors:
         line, column = exc.position if exc.position else (0, 0)
-        errors = [CheckError(line, column, _first_line(exc.msg or "not well-formed XML"))]
+        errors = [CheckError(line, column, one_line(_first_line(exc.msg or "not well-formed XML")))]
     # libxml2 reports a chain of follow-on errors after the first; the first
     # is the one to fix, the rest mostly repeat it.
     return errors[:20]
+
+
+_NO_DOCTYPE = "document declares a DOCTYPE; jobs must not"
+_PROLOG_END = re.compile(r"<[A-Za-z_:]")
+
+
+def _doctype_in_prolog(data: bytes) -> int:
+    """The line of a DOCTYPE before the root element (0: none seen).
+
+    A cheap first guard for the usual encodings; the parser's resolver and
+    the check of ``docinfo`` after parsing catch whatever this misses.
+    """
+    head = data[:8192]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2].count(b"\0") == 1:
+        text = head.decode("utf-16", "ignore")
+    else:
+        text = head.decode("utf-8", "ignore")
+    end = _PROLOG_END.search(text)
+    prolog = text[: end.start()] if end else text
+    at = prolog.find("<!DOCTYPE")
+    return prolog.count("\n", 0, at) + 1 if at >= 0 else 0
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(message: str) -> str:
+    """A parser's message as one printable line: a quoted value may hold newlines."""
+    return "".join(
+        c if c.isprintable() else _ESCAPES.get(c, c.encode("unicode_escape").decode())
+        for c in message.strip()
+    )
 
 
 def _doctype_line(data: bytes) -> int:

@@ -497,7 +497,8 @@ def _show(value: object) -> str:
     if isinstance(value, list):
         return "a list"
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    # The end of a long value (a path's file name) says more than its middle.
+    return text if len(text) <= 80 else text[:30] + "..." + text[-47:]
 
 
 def _reason(exc: BaseException) -> str:

@@ -56,6 +56,7 @@ def submit(cfg: Config, interface: str, source: str, name: str | None = None) ->
         name = os.path.basename(source)
     names.check_name(name)
     spool = spool_of(cfg)
+    spool.require(iface.name)
     with open_source(source) as f:
         # Read and check outside the lock: a slow stdin must not hold up the daemon.
         head = f.read(iface.max_size + 1)
@@ -79,8 +80,13 @@ def _submit_locked(
     if result.errors:
         _reject(spool, name, log, chain([head], _rest(f)), result.errors)
     joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
-    spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
-    spool.write(spool.dir(QUEUE, iface.name) / name, [head], stamp_ns=spool.stamp())
+    pending = spool.pending_log(name)
+    spool.write(pending, [joblog.to_bytes(log)], replace=True)
+    try:
+        spool.write(spool.dir(QUEUE, iface.name) / name, [head], stamp_ns=spool.stamp())
+    except BaseException:
+        spool.remove(pending)  # the job is not there: its history must not be either
+        raise
 
 
 def retry(cfg: Config, name: str) -> str:
@@ -107,7 +113,7 @@ def retry(cfg: Config, name: str) -> str:
         joblog.checked(log, result.errors, result.schema)
         if result.errors:
             spool.write(found.log_path, [joblog.to_bytes(log)], replace=True)
-            raise _rejected(name, result.errors, "stays in joberrors")
+            raise _rejected(name, result.errors, "again and stays in joberrors")
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, JOBERRORS, f"{QUEUE}/{iface.name}")
         spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)

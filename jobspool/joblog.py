@@ -151,7 +151,19 @@ def xml_text(text: str) -> str:
 
 
 def escape_name(name: str) -> str:
-    """A file name as printable text: control characters and undecodable bytes escaped."""
-    raw = name.encode("utf-8", "surrogateescape")
-    text = raw.decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    """A file name as printable text: control characters and undecodable bytes escaped.
+
+    Bytes that were not UTF-8 (held by Python as U+DC80-U+DCFF) show as
+    ``\\xNN``; any other lone surrogate and every unprintable character as
+    a backslash escape.
+    """
+    out = []
+    for c in name:
+        code = ord(c)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif c.isprintable() and not 0xD800 <= code <= 0xDFFF:
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)

@@ -111,7 +111,7 @@ class Spool:
         with os_errors(f"cannot create the spool at {self.root}"):
             for path in [self.root, *self.dirs()]:
                 try:
-                    path.mkdir()
+                    path.mkdir(parents=path == self.root)
                 except FileExistsError:
                     if not path.is_dir():
                         raise ConfigError(f"{path} exists and is not a directory") from None
@@ -120,10 +120,15 @@ class Spool:
                 fsync_dir(path.parent)
         return created
 
-    def require(self) -> None:
-        """Fail with a hint when the tree has not been created."""
+    def require(self, interface: str | None = None) -> None:
+        """Fail with a hint when the tree (or an interface's folders) has not been created."""
         if not self.state.is_dir():
             raise ConfigError(f"no spool at {self.root}: run 'jobspool init' first")
+        if interface is not None and not self.dir(QUEUE, interface).is_dir():
+            raise ConfigError(
+                f"no folders for interface {interface} in {self.root}: "
+                "run 'jobspool init' to create them"
+            )
 
     # --- where is a job --------------------------------------------------------
 
@@ -253,8 +258,24 @@ class Spool:
     # --- writing and moving ----------------------------------------------------
 
     def stamp(self) -> int:
-        """A fresh acceptance stamp (ns), strictly increasing within this process."""
-        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        """A fresh acceptance stamp (ns), later than every stamp given before.
+
+        The high-water mark is the mtime of ``state/names.lock`` (every
+        acceptance holds that lock), so stamps keep increasing across
+        processes and restarts even when the wall clock was stepped back.
+        """
+        mark = self.state / "names.lock"
+        try:
+            last = os.stat(mark).st_mtime_ns
+        except OSError:
+            last = 0
+        self._last_stamp = max(time.time_ns(), last + 1, self._last_stamp + 1)
+        with contextlib.suppress(OSError):  # not ours to touch: the in-process order holds
+            fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
+            try:
+                os.utime(fd, ns=(self._last_stamp, self._last_stamp))
+            finally:
+                os.close(fd)
         return self._last_stamp
 
     def write(
@@ -426,7 +447,9 @@ def os_errors(what: str) -> Iterator[None]:
         raise
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        where = f" ({exc.filename})" if exc.filename else ""
+        # A failed rename is about its target (filename2): tmp/ names mean nothing to users.
+        where = exc.filename2 or exc.filename
+        where = f" ({where})" if where else ""
         if exc.errno in _FULL:
             raise TryLater(f"{what}: {reason}{where}; free some space and try again") from exc
         if exc.errno in _DENIED:

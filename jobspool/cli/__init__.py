@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _fail(str(exc), exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError:
+        _fail("no command given (see 'jobspool --help')", 2)
     except click.ClickException as exc:
         _fail(f"{exc.format_message()} (see 'jobspool --help')", exc.exit_code)
     except click.Abort:

@@ -1,0 +1,283 @@
+"""The spool tree (SPEC 1, 2): its directories, where a job is, queue order, safe writes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from jobspool import joblog
+from jobspool.errors import BadRequest, ConfigError, TryLater
+from jobspool.spool import Spool, rename_noreplace
+from tests.conftest import INVALID, VALID, assert_valid_log
+
+IFACES = ("orders_in", "orders_out")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    spool = Spool(tmp_path / "spool", IFACES)
+    spool.init()
+    return spool
+
+
+def accept(spool: Spool, name: str, iface: str = "orders_in") -> None:
+    """Queue a job the way submit does: written durably, stamped with its acceptance."""
+    spool.write(spool.dir("queue", iface) / name, [VALID], stamp_ns=spool.stamp())
+
+
+def names_in(spool: Spool, iface: str = "orders_in") -> list[str]:
+    return [name for _, name in spool.queued(iface)]
+
+
+# --- the tree ------------------------------------------------------------------
+
+
+def test_init_creates_the_tree(tmp_path):
+    spool = Spool(tmp_path / "spool", IFACES)
+    created = spool.init()
+    for rel in [
+        "incoming/orders_in",
+        "incoming/orders_out",
+        "queue/orders_in",
+        "queue/orders_out",
+        "bak/orders_in",
+        "bak/orders_out",
+        "joberrors",
+        "tmp",
+        "state",
+    ]:
+        assert (tmp_path / "spool" / rel).is_dir(), rel
+        assert tmp_path / "spool" / rel in created
+
+
+def test_init_is_safe_to_repeat(tree):
+    accept(tree, "kept.xml")
+    assert tree.init() == []
+    assert names_in(tree) == ["kept.xml"]
+    assert (tree.dir("queue", "orders_in") / "kept.xml").read_bytes() == VALID
+
+
+def test_init_adds_a_new_interface(tree):
+    grown = Spool(tree.root, (*IFACES, "stock_in"))
+    created = grown.init()
+    assert sorted(p.relative_to(tree.root).as_posix() for p in created) == [
+        "bak/stock_in",
+        "incoming/stock_in",
+        "queue/stock_in",
+    ]
+
+
+def test_init_refuses_a_file_where_a_directory_belongs(tmp_path):
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "queue").write_text("not a directory")
+    with pytest.raises(ConfigError, match="queue"):
+        Spool(tmp_path / "spool", IFACES).init()
+
+
+def test_a_spool_that_was_never_created_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="jobspool init"):
+        Spool(tmp_path / "spool", IFACES).require()
+
+
+# --- where is a job ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("directory", "answer"),
+    [
+        ("incoming/orders_in", "incoming/orders_in"),
+        ("queue/orders_out", "queue/orders_out"),
+        ("bak/orders_in", "bak/orders_in"),
+        ("joberrors", "joberrors"),
+    ],
+)
+def test_locate_answers_the_status_string(tree, directory, answer):
+    path = tree.root / directory / "order-7.xml"
+    path.write_bytes(VALID)
+    found = tree.locate("order-7.xml")
+    assert found is not None
+    assert str(found.place) == answer
+    assert found.path == path
+    assert found.log_path == tree.root / directory / "order-7.xml,log.xml"
+
+
+def test_an_unknown_job_is_not_found(tree):
+    assert tree.locate("nobody.xml") is None
+    with pytest.raises(BadRequest, match=r"nobody\.xml"):
+        tree.find("nobody.xml")
+
+
+def a_log(name: str) -> bytes:
+    log = joblog.new(name, "orders_in")
+    joblog.received(log, "submit")
+    return joblog.to_bytes(log)
+
+
+def test_a_log_or_a_directory_is_not_a_job(tree):
+    (tree.joberrors / "dir.xml").mkdir()
+    (tree.joberrors / "lone.xml,log.xml").write_bytes(a_log("lone.xml"))
+    assert tree.locate("dir.xml") is None
+    assert tree.locate("lone.xml") is None
+
+
+@pytest.mark.parametrize("name", ["../queue", "-x", ".x", "a b", "a/b", "x" * 201])
+def test_locate_refuses_an_invalid_name(tree, name):
+    with pytest.raises(BadRequest, match="invalid job name"):
+        tree.locate(name)
+
+
+def test_read_log_of_a_queued_job_is_not_there_yet(tree):
+    accept(tree, "waiting.xml")
+    with pytest.raises(TryLater):
+        tree.read_log("waiting.xml")
+
+
+def test_read_log_of_a_job_in_joberrors(tree):
+    data = a_log("bad.xml")
+    (tree.joberrors / "bad.xml").write_bytes(INVALID)
+    (tree.joberrors / "bad.xml,log.xml").write_bytes(data)
+    assert tree.read_log("bad.xml") == data
+    assert_valid_log(data)
+
+
+# --- queue order ---------------------------------------------------------------
+
+
+def test_the_queue_is_in_acceptance_order_not_name_order(tree):
+    for name in ["b.xml", "a.xml", "c.xml"]:
+        accept(tree, name)
+    assert names_in(tree) == ["b.xml", "a.xml", "c.xml"]
+
+
+def test_queue_order_survives_a_restart(tree):
+    for name in ["b.xml", "a.xml"]:
+        accept(tree, name)
+    restarted = Spool(tree.root, IFACES)
+    assert names_in(restarted) == ["b.xml", "a.xml"]
+    accept(restarted, "0-first-by-name.xml")
+    assert names_in(Spool(tree.root, IFACES)) == ["b.xml", "a.xml", "0-first-by-name.xml"]
+
+
+def test_stamps_strictly_increase(tree):
+    stamps = [tree.stamp() for _ in range(1000)]
+    assert stamps == sorted(set(stamps))
+
+
+def test_queue_order_survives_a_restart_after_the_clock_stepped_back(tree, monkeypatch):
+    accept(tree, "b.xml")
+    accept(tree, "a.xml")
+    # The process ends; the clock is stepped back a minute; the next process accepts c.
+    stepped_back = time.time_ns() - 60 * 10**9
+    monkeypatch.setattr(time, "time_ns", lambda: stepped_back)
+    restarted = Spool(tree.root, IFACES)
+    accept(restarted, "c.xml")
+    assert names_in(restarted) == ["b.xml", "a.xml", "c.xml"]
+
+
+def test_queued_ignores_what_is_not_a_job(tree):
+    accept(tree, "job.xml")
+    queue = tree.dir("queue", "orders_in")
+    (queue / "job.xml,log.xml").write_bytes(a_log("job.xml"))
+    (queue / ".hidden").write_bytes(b"")
+    (queue / "subdir").mkdir()
+    assert names_in(tree) == ["job.xml"]
+
+
+# --- writing and moving --------------------------------------------------------
+
+
+def tmp_entries(spool: Spool) -> list[str]:
+    return sorted(os.listdir(spool.tmp))
+
+
+def test_write_creates_the_file(tree):
+    dest = tree.dir("queue", "orders_in") / "new.xml"
+    tree.write(dest, [VALID[:10], VALID[10:]], stamp_ns=1_700_000_000_123_456_789)
+    assert dest.read_bytes() == VALID
+    assert dest.stat().st_mtime_ns == 1_700_000_000_123_456_789
+    assert tmp_entries(tree) == []
+
+
+def test_write_never_replaces_without_being_asked(tree):
+    dest = tree.joberrors / "taken.xml"
+    dest.write_bytes(b"original")
+    with pytest.raises(FileExistsError):
+        tree.write(dest, [b"intruder"])
+    assert dest.read_bytes() == b"original"
+    assert tmp_entries(tree) == []
+
+
+def test_write_replaces_when_asked(tree):
+    dest = tree.pause_marker("orders_in")
+    dest.write_bytes(b"old")
+    tree.write(dest, [b"new"], replace=True)
+    assert dest.read_bytes() == b"new"
+    assert tmp_entries(tree) == []
+
+
+def test_a_failed_write_leaves_nothing_behind(tree):
+    dest = tree.dir("queue", "orders_in") / "half.xml"
+
+    def chunks() -> Iterator[bytes]:
+        yield b"<order>"
+        raise RuntimeError("the source went away")
+
+    with pytest.raises(RuntimeError):
+        tree.write(dest, chunks())
+    assert not dest.exists()
+    assert tmp_entries(tree) == []
+
+
+def test_move_renames_into_another_state(tree):
+    src = tree.dir("queue", "orders_in") / "done.xml"
+    src.write_bytes(VALID)
+    dest = tree.move(src, tree.dir("bak", "orders_in"))
+    assert dest == tree.dir("bak", "orders_in") / "done.xml"
+    assert dest.read_bytes() == VALID
+    assert not src.exists()
+    assert str(tree.find("done.xml").place) == "bak/orders_in"
+
+
+def test_move_refuses_to_overwrite(tree):
+    src = tree.dir("queue", "orders_in") / "twice.xml"
+    src.write_bytes(b"queued")
+    other = tree.joberrors / "twice.xml"
+    other.write_bytes(b"in joberrors")
+    with pytest.raises(FileExistsError):
+        tree.move(src, tree.joberrors)
+    assert src.read_bytes() == b"queued"
+    assert other.read_bytes() == b"in joberrors"
+
+
+def test_rename_noreplace_keeps_both_files(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.write_bytes(b"source")
+    dest.write_bytes(b"destination")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(src, dest)
+    assert src.read_bytes() == b"source"
+    assert dest.read_bytes() == b"destination"
+
+
+def test_rename_noreplace_renames(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.write_bytes(b"source")
+    rename_noreplace(src, dest)
+    assert not src.exists()
+    assert dest.read_bytes() == b"source"
+
+
+# --- pause ---------------------------------------------------------------------
+
+
+def test_pause_persists_until_resume(tree):
+    tree.pause("orders_in")
+    assert Spool(tree.root, IFACES).is_paused("orders_in")
+    assert not Spool(tree.root, IFACES).is_paused("orders_out")
+    tree.pause("orders_in")  # pausing twice is fine
+    Spool(tree.root, IFACES).resume("orders_in")
+    assert not Spool(tree.root, IFACES).is_paused("orders_in")
+    tree.resume("orders_in")  # and so is resuming twice
