@@ -47,6 +47,7 @@ class Interface(NamedTuple):
     concurrency: int = 1
     memory_limit: int | None = None
     cpu_limit: float | None = None
+    root_elements: tuple[str, ...] = ()  # an upload naming no interface is matched by these
 
     @property
     def outbound(self) -> bool:
@@ -255,7 +256,7 @@ T = TypeVar("T")
 
 _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
-    "cpu_limit",
+    "cpu_limit", "root_elements",
 }  # fmt: skip
 _DAEMON_KEYS = set(Daemon._fields)
 _SCHEDULE_TIMINGS = ("cron", "every", "at")
@@ -378,7 +379,13 @@ class _Reader:
             cpu_limit=None
             if raw.get("cpu_limit") is None
             else self.positive(raw["cpu_limit"], f"{key}.cpu_limit"),
+            root_elements=self.strings(raw.get("root_elements", []), f"{key}.root_elements"),
         )
+
+    def strings(self, value: object, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(key, "a list of element names like [order, '{urn:x}order']", value)
+        return tuple(value)
 
     def count(self, value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -9,7 +9,7 @@ Fetchers are serialised by ``state/fetch.lock``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jobspool import joblog, names
@@ -21,37 +21,73 @@ from jobspool.spool import BAK, QUEUE, Spool, os_errors, write_file
 
 def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> Iterator[str]:
     """Fetch the named queued jobs (default: all, in queue order); yield each name when done."""
-    iface = cfg.interface(interface)
-    if not iface.outbound:
-        raise BadRequest(f"{interface} is not an outbound (_out) interface: nothing to fetch")
     if not to.is_dir():
         raise BadRequest(f"--to {to}: not a directory")
-    spool = Spool(cfg.spool, cfg.interfaces)
-    queue = spool.dir(QUEUE, interface)
+    spool = _outbound(cfg, interface)
     with spool.locked("fetch"):
-        if jobs:
-            wanted = [names.check_name(j) for j in jobs]
-            for name in wanted:
-                if not (queue / name).is_file():
-                    found = spool.locate(name)
-                    where = f"it is in {found.place}" if found else "no such job"
-                    raise BadRequest(f"{name} is not queued on {interface} ({where})")
-        else:
-            wanted = [name for _, name in spool.queued(interface)]
+        wanted = list(jobs) or [n for _, n in spool.queued(interface)]
+        for name in wanted:  # all or nothing: every named job must be queued
+            _queued(spool, interface, name)
         for name in wanted:
-            src = queue / name
-            with os_errors(f"cannot read {name}"):
-                data = src.read_bytes()
-            try:
-                write_file(to / name, [data], staging=to)
-            except FileExistsError:
-                raise BadRequest(f"{to / name} already exists; fetch into an empty "
-                                 "directory or move it away first") from None  # fmt: skip
-            log = log_so_far(spool, name, interface, src.stat().st_mtime_ns)
-            joblog.note(log, f"fetched to {to}")
-            joblog.moved(log, f"{QUEUE}/{interface}", f"{BAK}/{interface}")
-            bak = spool.dir(BAK, interface)
-            spool.write(bak / names.log_name(name), [joblog.to_bytes(log)], replace=True)
-            spool.move(src, bak)
-            spool.remove(spool.pending_log(name))
+
+            def deliver(data: bytes, name: str = name) -> None:
+                try:
+                    write_file(to / name, [data], staging=to)
+                except FileExistsError:
+                    raise BadRequest(f"{to / name} already exists; fetch into an empty "
+                                     "directory or move it away first") from None  # fmt: skip
+
+            _retrieve(spool, interface, name, deliver, f"fetched to {to}")
             yield name
+
+
+def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> tuple[str, bytes]:
+    """The first retrieval of one outbound job (the HTTP download): its name and content.
+
+    Without ``name``, the head of the queue. The job is in ``bak/IFACE`` with
+    its log when this returns; ``by`` says who took it, for the log.
+    """
+    spool = _outbound(cfg, interface)
+    with spool.locked("fetch"):
+        if name is None:
+            queued = spool.queued(interface)
+            if not queued:
+                raise BadRequest(f"no job queued on {interface}")
+            name = queued[0][1]
+        _queued(spool, interface, name)
+        got: list[bytes] = []
+        _retrieve(spool, interface, name, got.append, f"downloaded{' by ' + by if by else ''}")
+        return name, got[0]
+
+
+def _outbound(cfg: Config, interface: str) -> Spool:
+    if not cfg.interface(interface).outbound:
+        raise BadRequest(f"{interface} is not an outbound (_out) interface: nothing to fetch")
+    spool = Spool(cfg.spool, cfg.interfaces)
+    spool.require(interface)
+    return spool
+
+
+def _queued(spool: Spool, interface: str, name: str) -> None:
+    names.check_name(name)
+    if not (spool.dir(QUEUE, interface) / name).is_file():
+        found = spool.locate(name)
+        where = f"it is in {found.place}" if found else "no such job"
+        raise BadRequest(f"{name} is not queued on {interface} ({where})")
+
+
+def _retrieve(
+    spool: Spool, interface: str, name: str, deliver: Callable[[bytes], None], note: str
+) -> None:
+    """Hand the job over (durably, by ``deliver``), then its log and one rename into bak."""
+    src = spool.dir(QUEUE, interface) / name
+    with os_errors(f"cannot read {name}"):
+        data = src.read_bytes()
+    deliver(data)
+    log = log_so_far(spool, name, interface, src.stat().st_mtime_ns)
+    joblog.note(log, note)
+    joblog.moved(log, f"{QUEUE}/{interface}", f"{BAK}/{interface}")
+    bak = spool.dir(BAK, interface)
+    spool.write(bak / names.log_name(name), [joblog.to_bytes(log)], replace=True)
+    spool.move(src, bak)
+    spool.remove(spool.pending_log(name))

@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -55,38 +55,73 @@ def submit(cfg: Config, interface: str, source: str, name: str | None = None) ->
             raise BadRequest("reading the job from stdin needs --name NAME")
         name = os.path.basename(source)
     names.check_name(name)
+    spool_of(cfg).require(iface.name)
+    with open_source(source) as f:
+        head = f.read(iface.max_size + 1)
+        return accept_data(cfg, iface.name, name, head, rest=_rest(f))
+
+
+def accept_data(
+    cfg: Config,
+    interface: str,
+    name: str,
+    data: bytes,
+    *,
+    rest: Iterable[bytes] = (),
+    via: str = "submit",
+    ref: str | None = None,
+) -> str:
+    """Check ``data`` and queue it as job ``name`` (``submit``, the HTTP upload).
+
+    ``rest`` is what follows ``data`` when the input was larger than
+    ``max_size``: it is only read to keep the whole file in joberrors. ``ref``
+    is the client's own reference, kept in the log.
+    """
+    iface = cfg.interface(interface)
+    names.check_name(name)
     spool = spool_of(cfg)
     spool.require(iface.name)
-    with open_source(source) as f:
-        # Read and check outside the lock: a slow stdin must not hold up the daemon.
-        head = f.read(iface.max_size + 1)
-        result = _check(iface, head)
-        with spool.names_lock():
-            _submit_locked(spool, iface, name, head, result, f)
+    # Check outside the lock: a slow client must not hold up the daemon's intake.
+    result = _check(iface, data)
+    with spool.names_lock():
+        found = spool.locate(name)
+        if found is not None:
+            raise BadRequest(
+                f"job name {name!r} is already in use ({found.place}); "
+                + ("choose another with --name" if via == "submit" else "choose another name")
+            )
+        log = joblog.new(name, iface.name)
+        joblog.received(log, via, ref=ref)
+        joblog.checked(log, result.errors, result.schema)
+        if result.errors:
+            _reject(spool, name, log, chain([data], rest), result.errors)
+        joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
+        pending = spool.pending_log(name)
+        spool.write(pending, [joblog.to_bytes(log)], replace=True)
+        try:
+            spool.write(spool.dir(QUEUE, iface.name) / name, [data], stamp_ns=spool.stamp())
+        except BaseException:
+            spool.remove(pending)  # the job is not there: its history must not be either
+            raise
     return name
 
 
-def _submit_locked(
-    spool: Spool, iface: Interface, name: str, head: bytes, result: checking.Result, f: BinaryIO
-) -> None:
-    """The part of submit that needs the names lock: claim the name, then queue or reject."""
-    found = spool.locate(name)
-    if found is not None:
-        raise BadRequest(f"job name {name!r} is already in use ({found.place}); "
-                         "choose another with --name")  # fmt: skip
-    log = joblog.new(name, iface.name)
-    joblog.received(log, "submit")
-    joblog.checked(log, result.errors, result.schema)
-    if result.errors:
-        _reject(spool, name, log, chain([head], _rest(f)), result.errors)
-    joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
-    pending = spool.pending_log(name)
-    spool.write(pending, [joblog.to_bytes(log)], replace=True)
+def interface_for(cfg: Config, data: bytes) -> str:
+    """The interface whose ``root_elements`` name this document's root (HTTP upload)."""
+    from lxml import etree
+
     try:
-        spool.write(spool.dir(QUEUE, iface.name) / name, [head], stamp_ns=spool.stamp())
-    except BaseException:
-        spool.remove(pending)  # the job is not there: its history must not be either
-        raise
+        root = etree.fromstring(data[: max(i.max_size for i in cfg.interfaces.values()) + 1],
+                                checking.hardened_parser())  # fmt: skip
+    except etree.XMLSyntaxError as exc:
+        raise BadRequest(f"cannot tell the interface: the document is not XML ({exc})") from None
+    qname = etree.QName(root)
+    wanted = {qname.text, qname.localname}
+    hits = [i.name for i in cfg.interfaces.values() if wanted & set(i.root_elements)]
+    if len(hits) != 1:
+        why = "no interface accepts" if not hits else "several interfaces accept"
+        raise BadRequest(f"{why} root element {qname.text!r}; name one with Interfacename=")
+    return hits[0]
 
 
 def retry(cfg: Config, name: str) -> str:
@@ -244,6 +279,10 @@ def take_drop(spool: Spool, iface: Interface, filename: str) -> Taken | None:
             return Taken(filename, JOBERRORS, stamp, log, str(result.errors[0]))
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
+        if iface.outbound:
+            # It waits for a fetch, maybe for days, not for a handler in this
+            # process: its history goes to disk now, like a submitted job's.
+            spool.write(spool.pending_log(filename), [joblog.to_bytes(log)], replace=True)
         try:
             spool.move(src, queue, stamp_ns=stamp)
         except Denied:
