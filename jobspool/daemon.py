@@ -23,7 +23,6 @@ import os
 import queue
 import signal
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -75,7 +74,6 @@ class Daemon:
         self.lock()
         self.clean_up()
         self.install_signals()
-        sys.path.insert(0, str(self.cfg.path.parent))  # handler modules beside the config
         self.start_watching()
         self.rescan()
         self.start_lanes()

@@ -21,12 +21,13 @@ import importlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, cast
 
 from jobspool.errors import TryLater
 
@@ -48,11 +49,9 @@ class Job:
     def tree(self) -> Any:
         """The job's document as an lxml ElementTree, parsed with the hardened parser."""
         if self._tree is None:
-            from lxml import etree
+            from jobspool.check import parse
 
-            from jobspool.check import hardened_parser
-
-            self._tree = etree.parse(str(self.path), hardened_parser())
+            self._tree = parse(self.path.read_bytes())
         return self._tree
 
     def __repr__(self) -> str:
@@ -181,11 +180,11 @@ def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None
     proc.wait()
 
 
-def run_python(ref: str, job: Job) -> Outcome:
-    """Call a Python handler in-process."""
+def run_python(ref: str, job: Job, beside: Path | None = None) -> Outcome:
+    """Call a Python handler in-process (its module may sit ``beside`` the configuration)."""
     started = time.time()
     try:
-        func = load_callable(ref)
+        func = load_callable(ref, beside)
         func(job)
     except TryLater as exc:
         return Outcome(LATER, started, time.time(), reason=str(exc) or "TryLater raised")
@@ -200,13 +199,15 @@ def run_python(ref: str, job: Job) -> Outcome:
     return Outcome(DONE, started, time.time())
 
 
-def load_callable(ref: str) -> Callable[[Job], object]:
-    """Import ``module:function``."""
+def load_callable(ref: str, beside: Path | None = None) -> Callable[..., object]:
+    """Import ``module:function``; modules in ``beside`` (the configuration's folder) too."""
+    if beside is not None and str(beside) not in sys.path:
+        sys.path.insert(0, str(beside))
     module, _, name = ref.partition(":")
     func = getattr(importlib.import_module(module), name)
     if not callable(func):
         raise TypeError(f"{ref} is not callable")
-    return func  # type: ignore[no-any-return]
+    return cast(Callable[..., object], func)
 
 
 def _rlimits(limits: Limits) -> Callable[[], None]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime, tzinfo
@@ -136,13 +137,18 @@ class Scheduler:
         self.trigger: dict[str, str] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.signature: tuple[tuple[str, int], ...] | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # running commands, to stop them
         self.last_now: float | None = None
 
     def loop(self, now: float) -> float | None:
         """Fire what is due at ``now``; return when the next run is due."""
         if self.last_now is not None and now < self.last_now - 1:
             self.log.warning("the clock went back; computing next runs anew")
-            self.next = {sid: next_run(s, now) for sid, s in self.schedules.items()}
+            # Repeating sometimes beats waiting as long as the clock went back,
+            # except for at:, which runs once, ever.
+            self.next = {
+                sid: self._after_clock_went_back(s, now) for sid, s in self.schedules.items()
+            }
         self.last_now = now
         self.refresh(now)
         for sid, s in self.schedules.items():
@@ -172,9 +178,12 @@ class Scheduler:
             self.log.warning("schedule skipped", schedule=s.id, reason=skipped.message)
             return
 
+        def started(proc: subprocess.Popen[bytes]) -> None:
+            self.procs[s.id] = proc
+
         def run() -> None:
             try:
-                result = schedules.execute(self.store, s, trigger, due)
+                result = schedules.execute(self.store, s, trigger, due, on_start=started)
             except Exception as exc:
                 self.log.exception("schedule run crashed", schedule=s.id, error=str(exc))
                 return
@@ -202,17 +211,23 @@ class Scheduler:
             old = self.schedules.get(sid)
             if old is None and first:
                 self.next[sid] = self._after_downtime(s, now)
-            elif old is None or (old.timing, old.when, old.timezone) != (
-                s.timing,
-                s.when,
-                s.timezone,
+            elif (
+                old is None
+                or (old.timing, old.when, old.timezone) != (s.timing, s.when, s.timezone)
+                or (s.enabled and not old.enabled)
             ):
+                # Counted from now, and remembered: no catch-up after a restart
+                # for ticks before the change, or while it was disabled.
                 self.next[sid] = next_run(s, now)
-            elif s.enabled and not old.enabled:
-                self.next[sid] = next_run(s, now)  # no catch-up for ticks it was disabled for
+                self.store.record_tick(sid, now)
         for sid in set(self.schedules) - set(fresh):
             self.next.pop(sid, None)
         self.schedules = fresh
+
+    def _after_clock_went_back(self, s: Schedule, now: float) -> float | None:
+        if s.timing == "at":
+            return next_run(s, max(now, self.store.last_tick(s.id) or now))
+        return next_run(s, now)
 
     def _after_downtime(self, s: Schedule, now: float) -> float | None:
         last = self.store.last_tick(s.id)
@@ -226,6 +241,20 @@ class Scheduler:
         return next_run(s, now)
 
     def shutdown(self, timeout: float) -> None:
+        """Let running runs finish within ``timeout``, then kill their process groups.
+
+        A killed run is recorded as failed before the daemon exits; a Python
+        handler or template cannot be killed and is left to finish or die
+        with the process.
+        """
+        from jobspool.handlers import kill_group
+
         deadline = time.monotonic() + timeout
         for thread in self.threads.values():
             thread.join(max(0.0, deadline - time.monotonic()))
+        for sid, thread in self.threads.items():
+            proc = self.procs.get(sid)
+            if thread.is_alive() and proc is not None and proc.poll() is None:
+                self.log.warning("stopping: killing a scheduled run", schedule=sid)
+                kill_group(proc, grace=2.0)
+                thread.join(5.0)  # it records its result

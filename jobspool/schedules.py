@@ -25,9 +25,10 @@ import fcntl
 import json
 import os
 import pwd
+import subprocess
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -189,6 +190,10 @@ def check(s: Schedule, path: Path) -> None:
 
     where = f"{path}: schedules.{s.id}"
     try:
+        scheduler.zone(s)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.timezone: {exc}") from None
+    try:
         scheduler.next_run(s, time.time())
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{where}.{s.timing}: {exc}") from None
@@ -215,7 +220,13 @@ class Context(NamedTuple):
     settings: Mapping[str, Any]
 
 
-def execute(store: Store, s: Schedule, trigger: str, due: float | None = None) -> Result:
+def execute(
+    store: Store,
+    s: Schedule,
+    trigger: str,
+    due: float | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> Result:
     """Run a schedule now, unless its previous run is still going (then: skipped)."""
     with store.run_lock(s.id) as mine:
         if not mine:
@@ -223,18 +234,26 @@ def execute(store: Store, s: Schedule, trigger: str, due: float | None = None) -
             result = Result(s.id, trigger, "skipped", now, now, due,
                             message="the previous run was still going")  # fmt: skip
         else:
-            result = _run(store, s, trigger, due)
+            result = _run(store, s, trigger, due, on_start)
         store.record(s, result)
     return result
 
 
-def _run(store: Store, s: Schedule, trigger: str, due: float | None) -> Result:
+def _run(
+    store: Store,
+    s: Schedule,
+    trigger: str,
+    due: float | None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None,
+) -> Result:
     start = time.time()
     if s.action == "command":
         env = dict(os.environ, JOBSPOOL_SCHEDULE=s.id, JOBSPOOL_SPOOL=str(store.spool.root))
         as_user = s.owner if os.geteuid() == 0 and s.owner not in (None, "root") else None
         limit = store.cfg.daemon.output_limit
-        o = handlers.run_command(s.target, env, s.timeout, output_limit=limit, user=as_user)
+        o = handlers.run_command(
+            s.target, env, s.timeout, output_limit=limit, user=as_user, on_start=on_start
+        )
         return Result(
             s.id, trigger, "ok" if o.result == handlers.DONE else "failed", o.started, o.ended,
             due, o.exit_status, o.signal, o.timed_out, o.reason, o.stdout, o.stderr,
@@ -245,7 +264,8 @@ def _run(store: Store, s: Schedule, trigger: str, due: float | None) -> Result:
             template = templates.TEMPLATES[s.target]
             message = template.run(store.spool, templates.settings(s.target, s.settings))
         else:
-            handlers.load_callable(s.target)(Context(s.id, store.spool.root, s.settings))  # type: ignore[arg-type]
+            handler = handlers.load_callable(s.target, beside=store.cfg.path.parent)
+            handler(Context(s.id, store.spool.root, s.settings))
             message = None
     except templates.TemplateFailed as exc:
         return Result(s.id, trigger, "failed", start, time.time(), due, message=str(exc))
@@ -287,11 +307,9 @@ def result_xml(s: Schedule, r: Result) -> bytes:
 
 def read_result(path: Path) -> dict[str, str]:
     """A result's attributes and message, for listing."""
-    from lxml import etree
+    from jobspool.check import parse
 
-    from jobspool.check import hardened_parser
-
-    root = etree.parse(str(path), hardened_parser()).getroot()
+    root = parse(path.read_bytes()).getroot()
     out = dict(root.attrib)
     msg = root.find(f"{{{NS}}}message")
     if msg is not None and msg.text:

@@ -65,8 +65,8 @@ def _interfaces(value: object) -> list[str] | None:
 def _min_free(value: object) -> tuple[str, float]:
     if isinstance(value, str) and value.strip().endswith("%"):
         pct = float(value.strip()[:-1])
-        if not 0 < pct < 100:
-            raise ValueError("a percentage between 0 and 100, like 10%")
+        if not 0 < pct <= 100:
+            raise ValueError("a percentage above 0 and up to 100, like 10%")
         return "percent", pct
     return "bytes", float(parse_size(value))
 
@@ -90,7 +90,7 @@ def purge(spool: Spool, s: Mapping[str, Any]) -> str:
         for folder in folders:
             only = s["interfaces"] if state == JOBERRORS else None
             removed += _purge_folder(folder, cutoff, only)
-    return f"purged {removed} job(s) older than {s['older_than']:g}s"
+    return f"purged {removed} job(s) older than {_days(s['older_than'])}"
 
 
 def _purge_folder(folder: Path, cutoff: float, only: list[str] | None) -> int:
@@ -117,6 +117,13 @@ def _purge_folder(folder: Path, cutoff: float, only: list[str] | None) -> int:
     return removed
 
 
+def _days(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def stuck_queue(spool: Spool, s: Mapping[str, Any]) -> str:
     stuck = []
     for o in spool.overview():
@@ -127,7 +134,7 @@ def stuck_queue(spool: Spool, s: Mapping[str, Any]) -> str:
             stuck.append(f"{o.interface}: oldest job {o.oldest_seconds:.0f}s old{why}")
     if stuck:
         raise TemplateFailed("stuck queue: " + "; ".join(stuck))
-    return f"no queue older than {s['older_than']:g}s"
+    return f"no queue older than {_days(s['older_than'])}"
 
 
 def disk_space(spool: Spool, s: Mapping[str, Any]) -> str:

@@ -161,7 +161,8 @@ class Lane:
             )
         else:
             assert iface.handler is not None
-            outcome = handlers.run_python(iface.handler, handlers.Job(name, iface.name, path))
+            job = handlers.Job(name, iface.name, path)
+            outcome = handlers.run_python(iface.handler, job, beside=self.daemon.cfg.path.parent)
         with self.cond:
             self.procs.pop(name, None)
             interrupted = name in self.interrupted
