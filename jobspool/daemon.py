@@ -37,6 +37,7 @@ from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 from jobspool.worker import Lane
 
+BATCH = 64  # jobs per group commit
 TMP_MAX_AGE = 60.0  # leftovers in tmp/ older than this are a crash's; younger may be a submit's
 
 
@@ -56,6 +57,7 @@ class Daemon:
         self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
         self.logs: dict[str, joblog.Log] = {}  # logs of jobs accepted by this process
+        self.accepted: list[tuple[str, intake.Taken]] = []  # this turn's, until synced
         self.logs_lock = threading.Lock()
         self.counters: dict[tuple[str, str], float] = {}
         self.counters_lock = threading.Lock()
@@ -123,6 +125,7 @@ class Daemon:
             if due <= now:
                 self.look_at(path, renamed_in, now)
                 self.keepalive()
+        self.commit_accepted()
         if not self.watcher.healthy():
             self.log.error("file watcher died; restarting it and rescanning")
             try:
@@ -195,10 +198,11 @@ class Daemon:
             self.waiting[path] = (ready, renamed_in)
 
     def take(self, path: Path, iface_name: str, now: float) -> None:
+        """Take a whole drop; an accepted one waits in ``accepted`` for the turn's sync."""
         iface = self.cfg.interfaces[iface_name]
         bound = logs.get(job=path.name, interface=iface_name)
         try:
-            taken = intake.take_drop(self.spool, iface, path.name)
+            taken = intake.take_drop(self.spool, iface, path.name, sync=False)
         except Denied as exc:
             key = (path, _mtime(path))
             if key not in self.reported:  # once per version of the file, not every rescan
@@ -216,12 +220,27 @@ class Daemon:
             bound.warning("rejected", to=taken.place, reason=taken.reason, dropped_as=path.name)
             self.count(iface_name, None, "rejected")
             return
-        bound.info("accepted", to=taken.place)
-        if iface.outbound:
+        self.accepted.append((iface_name, taken))
+        if len(self.accepted) >= BATCH:  # a burst: hand the first ones over early
+            self.commit_accepted()
+
+    def commit_accepted(self) -> None:
+        """Group commit of a turn's accepts: one sync, then they are reported and queued."""
+        if not self.accepted:
             return
-        with self.logs_lock:
-            self.logs[taken.name] = taken.log
-        self.lanes[iface_name].offer(taken.stamp, taken.name)
+        batch, self.accepted = self.accepted, []
+        try:
+            self.spool.sync()
+        except JobspoolError as exc:  # renamed but maybe not durable: a rescan finds them
+            self.log.error("cannot sync the spool", error=str(exc))
+        for iface_name, taken in batch:
+            logs.get(job=taken.name, interface=iface_name).info("accepted", to=taken.place)
+            lane = self.lanes.get(iface_name)
+            if lane is None:  # _out: it waits to be fetched
+                continue
+            with self.logs_lock:
+                self.logs[taken.name] = taken.log
+            lane.offer(taken.stamp, taken.name)
 
     def take_log(self, name: str, stamp: int, interface: str) -> joblog.Log:
         """The log a job has so far: from this process, from state/pending, or anew."""
@@ -242,6 +261,7 @@ class Daemon:
             for name in watch.candidates(self.spool.dir(QUEUE, iface)):
                 if not names.is_valid(name):
                     self.look_at(self.spool.dir(QUEUE, iface) / name, False, now)
+        self.commit_accepted()
         for lane in self.lanes.values():
             lane.refill()
 

@@ -244,12 +244,15 @@ class Taken(NamedTuple):
     reason: str | None = None  # why it went to joberrors
 
 
-def take_drop(spool: Spool, iface: Interface, filename: str) -> Taken | None:
+def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = True) -> Taken | None:
     """Take one whole file from ``incoming/IFACE`` into the queue or joberrors.
 
     None when the file is gone. An unreadable file raises :class:`Denied`
     and stays where it is. A name that is invalid or in use sends the file
     to joberrors under a safe unique name; the log keeps the original.
+    With ``sync=False`` an accepted job's rename into the queue is made
+    durable by the caller's :meth:`Spool.sync` of the batch; rejections are
+    always synced at once (log first, then the job).
     """
     src = spool.dir(INCOMING, iface.name) / filename
     with spool.names_lock():
@@ -282,14 +285,15 @@ def take_drop(spool: Spool, iface: Interface, filename: str) -> Taken | None:
         if iface.outbound:
             # It waits for a fetch, maybe for days, not for a handler in this
             # process: its history goes to disk now, like a submitted job's.
-            spool.write(spool.pending_log(filename), [joblog.to_bytes(log)], replace=True)
+            pending = spool.pending_log(filename)
+            spool.write(pending, [joblog.to_bytes(log)], replace=True, sync=sync)
         try:
-            spool.move(src, queue, stamp_ns=stamp)
+            spool.move(src, queue, stamp_ns=stamp, sync=sync)
         except Denied:
             # Not the file's owner, so its mtime (the queue order) cannot be
             # set: queue a copy we own instead, then drop the original.
-            spool.write(queue / filename, [data], stamp_ns=stamp)
-            spool.remove(src)
+            spool.write(queue / filename, [data], stamp_ns=stamp, sync=sync)
+            spool.remove(src, sync=sync)
         return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
 
 

@@ -101,6 +101,21 @@ def candidates(directory: Path) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def _no_move_pairing_delay() -> None:
+    """Stop watchdog holding every rename's IN_MOVED_FROM for half a second.
+
+    watchdog pairs IN_MOVED_FROM with IN_MOVED_TO and, to do so, delays an
+    unpaired IN_MOVED_FROM at the head of its queue by 0.5 s: every upload
+    finished by a rename (.NAME.part -> NAME) waited that long. We never need
+    the pair, only "NAME arrived by rename", which a lone IN_MOVED_TO gives
+    too. The attribute is watchdog's (6 and 7); if it goes, nothing breaks.
+    """
+    with contextlib.suppress(ImportError, AttributeError):
+        from watchdog.observers import inotify_move_event_grouper as grouper
+
+        grouper.InotifyMoveEventGrouper.delay = 0
+
+
 class Watcher:
     """watchdog observers on some directories, turning events into :class:`Hint` s.
 
@@ -143,6 +158,7 @@ class Watcher:
         else:
             from watchdog.observers.inotify import InotifyObserver
 
+            _no_move_pairing_delay()
             # Full events: a file moved in from an unwatched directory comes
             # as a move (renamed in, whole), not as a create.
             observer = InotifyObserver(generate_full_events=True)

@@ -5,9 +5,15 @@ A :class:`Lane` holds the interface's queue in memory as a heap of
 the directory stays the truth, so a job that vanished is simply skipped. Its
 worker threads take the head, run the handler, and finish the job:
 
-- done: the log is written into ``bak/IFACE`` (durably), then the job is
-  renamed beside it;
+- done: the log is written into ``bak/IFACE``, then the job is renamed
+  beside it;
 - failed: the same into ``joberrors``;
+
+Finished jobs are committed in groups (up to 64, or fewer as soon as nothing
+else is runnable, so a lone job waits for nobody): every log written, one
+``syncfs``, every job's rename, one ``syncfs``. That keeps "the log is
+durable before the job's final rename" at two syncs per batch instead of six
+fsyncs per job.
 - try later: the job keeps its place at the head, its log so far is kept in
   ``state/pending``, and the lane waits, doubling the wait each time (from
   ``backoff_initial`` up to ``backoff_max``). ``state/blocked/IFACE`` says
@@ -20,13 +26,15 @@ least once.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import shlex
 import subprocess
 import threading
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from jobspool import handlers, joblog, logs, names
 from jobspool.config import Interface
@@ -34,6 +42,19 @@ from jobspool.spool import BAK, JOBERRORS, QUEUE, Spool
 
 if TYPE_CHECKING:
     from jobspool.daemon import Daemon
+
+
+BATCH = 64  # finished jobs per group commit
+
+
+class Finished(NamedTuple):
+    """A job whose handler is done (or failed), waiting for its batch's commit."""
+
+    stamp: int
+    name: str
+    log: joblog.Log
+    dest: str
+    outcome: handlers.Outcome
 
 
 class Lane:
@@ -111,7 +132,12 @@ class Lane:
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
-    def _take(self) -> tuple[int, str] | None:
+    def _take(self, block: bool) -> tuple[int, str] | None | bool:
+        """The next runnable job, None when stopping, False when none is runnable now.
+
+        False only comes when ``block`` is off: the caller then commits its
+        batch before it waits.
+        """
         with self.cond:
             while True:
                 if self.stopping:
@@ -121,33 +147,47 @@ class Lane:
                     item = heapq.heappop(self.heap)
                     self.in_flight.add(item[1])
                     return item
+                if not block:
+                    return False
                 # Pause markers are files: look again every second.
                 self.cond.wait(min(max(wait, 0.05), 1.0) if self.heap else 1.0)
 
     def _work(self) -> None:
-        while (item := self._take()) is not None:
+        batch: list[Finished] = []
+        while (item := self._take(block=not batch)) is not None:
+            if item is False:  # nothing more to run now: make the batch durable first
+                self.commit(batch)
+                continue
+            assert isinstance(item, tuple)
             stamp, name = item
             bound = logs.get(job=name, interface=self.iface.name)
+            done = None
             try:
-                self.process(stamp, name)
+                done = self.process(stamp, name)
             except Exception as exc:  # disk full, permission: the job stays queued
                 bound.error("processing failed; the job stays queued", error=str(exc))
                 self._back_off(stamp, name)
-            finally:
+            if done is None:
                 with self.cond:
                     self.in_flight.discard(name)
+            else:
+                batch.append(done)
+                if len(batch) >= BATCH:
+                    self.commit(batch)
+        self.commit(batch)
 
     # --- one job -------------------------------------------------------------------------
 
-    def process(self, stamp: int, name: str) -> None:
+    def process(self, stamp: int, name: str) -> Finished | None:
+        """Run the handler; a done or failed job comes back to be committed with its batch."""
         iface, spool = self.iface, self.spool
         path = spool.dir(QUEUE, iface.name) / name
         bound = logs.get(job=name, interface=iface.name)
         if not path.is_file():
             self._forget(name)  # fetched, or moved by hand: nothing to do
-            return
+            return None
         log = self.daemon.take_log(name, stamp, iface.name)
-        bound.info("started", handler=self._describe())
+        bound.debug("started", handler=self._describe())  # not a state change
         if iface.command is not None:
             outcome = handlers.run_command(
                 [*iface.command, str(path)],  # the job's path is the last argument
@@ -169,40 +209,85 @@ class Lane:
             self.interrupted.discard(name)
         if interrupted:
             bound.warning("interrupted by shutdown; it stays queued and runs again")
-            return
+            return None
         joblog.ran(log, outcome, self._describe())
         self.daemon.count(iface.name, outcome)
         if outcome.result == handlers.LATER:
             spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.info("try later", reason=outcome.reason)
             self._back_off(stamp, name, outcome.reason or "try later")
-            return
+            return None
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
-        final = self.finish(name, log, dest)
-        self._forget(name)
-        if dest == BAK:
-            bound.info(outcome.result, to=final)
-        else:
-            bound.warning(outcome.result, to=final, reason=outcome.reason)
+        return Finished(stamp, name, log, dest, outcome)
 
-    def finish(self, name: str, log: joblog.Log, dest: str) -> str:
-        """Log first, then the one rename into bak/IFACE or joberrors; returns where."""
+    def commit(self, batch: list[Finished]) -> None:
+        """Group commit: every log in place, one sync, every job's one rename, one sync.
+
+        The order keeps the contract: a job's log is durable before the job's
+        final rename. A crash before the second sync leaves some jobs in the
+        queue with their handler run: they run again (at least once).
+        """
+        if not batch:
+            return
+        spool = self.spool
+        placed = []
+        for f in batch:
+            try:
+                placed.append((f, *self._place_log(f)))
+            except Exception as exc:
+                logs.get(job=f.name, interface=self.iface.name).error(
+                    "cannot write the log; the job stays queued", error=str(exc)
+                )
+                self._back_off(f.stamp, f.name)
+        self._sync()
+        moved = []
+        for f, dest_dir, new_name, label in placed:
+            try:
+                spool.move(spool.dir(QUEUE, self.iface.name) / f.name, dest_dir,
+                           new_name=new_name, sync=False)  # fmt: skip
+            except Exception as exc:
+                logs.get(job=f.name, interface=self.iface.name).error(
+                    "cannot move the job; it stays queued", error=str(exc)
+                )
+                self._back_off(f.stamp, f.name)
+                continue
+            moved.append((f, label))
+        self._sync()
+        for f, label in moved:
+            with contextlib.suppress(Exception):  # a stale one is cleaned at start
+                spool.remove(spool.pending_log(f.name), sync=False)
+            self._forget(f.name)
+            bound = logs.get(job=f.name, interface=self.iface.name)
+            if f.dest == BAK:
+                bound.info(f.outcome.result, to=label)
+            else:
+                bound.warning(f.outcome.result, to=label, reason=f.outcome.reason)
+        with self.cond:
+            self.in_flight.difference_update(f.name for f in batch)
+        batch.clear()
+
+    def _place_log(self, f: Finished) -> tuple[Path, str, str]:
+        """Write a finished job's log beside where it goes; (folder, name, place) for the move."""
         spool, iface = self.spool, self.iface
-        dest_dir = spool.dir(BAK, iface.name) if dest == BAK else spool.joberrors
-        label = f"{BAK}/{iface.name}" if dest == BAK else JOBERRORS
-        src = spool.dir(QUEUE, iface.name) / name
-        new_name = name
-        if (dest_dir / name).exists():  # only if someone put a file there by hand
+        dest_dir = spool.dir(BAK, iface.name) if f.dest == BAK else spool.joberrors
+        label = f"{BAK}/{iface.name}" if f.dest == BAK else JOBERRORS
+        new_name = f.name
+        if (dest_dir / f.name).exists():  # only if someone put a file there by hand
             from jobspool.intake import safe_name
 
-            new_name = safe_name(name, spool.stamp())
-            log.set("job", new_name)
-            joblog.note(log, f"{name} was already in {label}; this job was renamed {new_name}")
-        joblog.moved(log, f"{QUEUE}/{iface.name}", label)
-        spool.write(dest_dir / names.log_name(new_name), [joblog.to_bytes(log)], replace=True)
-        spool.move(src, dest_dir, new_name=new_name)
-        spool.remove(spool.pending_log(name))
-        return label
+            new_name = safe_name(f.name, spool.stamp())
+            f.log.set("job", new_name)
+            joblog.note(f.log, f"{f.name} was already in {label}; this job was renamed {new_name}")
+        joblog.moved(f.log, f"{QUEUE}/{iface.name}", label)
+        spool.write(dest_dir / names.log_name(new_name), [joblog.to_bytes(f.log)],
+                    replace=True, sync=False)  # fmt: skip
+        return dest_dir, new_name, label
+
+    def _sync(self) -> None:
+        try:
+            self.spool.sync()
+        except Exception as exc:
+            self.daemon.log.error("cannot sync the spool", error=str(exc))
 
     # --- bookkeeping -----------------------------------------------------------------------
 
