@@ -13,6 +13,7 @@ once per process.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,15 @@ def compiled(schema: Path) -> etree._Validator:
     return validator
 
 
-def forget_compiled() -> None:
-    """Drop compiled schemas (the daemon does this when it reloads its configuration)."""
-    _compiled.clear()
+def compile_all(schemas: Iterable[Path]) -> dict[Path, etree._Validator]:
+    """Compile schemas afresh, without touching the ones in use (a reload's first step)."""
+    return {schema: _compile(schema) for schema in schemas}
+
+
+def use_compiled(validators: dict[Path, etree._Validator]) -> None:
+    """Put freshly compiled schemas in use (a reload's last step, once all is well)."""
+    global _compiled
+    _compiled = dict(validators)
 
 
 def _compile(schema: Path) -> etree._Validator:

@@ -34,11 +34,10 @@ from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.handlers import Outcome
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
-from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
+from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, remove_if_abandoned
 from jobspool.worker import Lane
 
 BATCH = 64  # jobs per group commit
-TMP_MAX_AGE = 60.0  # leftovers in tmp/ older than this are a crash's; younger may be a submit's
 
 
 class Daemon:
@@ -46,7 +45,8 @@ class Daemon:
 
     def __init__(self, config_path: str | None, once: bool = False) -> None:
         self.config_path = config_path
-        self.cfg: Config = check_config(config_path)
+        self.cfg, validators = check_config(config_path)
+        check.use_compiled(validators)
         self.spool = Spool(self.cfg.spool, self.cfg.interfaces)
         self.once = once
         self.log = logs.get()
@@ -58,6 +58,7 @@ class Daemon:
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
         self.logs: dict[str, joblog.Log] = {}  # logs of jobs accepted by this process
         self.accepted: list[tuple[str, intake.Taken]] = []  # this turn's, until synced
+        self.uncommitted: set[str] = set()  # their names: queue hints must not offer them yet
         self.logs_lock = threading.Lock()
         self.counters: dict[tuple[str, str], float] = {}
         self.counters_lock = threading.Lock()
@@ -181,7 +182,8 @@ class Daemon:
                     )
                 return
             lane = self.lanes.get(iface)  # _out interfaces have none
-            if lane is not None:
+            if lane is not None and path.name not in self.uncommitted:
+                # (an accept awaiting its sync is handed over by commit_accepted)
                 with contextlib.suppress(FileNotFoundError):
                     st = os.lstat(path)
                     if stat.S_ISREG(st.st_mode):
@@ -221,6 +223,7 @@ class Daemon:
             self.count(iface_name, None, "rejected")
             return
         self.accepted.append((iface_name, taken))
+        self.uncommitted.add(taken.name)
         if len(self.accepted) >= BATCH:  # a burst: hand the first ones over early
             self.commit_accepted()
 
@@ -229,6 +232,7 @@ class Daemon:
         if not self.accepted:
             return
         batch, self.accepted = self.accepted, []
+        self.uncommitted.clear()
         try:
             self.spool.sync()
         except JobspoolError as exc:  # renamed but maybe not durable: a rescan finds them
@@ -284,12 +288,14 @@ class Daemon:
         self._lock_fd = fd
 
     def clean_up(self) -> None:
-        """After a crash: stale files in tmp/, pending logs of jobs no longer queued."""
+        """After a crash: staging files nobody writes, stale markers, orphan pending logs."""
         with self.spool.names_lock():
             for entry in os.scandir(self.spool.tmp):
+                remove_if_abandoned(entry.path)
+            for entry in os.scandir(self.spool.state / "blocked"):
+                # Republished by a lane if its head still blocks.
                 with contextlib.suppress(OSError):
-                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
-                        os.unlink(entry.path)
+                    os.unlink(entry.path)
             pending = self.spool.state / "pending"
             for entry in os.scandir(pending):
                 name = entry.name.removesuffix(",log.xml")
@@ -353,7 +359,7 @@ class Daemon:
         self.reload_requested = False
         notify.reloading()
         try:
-            new = check_config(self.config_path)
+            new, validators = check_config(self.config_path)
             if new.spool != self.cfg.spool:
                 raise ConfigError(f"{new.path}: spool: cannot change while running; restart")
             Spool(new.spool, new.interfaces).init()  # new interfaces' folders
@@ -363,7 +369,7 @@ class Daemon:
             return
         self.cfg = new
         self.spool = Spool(new.spool, new.interfaces)
-        check.forget_compiled()
+        check.use_compiled(validators)  # only now: a refused reload keeps the old ones
         for name, lane in list(self.lanes.items()):
             iface = new.interfaces.get(name)
             if iface is None or iface.outbound:
@@ -423,11 +429,16 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def check_config(config_path: str | None) -> Config:
-    """Everything the daemon checks before it starts or reloads (``daemon --check``)."""
+def check_config(config_path: str | None) -> tuple[Config, dict[Path, Any]]:
+    """Everything the daemon checks before it starts or reloads (``daemon --check``).
+
+    Returns the configuration and its schemas, compiled but not yet in use:
+    a schema that does not compile is a configuration error like any other.
+    """
     cfg = config.load(config_path)
     Store(cfg).all()  # cron expressions, time zones, owners, template settings
-    return cfg
+    schemas = {i.schema for i in cfg.interfaces.values() if i.schema is not None}
+    return cfg, check.compile_all(schemas)
 
 
 def main(config_path: str | None, once: bool = False) -> int:

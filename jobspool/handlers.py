@@ -188,7 +188,7 @@ def run_python(ref: str, job: Job, beside: Path | None = None) -> Outcome:
         func(job)
     except TryLater as exc:
         return Outcome(LATER, started, time.time(), reason=str(exc) or "TryLater raised")
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails its job, no more
         return Outcome(
             FAILED,
             started,

@@ -468,15 +468,45 @@ def _thread_lock(path: Path) -> threading.Lock:
 
 
 def _mkstemp(directory: Path, name: str) -> tuple[int, str]:
-    # A leading dot: a staging file in someone's folder is an upload in progress.
-    # pid and a counter make the name unique without tempfile's random names.
+    """A new staging file, locked (``flock``) for as long as it is open.
+
+    A leading dot: a staging file in someone's folder is an upload in
+    progress. pid and a counter make the name unique without tempfile's
+    random names. The lock tells a starting daemon that a writer is alive:
+    every unlocked staging file is a crash's leftover (see
+    :func:`remove_if_abandoned`).
+    """
+    import fcntl
+
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
         path = f"{directory}/.{name[:100]}.{os.getpid()}.{next(_staging)}"
         try:
-            return os.open(path, flags, 0o640), path
+            fd = os.open(path, flags, 0o640)
         except FileExistsError:  # left by a crashed process with our pid
             continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, path
+
+
+def remove_if_abandoned(path: str) -> bool:
+    """Remove a staging file unless a live writer holds its lock; True if removed."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # being written right now
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 _RENAME_NOREPLACE = 1

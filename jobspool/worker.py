@@ -132,7 +132,7 @@ class Lane:
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
-    def _take(self, block: bool) -> tuple[int, str] | None | bool:
+    def _take(self, block: bool) -> tuple[int, str] | bool | None:
         """The next runnable job, None when stopping, False when none is runnable now.
 
         False only comes when ``block`` is off: the caller then commits its

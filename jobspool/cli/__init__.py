@@ -296,7 +296,7 @@ def daemon(state: State, once: bool, check: bool) -> None:
     if check:
         from jobspool.daemon import check_config
 
-        check_config(state.config_path)
+        check_config(state.config_path)  # raises on anything the daemon would refuse
         return
     from jobspool.daemon import main as run_daemon
 
