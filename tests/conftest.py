@@ -22,26 +22,12 @@ import pytest
 from lxml import etree
 
 from jobspool import joblog, names
+from tests.kit import JOBSPOOL, ORDER_XSD
 
-_SCRIPT = Path(sys.executable).parent / "jobspool"
-COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "jobspool"]
+COMMAND = [str(JOBSPOOL)] if JOBSPOOL.exists() else [sys.executable, "-m", "jobspool"]
 
 # --- sample schemas and documents ----------------------------------------------
 
-ORDER_XSD = """\
-<?xml version="1.0" encoding="UTF-8"?>
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-  <xs:element name="order">
-    <xs:complexType>
-      <xs:sequence>
-        <xs:element name="sku" type="xs:string"/>
-        <xs:element name="qty" type="xs:positiveInteger"/>
-      </xs:sequence>
-      <xs:attribute name="id" type="xs:string" use="required"/>
-    </xs:complexType>
-  </xs:element>
-</xs:schema>
-"""
 
 STOCK_RNG = """\
 <?xml version="1.0" encoding="UTF-8"?>

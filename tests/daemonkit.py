@@ -18,8 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,7 @@ import yaml
 from lxml import etree
 
 from jobspool import joblog
-
-JOBSPOOL = Path(sys.executable).parent / "jobspool"
-DEADLINE = 20.0  # seconds any wait may take before the test fails
+from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, wait_for
 
 # The daemon section that keeps tests quick (the defaults are for production).
 FAST = {
@@ -41,21 +37,6 @@ FAST = {
     "backoff_max": "1s",
     "grace": "5s",
 }
-
-ORDER_XSD = """\
-<?xml version="1.0" encoding="UTF-8"?>
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-  <xs:element name="order">
-    <xs:complexType>
-      <xs:sequence>
-        <xs:element name="sku" type="xs:string"/>
-        <xs:element name="qty" type="xs:positiveInteger"/>
-      </xs:sequence>
-      <xs:attribute name="id" type="xs:string" use="required"/>
-    </xs:complexType>
-  </xs:element>
-</xs:schema>
-"""
 
 
 def order(n: int | str = 1, sku: str = "HAM-1", qty: int = 3) -> bytes:
@@ -70,34 +51,6 @@ STATES = ("incoming", "queue", "bak", "joberrors")
 
 
 # --- waiting ---------------------------------------------------------------------
-
-
-def wait_for(
-    condition: Callable[[], Any],
-    what: str,
-    timeout: float = DEADLINE,
-    interval: float = 0.03,
-    show: Callable[[], str] | None = None,
-) -> Any:
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{show()}" if show is not None else ""
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """Is a process running (a zombie, already dead but not reaped, counts as gone)?"""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 # --- job logs --------------------------------------------------------------------

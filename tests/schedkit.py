@@ -21,8 +21,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,9 +35,8 @@ from jobspool import config, schedules
 from jobspool.config import Schedule
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
+from tests.kit import DEADLINE, JOBSPOOL, wait_for
 
-JOBSPOOL = Path(sys.executable).parent / "jobspool"
-DEADLINE = 20.0  # seconds any wait may take before the test fails
 NS = "{urn:jobspool:run:1}"
 RESULT_NAME = re.compile(r"[0-9]+\.xml")
 
@@ -68,33 +65,6 @@ def schedule(sid: str = "job", **raw: Any) -> Schedule:
 
 
 # --- waiting ------------------------------------------------------------------------
-
-
-def wait_for(
-    condition: Callable[[], Any],
-    what: str,
-    timeout: float = DEADLINE,
-    show: Callable[[], str] | None = None,
-) -> Any:
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{show()}" if show is not None else ""
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    """Is a process running (a zombie, dead but not yet reaped, counts as gone)?"""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 # --- results ------------------------------------------------------------------------

@@ -26,15 +26,15 @@ from lxml import etree
 
 from jobspool.joblog import escape_name
 from jobspool.names import is_valid
-from tests.daemonkit import (
+from tests.daemonkit import (  # noqa: F401 - site_fixture is the `site` fixture
     Site,
     child,
     log_events,
     order,
     outputs,
-    pid_alive,
-    site_fixture,  # noqa: F401 - the `site` fixture
+    site_fixture,
 )
+from tests.kit import pid_alive
 
 LEDGER = 'echo "$JOBSPOOL_JOB" >> "$T/ledger"'
 

@@ -12,7 +12,8 @@ from lxml import etree
 
 from jobspool import handlers
 from jobspool.handlers import DONE, FAILED, LATER, Job, Limits
-from tests.daemonkit import order, pid_alive
+from tests.daemonkit import order
+from tests.kit import pid_alive
 
 
 @pytest.fixture

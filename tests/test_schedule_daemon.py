@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.schedkit import Site, pid_alive, site_in, wait_for
+from tests.kit import pid_alive, wait_for
+from tests.schedkit import Site, site_in
 
 EVERY_SECOND = {"every": "0:0:1"}
 NOT_ON_ITS_OWN = {"at": "2099-01-01 00:00"}  # a schedule that only runs when told to

@@ -22,7 +22,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from jobspool.schedules import Context, execute, read_result, validate
-from tests.schedkit import JOBSPOOL, Site, pid_alive, site_in, wait_for
+from tests.kit import JOBSPOOL, pid_alive, wait_for
+from tests.schedkit import Site, site_in
 
 QUICK = {"every": "1:00:00", "command": ["true"]}
 
