@@ -48,6 +48,7 @@ class Interface(NamedTuple):
     memory_limit: int | None = None
     cpu_limit: float | None = None
     root_elements: tuple[str, ...] = ()  # an upload naming no interface is matched by these
+    xslt: Mapping[str, Path] = {}  # name -> stylesheet, for the HTTP download's xslt=NAME
 
     @property
     def outbound(self) -> bool:
@@ -99,6 +100,31 @@ class Daemon(NamedTuple):
     history: int = 50  # results kept per schedule
 
 
+DEFAULT_HTTP_PORT = 8443
+# A user of the HTTP front: what an htpasswd file and a YAML key can both hold.
+USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,99}")
+
+
+class Http(NamedTuple):
+    """The HTTPS front, ``jobspool serve`` (the ``http:`` section; docs/http.rst)."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_PORT
+    cert: Path | None = None  # TLS certificate chain (PEM); without it, see --insecure-behind-proxy
+    key: Path | None = None  # its private key (PEM)
+    users: Path = Path("/etc/jobspool/htpasswd")  # bcrypt htpasswd file ('jobspool user ...')
+    grants: Mapping[str, tuple[str, ...]] = {}  # user -> interfaces it may use ("*": all)
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-* count
+    max_concurrency: int = 100  # open connections, idle keep-alive ones included
+    timeout: float = 30.0  # to send a request's headers, and again to send its body
+    keep_alive: float = 5.0  # an idle connection is closed after this long
+    auth_cache: float = 300.0  # a verified password is trusted this long without bcrypt
+
+    def granted(self, user: str) -> tuple[str, ...]:
+        """The interfaces ``user`` may use (``*`` is expanded by the caller)."""
+        return self.grants.get(user, ())
+
+
 class Config(NamedTuple):
     """The whole configuration, as read from :attr:`path`."""
 
@@ -107,6 +133,7 @@ class Config(NamedTuple):
     interfaces: Mapping[str, Interface]
     schedules: Mapping[str, Schedule]
     daemon: Daemon = Daemon()
+    http: Http | None = None  # None: no http: section, no 'jobspool serve'
 
     def interface(self, name: str) -> Interface:
         """The interface called ``name``; :class:`BadRequest` if there is none."""
@@ -256,9 +283,13 @@ T = TypeVar("T")
 
 _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
-    "cpu_limit", "root_elements",
+    "cpu_limit", "root_elements", "xslt",
 }  # fmt: skip
 _DAEMON_KEYS = set(Daemon._fields)
+_HTTP_KEYS = {
+    "listen", "cert", "key", "users", "grants", "trusted_proxies", "max_concurrency", "timeout",
+    "keep_alive", "auth_cache",
+}  # fmt: skip
 _SCHEDULE_TIMINGS = ("cron", "every", "at")
 _SCHEDULE_RUNS = ("command", "handler", "template")
 _SCHEDULE_KEYS = {
@@ -304,7 +335,7 @@ class _Reader:
         return (self.base / value).absolute()
 
     def config(self, data: object) -> Config:
-        top = self.mapping(data, "", {"spool", "interfaces", "schedules", "daemon"})
+        top = self.mapping(data, "", {"spool", "interfaces", "schedules", "daemon", "http"})
         spool = self.relative(top.get("spool", DEFAULT_SPOOL), "spool")
         raw_ifaces = self.mapping(top.get("interfaces"), "interfaces", None)
         if not raw_ifaces:
@@ -312,7 +343,8 @@ class _Reader:
         interfaces = {n: self.interface(n, v) for n, v in raw_ifaces.items()}
         raw_scheds = self.mapping(top.get("schedules"), "schedules", None)
         schedules = {i: self.schedule(i, v) for i, v in raw_scheds.items()}
-        return Config(self.path, spool, interfaces, schedules, self.daemon(top.get("daemon")))
+        http = None if top.get("http") is None else self.http(top["http"], interfaces)
+        return Config(self.path, spool, interfaces, schedules, self.daemon(top.get("daemon")), http)
 
     def daemon(self, value: object) -> Daemon:
         raw = self.mapping(value, "daemon", _DAEMON_KEYS)
@@ -380,6 +412,71 @@ class _Reader:
             if raw.get("cpu_limit") is None
             else self.positive(raw["cpu_limit"], f"{key}.cpu_limit"),
             root_elements=self.strings(raw.get("root_elements", []), f"{key}.root_elements"),
+            xslt=self.stylesheets(raw.get("xslt"), f"{key}.xslt"),
+        )
+
+    def stylesheets(self, value: object, key: str) -> dict[str, Path]:
+        out = {}
+        for name, path in self.mapping(value, key, None).items():
+            if not names.is_valid(name):
+                raise self.fail(f"{key}.{name}", "a name of A-Z a-z 0-9 . _ -: "
+                                + names.why_invalid(name))  # fmt: skip
+            out[name] = self.existing(path, f"{key}.{name}", "an existing XSLT stylesheet")
+        return out
+
+    def existing(self, value: object, key: str, what: str) -> Path:
+        path = self.relative(value, key)
+        if not path.is_file():
+            raise self.fail(key, what, str(path))
+        return path
+
+    def http(self, value: object, interfaces: Mapping[str, Interface]) -> Http:
+        """The ``http:`` section; cert and key must exist, grants name known interfaces."""
+        raw = self.mapping(value, "http", _HTTP_KEYS)
+        d = Http()
+        host, port = self.convert(raw.get("listen", f"{d.host}:{d.port}"), "http.listen",
+                                  parse_listen)  # fmt: skip
+        cert = key = None
+        if raw.get("cert") is not None:
+            cert = self.existing(raw["cert"], "http.cert", "an existing certificate file (PEM)")
+        if raw.get("key") is not None:
+            key = self.existing(raw["key"], "http.key", "an existing private key file (PEM)")
+        if (cert is None) != (key is None):
+            raise self.fail("http", "both cert: and key: (or neither, behind a TLS proxy)")
+        grants = {}
+        for user, granted in self.mapping(raw.get("grants"), "http.grants", None).items():
+            gkey = f"http.grants.{user}"
+            if not USER_NAME.fullmatch(user):
+                raise self.fail(gkey, "a user name of A-Z a-z 0-9 . _ @ + - (up to 100)")
+            if not isinstance(granted, list) or not all(isinstance(i, str) for i in granted):
+                raise self.fail(gkey, "a list of interface names (or ['*'] for all)", granted)
+            for iface in granted:
+                if iface != "*" and iface not in interfaces:
+                    known = ", ".join(sorted(interfaces))
+                    raise self.fail(gkey, f"configured interfaces (known: {known}) or '*'", iface)
+            grants[user] = tuple(granted)
+        proxies = raw.get("trusted_proxies", [])
+        if not isinstance(proxies, list) or not all(isinstance(p, str) for p in proxies):
+            raise self.fail("http.trusted_proxies", "a list of addresses like [127.0.0.1]",
+                            proxies)  # fmt: skip
+        for proxy in proxies:
+            self.convert(proxy, "http.trusted_proxies", _ip_or_network)
+        return Http(
+            host=host,
+            port=port,
+            cert=cert,
+            key=key,
+            users=self.relative(raw.get("users", "htpasswd"), "http.users"),
+            grants=grants,
+            trusted_proxies=tuple(proxies),
+            max_concurrency=self.count(
+                raw.get("max_concurrency", d.max_concurrency), "http.max_concurrency"
+            ),
+            timeout=self.positive(raw.get("timeout", d.timeout), "http.timeout"),
+            keep_alive=self.positive(raw.get("keep_alive", d.keep_alive), "http.keep_alive"),
+            auth_cache=self.convert(
+                raw.get("auth_cache", d.auth_cache), "http.auth_cache", parse_duration
+            ),
         )
 
     def strings(self, value: object, key: str) -> tuple[str, ...]:
@@ -492,6 +589,36 @@ def parse_every(value: object) -> float:
     if len(parts) != 3 or min(h, m, s) < 0 or total <= 0:
         raise ValueError(_TIMING_HELP["every"])
     return total
+
+
+def parse_listen(value: object) -> tuple[str, int]:
+    """``host:port``, ``[v6addr]:port`` or a bare port (on 127.0.0.1) → (host, port)."""
+    help_ = "host:port like 0.0.0.0:8443, [::]:8443 or 127.0.0.1:8443"
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port_text = "127.0.0.1", str(value)
+    elif isinstance(value, str):
+        host, sep, port_text = value.strip().rpartition(":")
+        if not sep:
+            raise ValueError(help_)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(help_ + " (an IPv6 address goes in brackets)")
+    else:
+        raise ValueError(help_)
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(help_)
+    return host, int(port_text)
+
+
+def _ip_or_network(value: object) -> str:
+    import ipaddress  # 1 ms: only when the configuration names proxies
+
+    try:
+        ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError("IP addresses or networks like 127.0.0.1, ::1 or 10.0.0.0/8") from None
+    return str(value)
 
 
 def _join(key: str, sub: str) -> str:

@@ -347,6 +347,17 @@ def _add_schedule_group() -> None:
 _add_schedule_group()
 
 
+def _add_http_commands() -> None:
+    # Only click inside; Starlette, uvicorn and bcrypt load when a command runs.
+    from jobspool.cli.http import serve, user
+
+    cli.add_command(serve)
+    cli.add_command(user)
+
+
+_add_http_commands()
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """The console script: run a command, turn every failure into one line and a code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
