@@ -13,12 +13,19 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from bench import common
 
 # name -> module; imported only when the benchmark runs.
 BENCHMARKS: dict[str, str] = {
     "startup": "bench.startup",
+    "throughput": "bench.throughput",
+    "latency": "bench.latency",
+    "scale": "bench.scale",
+    "scheduler": "bench.scheduler",
 }
 
 
@@ -42,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs needs at least 2")
 
     results: dict[str, Any] = {}
+    started = time.monotonic()
     for name in args.names or list(BENCHMARKS):
         module = importlib.import_module(BENCHMARKS[name])
         results[name] = module.run(quick=args.quick, runs=args.runs)
         print()
+    common.print_table(results, time.monotonic() - started)
 
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
