@@ -262,9 +262,12 @@ class Daemon:
                 if path not in self.waiting:
                     self.look_at(path, False, now)
                     self.keepalive()
-            for name in watch.candidates(self.spool.dir(QUEUE, iface)):
-                if not names.is_valid(name):
-                    self.look_at(self.spool.dir(QUEUE, iface) / name, False, now)
+            # Only badly named files matter here: names, no stat, no sort.
+            queue = self.spool.dir(QUEUE, iface)
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(queue):
+                    if not names.is_valid(name) and not names.is_partial_upload(name):
+                        self.look_at(queue / name, False, now)
         self.commit_accepted()
         for lane in self.lanes.values():
             lane.refill()

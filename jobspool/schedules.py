@@ -145,9 +145,16 @@ class Store:
             return None
 
     def record_tick(self, sid: str, tick: float) -> None:
+        """Remember the last tick fired, for catch-up after downtime.
+
+        Atomic (rename) but not synced: it is written for every run of every
+        schedule, on the scheduler's loop, and a power cut that loses the last
+        second only changes whether one catch-up run happens.
+        """
         folder = self.folder(sid)
         folder.mkdir(parents=True, exist_ok=True)
-        write_file(folder / "last", [f"{tick!r}\n".encode()], staging=folder, replace=True)
+        write_file(folder / "last", [f"{tick!r}\n".encode()], staging=folder, replace=True,
+                   sync=False)  # fmt: skip
 
     def results(self, sid: str) -> list[Path]:
         """Result files, newest first."""

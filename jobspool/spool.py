@@ -26,7 +26,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -179,11 +179,15 @@ class Spool:
             raise BadRequest(f"unknown job {name!r}: not in incoming, queue, bak or joberrors")
         return found
 
-    def queued(self, interface: str) -> list[tuple[int, str]]:
-        """The queue of ``interface`` in processing order, as (stamp in ns, name)."""
-        return sorted(self._jobs_in(self.dir(QUEUE, interface)))
+    def queued(self, interface: str, known: Container[str] = ()) -> list[tuple[int, str]]:
+        """The queue of ``interface`` in processing order, as (stamp in ns, name).
 
-    def _jobs_in(self, directory: Path) -> Iterator[tuple[int, str]]:
+        Names in ``known`` are left out unread: a daemon's rescan only needs
+        what it has not seen, and a stat per job is most of a listing's cost.
+        """
+        return sorted(self._jobs_in(self.dir(QUEUE, interface), known))
+
+    def _jobs_in(self, directory: Path, known: Container[str] = ()) -> Iterator[tuple[int, str]]:
         try:
             entries = os.scandir(directory)
         except FileNotFoundError:
@@ -191,6 +195,8 @@ class Spool:
             return
         with entries:
             for entry in entries:
+                if entry.name in known:
+                    continue
                 if names.is_valid(entry.name) and entry.is_file(follow_symlinks=False):
                     with contextlib.suppress(FileNotFoundError):  # taken meanwhile
                         yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name

@@ -91,7 +91,9 @@ class Lane:
 
     def refill(self) -> None:
         """Add whatever the queue directory holds that the lane does not know."""
-        for stamp, name in self.spool.queued(self.iface.name):
+        with self.cond:
+            known = set(self.known)
+        for stamp, name in self.spool.queued(self.iface.name, known=known):
             self.offer(stamp, name)
 
     def depth(self) -> int:
