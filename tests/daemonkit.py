@@ -27,7 +27,7 @@ import yaml
 from lxml import etree
 
 from jobspool import joblog
-from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, wait_for
+from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, run_jobspool, wait_for
 
 # The daemon section that keeps tests quick (the defaults are for production).
 FAST = {
@@ -230,16 +230,7 @@ class Site:
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``jobspool -c CONFIG ARGS...``"""
-        return subprocess.run(
-            [str(JOBSPOOL), "-c", str(self.config), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            cwd=self.dir,
-            timeout=timeout,
-            check=False,
-        )
+        return run_jobspool(self.config, *args, env=self.env(), cwd=self.dir, timeout=timeout)
 
     def ok(self, *args: str) -> str:
         result = self.run(*args)

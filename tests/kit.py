@@ -6,6 +6,7 @@ drop folders) and ``schedkit.py`` (schedules) build on these.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -58,3 +59,19 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def run_jobspool(
+    config: Path, *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``jobspool -c CONFIG ARGS...`` as a sysadmin types it; ``timeout`` guards a hang."""
+    return subprocess.run(
+        [str(JOBSPOOL), "-c", str(config), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )

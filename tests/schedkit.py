@@ -35,7 +35,7 @@ from jobspool import config, schedules
 from jobspool.config import Schedule
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
-from tests.kit import DEADLINE, JOBSPOOL, wait_for
+from tests.kit import DEADLINE, JOBSPOOL, run_jobspool, wait_for
 
 NS = "{urn:jobspool:run:1}"
 RESULT_NAME = re.compile(r"[0-9]+\.xml")
@@ -260,16 +260,7 @@ class Site:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``jobspool -c CONFIG ARGS...``, as a sysadmin types it."""
-        return subprocess.run(
-            [str(JOBSPOOL), "-c", str(self.config), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            cwd=self.dir,
-            timeout=60,  # a guard against a hang, not a performance assertion
-            check=False,
-        )
+        return run_jobspool(self.config, *args, env=self.env(), cwd=self.dir)
 
     def ok(self, *args: str) -> str:
         """Run a command that must succeed; return its stdout."""
