@@ -34,7 +34,7 @@ from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.handlers import Outcome
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
-from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, remove_if_abandoned
+from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors, remove_if_abandoned
 from jobspool.worker import Lane
 
 BATCH = 64  # jobs per group commit
@@ -246,6 +246,11 @@ class Daemon:
                 self.logs[taken.name] = taken.log
             lane.offer(taken.stamp, taken.name)
 
+    def keep_log(self, name: str, log: joblog.Log) -> None:
+        """Hold a queued job's history for its next run (its finish failed)."""
+        with self.logs_lock:
+            self.logs[name] = log
+
     def take_log(self, name: str, stamp: int, interface: str) -> joblog.Log:
         """The log a job has so far: from this process, from state/pending, or anew."""
         with self.logs_lock:
@@ -277,7 +282,8 @@ class Daemon:
     def lock(self) -> None:
         """One daemon per spool: an exclusive lock on state/daemon.lock, holding our pid."""
         path = self.spool.state / "daemon.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with os_errors(f"cannot lock the spool at {self.spool.root}"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

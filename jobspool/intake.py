@@ -188,8 +188,13 @@ def _reject(
 ) -> None:
     """Put a rejected job into joberrors: its log first, then the job."""
     joblog.moved(log, "outside", JOBERRORS)
-    spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
-    spool.write(spool.joberrors / name, content)
+    log_path = spool.joberrors / names.log_name(name)
+    spool.write(log_path, [joblog.to_bytes(log)], replace=True)
+    try:
+        spool.write(spool.joberrors / name, content)
+    except BaseException:
+        spool.remove(log_path)  # no log without its job
+        raise
     raise _rejected(name, errors, "into joberrors")
 
 

@@ -150,20 +150,28 @@ def xml_text(text: str) -> str:
     return _NOT_XML.sub("\ufffd", text)
 
 
-def escape_name(name: str) -> str:
-    """A file name as printable text: control characters and undecodable bytes escaped.
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-    Bytes that were not UTF-8 (held by Python as U+DC80-U+DCFF) show as
-    ``\\xNN``; any other lone surrogate and every unprintable character as
-    a backslash escape.
+
+def escape_name(name: str) -> str:
+    """A file name as printable text, one way back to the name: nothing else looks alike.
+
+    A backslash is doubled; ``\\n``, ``\\r``, ``\\t``, and ``\\xNN`` for
+    other control characters below 0x80; bytes that were not UTF-8 (held by
+    Python as U+DC80-U+DCFF, always 0x80 and up) as ``\\xNN``; every other
+    unprintable character, lone surrogates included, as ``\\uNNNN``.
     """
     out = []
     for c in name:
         code = ord(c)
-        if 0xDC80 <= code <= 0xDCFF:
+        if c == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:
             out.append(f"\\x{code - 0xDC00:02x}")
         elif c.isprintable() and not 0xD800 <= code <= 0xDFFF:
             out.append(c)
+        elif code < 0x80:
+            out.append(_SHORT.get(c, f"\\x{code:02x}"))
         else:
-            out.append(c.encode("unicode_escape", "backslashreplace").decode("ascii"))
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
     return "".join(out)

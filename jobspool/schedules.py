@@ -168,7 +168,11 @@ class Store:
         """Write a run's result durably, then keep only the newest ``daemon.history``."""
         runs = self.folder(s.id) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        path = runs / f"{int(result.start * 1e9)}.xml"
+        # Named by start, but always after the newest: a clock that went
+        # back must not make a new result the first to be pruned.
+        newest = self.results(s.id)[:1]
+        after = int(newest[0].stem) + 1 if newest and newest[0].stem.isdigit() else 0
+        path = runs / f"{max(int(result.start * 1e9), after)}.xml"
         write_file(path, [result_xml(s, result)], staging=runs, replace=True)
         for old in self.results(s.id)[self.cfg.daemon.history :]:
             old.unlink(missing_ok=True)

@@ -206,10 +206,14 @@ class Spool:
         found = self.find(name)
         if found.place.state not in (BAK, JOBERRORS):
             raise TryLater(f"{name} is in {found.place}: its log is written when it is processed")
-        try:
-            return found.log_path.read_bytes()
+        try:  # O_NOFOLLOW: a link in place of a log must not print a file from elsewhere
+            fd = os.open(found.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise TryLater(f"{name} is in {found.place} but its log is not there yet") from None
+        except OSError as exc:
+            raise JobspoolError(f"the log of {name} is not a plain file: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
 
     # --- pause -----------------------------------------------------------------
 

@@ -62,7 +62,12 @@ def readiness(path: Path, renamed_in: bool, settle: float, now: float) -> str | 
     writing = writer_open(path)
     if writing:
         return now + max(settle, 1.0)  # its close wakes us sooner
-    due = st.st_mtime + settle
+    # "Unchanged for settle seconds" by the inode's ctime: a client may set
+    # the mtime to anything (sftp put -p, rsync -t), but any write or utime
+    # sets the ctime to now. One in the future means the clock went back:
+    # count from now then, or such a file would wait for ever.
+    changed = st.st_ctime if st.st_ctime <= now else now - settle
+    due = changed + settle
     return READY if now >= due else due
 
 

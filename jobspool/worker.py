@@ -27,6 +27,7 @@ least once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 import math
 import shlex
@@ -240,6 +241,7 @@ class Lane:
                 logs.get(job=f.name, interface=self.iface.name).error(
                     "cannot write the log; the job stays queued", error=str(exc)
                 )
+                self.daemon.keep_log(f.name, f.log)  # its history so far, for the next run
                 self._back_off(f.stamp, f.name)
         self._sync()
         moved = []
@@ -280,8 +282,9 @@ class Lane:
             new_name = safe_name(f.name, spool.stamp())
             f.log.set("job", new_name)
             joblog.note(f.log, f"{f.name} was already in {label}; this job was renamed {new_name}")
-        joblog.moved(f.log, f"{QUEUE}/{iface.name}", label)
-        spool.write(dest_dir / names.log_name(new_name), [joblog.to_bytes(f.log)],
+        final = copy.deepcopy(f.log)  # f.log stays the history so far, should this fail
+        joblog.moved(final, f"{QUEUE}/{iface.name}", label)
+        spool.write(dest_dir / names.log_name(new_name), [joblog.to_bytes(final)],
                     replace=True, sync=False)  # fmt: skip
         return dest_dir, new_name, label
 

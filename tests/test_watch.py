@@ -120,14 +120,23 @@ def test_a_writer_in_another_process_holds_the_file_back(tmp_path):
         writer.kill()
         writer.wait()
     assert writer_open(path) is False
-    assert readiness(path, False, SETTLE, time.time()) == READY
+    # Settled is counted from the inode's last change (utime is one): settle later, ready.
+    assert readiness(path, False, SETTLE, time.time() + SETTLE) == READY
 
 
 def test_a_reader_does_not_hold_the_file_back(tmp_path):
     path = put(tmp_path, "order.xml", order(1), mtime=HOUR_AGO)
     with open(path, "rb"):
         assert writer_open(path) is False
-        assert readiness(path, False, SETTLE, time.time()) == READY
+        assert readiness(path, False, SETTLE, time.time() + SETTLE) == READY
+
+
+def test_a_file_whose_mtime_was_set_back_still_settles_by_its_last_change(tmp_path):
+    # rsync -t or sftp put -p set an old mtime; the ctime says when it changed.
+    path = put(tmp_path, "order.xml", order(1), mtime=HOUR_AGO)
+    now = time.time()
+    assert isinstance(readiness(path, False, SETTLE, now), float)
+    assert readiness(path, False, SETTLE, now + SETTLE) == READY
 
 
 # --- candidates --------------------------------------------------------------------------
