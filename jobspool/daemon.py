@@ -35,9 +35,7 @@ from jobspool.handlers import Outcome
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors, remove_if_abandoned
-from jobspool.worker import Lane
-
-BATCH = 64  # jobs per group commit
+from jobspool.worker import BATCH, Lane
 
 
 class Daemon:

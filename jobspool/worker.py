@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from jobspool.daemon import Daemon
 
 
-BATCH = 64  # finished jobs per group commit
+BATCH = 64  # jobs per group commit (accepts in the daemon, finished jobs in a lane)
 
 
 class Finished(NamedTuple):
