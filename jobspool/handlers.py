@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import signal
 import subprocess
@@ -226,7 +227,7 @@ class _Capture:
     """Reads a pipe to its end, keeping the head and the tail within ``limit`` bytes."""
 
     def __init__(self, pipe: IO[bytes], limit: int) -> None:
-        self.pipe = pipe
+        self.pipe = cast(io.BufferedReader, pipe)  # what Popen gives with PIPE
         self.half = max(limit // 2, 1)
         self.head = bytearray()
         self.tail = bytearray()
@@ -236,7 +237,7 @@ class _Capture:
 
     def _read(self) -> None:
         with self.pipe:
-            while chunk := self.pipe.read1(65536):  # type: ignore[attr-defined]
+            while chunk := self.pipe.read1(65536):
                 room = self.half - len(self.head)
                 if room > 0:
                     self.head += chunk[:room]

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 from jobspool import names
 from jobspool.errors import BadRequest, ConfigError, Denied, JobspoolError, TryLater
@@ -443,14 +443,9 @@ def syncfs(fd: int) -> None:
     """Linux's ``syncfs``: flush one filesystem (``os.sync``, all of them, where it is missing)."""
     global _syncfs
     if _syncfs is None:
-        try:
-            import ctypes
+        import ctypes
 
-            fn = ctypes.CDLL(None, use_errno=True).syncfs
-            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-            _syncfs = fn
-        except (OSError, AttributeError):
-            _syncfs = False
+        _syncfs = _libc("syncfs", ctypes.c_int)
     if _syncfs is False:
         os.sync()
     elif _syncfs(fd) != 0:
@@ -534,7 +529,11 @@ def rename_noreplace(src: str | Path, dest: str | Path) -> None:
     """
     global _renameat2
     if _renameat2 is None:
-        _renameat2 = _load_renameat2()
+        import ctypes
+
+        _renameat2 = _libc(
+            "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+        )
     if _renameat2 is not False:
         if (
             _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE)
@@ -551,17 +550,16 @@ def rename_noreplace(src: str | Path, dest: str | Path) -> None:
     os.rename(src, dest)
 
 
-def _load_renameat2() -> Callable[..., int] | Literal[False]:
-    try:
-        import ctypes
+def _libc(name: str, *argtypes: Any) -> Callable[..., int] | Literal[False]:
+    """A C library function by ctypes, loaded on first use; False where libc lacks it."""
+    import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return cast(Callable[..., int], fn)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
