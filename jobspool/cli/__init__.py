@@ -173,9 +173,7 @@ def interfaces(state: State, as_json: bool) -> None:
          "paused" if o.paused and o.queued else (o.blocked or ""))
         for o in overview
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(table)
 
 
 # --- write commands ------------------------------------------------------------
@@ -304,6 +302,14 @@ def daemon(state: State, once: bool, check: bool) -> None:
 
 
 # --- printing ------------------------------------------------------------------
+
+
+def print_table(rows: list[tuple[Any, ...]]) -> None:
+    """Rows as columns aligned for a terminal, two spaces apart (a header first)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def print_json(value: Any) -> None:

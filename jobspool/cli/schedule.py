@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobspool.cli import State, pass_state, print_json
+from jobspool.cli import State, pass_state, print_json, print_table
 
 if TYPE_CHECKING:
     from jobspool.config import Schedule
@@ -72,7 +72,7 @@ def list_(state: State, as_json: bool) -> None:
     table = [("ID", "NAME", "OWNER", "ENABLED", "TIMING", "NEXT", "LAST")]
     table += [(r["id"], r["name"], r["owner"] or "-", "yes" if r["enabled"] else "no",
                r["timing"], r["next"], r["last"] or "-") for r in rows]  # fmt: skip
-    _table(table)
+    print_table(table)
 
 
 @schedule.command()
@@ -221,7 +221,7 @@ def history(state: State, sid: str, as_json: bool) -> None:
     table += [(r["start"], r["trigger"], r["outcome"], r.get("exit-status", "-"),
                r.get("message", "").splitlines()[0] if r.get("message") else "")
               for r in runs]  # fmt: skip
-    _table(table)
+    print_table(table)
 
 
 @schedule.command()
@@ -240,10 +240,3 @@ def templates(as_json: bool) -> None:
         for s in t.settings:
             default = "required" if s.default is None else f"default {s.default}"
             click.echo(f"  with.{s.name}: {s.meaning} ({default})")
-
-
-def _table(rows: list[tuple[Any, ...]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
