@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import queue
+import select
 import signal
 import stat
 import threading
@@ -48,7 +48,9 @@ class Daemon:
         self.spool = Spool(self.cfg.spool, self.cfg.interfaces)
         self.once = once
         self.log = logs.get()
-        self.wake_event = threading.Event()
+        # Wakes the loop from other threads and signal handlers; waited on
+        # together with the inotify descriptor.
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stopping = False
         self.reload_requested = False
         self.lanes: dict[str, Lane] = {}
@@ -105,19 +107,24 @@ class Daemon:
             timeout = min(next_rescan - now, (due - time.time()) if due else 1.0, 1.0)
             if self.ping is not None:
                 timeout = min(timeout, self.next_ping - now)
-            self.wake_event.wait(max(timeout, 0.01))
-            self.wake_event.clear()
+            self.sleep(max(timeout, 0.01))
         self.shut_down()
         return 0
+
+    def sleep(self, timeout: float) -> None:
+        """Until a file event, a wake from a thread or signal, or ``timeout`` seconds."""
+        fds = [self.wake_fd]
+        if self.watcher is not None and self.watcher.fileno() >= 0:
+            fds.append(self.watcher.fileno())
+        with contextlib.suppress(InterruptedError):
+            select.select(fds, [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.wake_fd)
 
     def loop(self, now: float) -> float | None:
         """One turn: take the hinted and due drops; return when a waiting drop is due."""
         assert self.watcher is not None
-        while True:
-            try:
-                hint = self.watcher.hints.get_nowait()
-            except queue.Empty:
-                break
+        for hint in self.watcher.read():
             self.look_at(Path(hint.path), hint.renamed_in, now)
             self.keepalive()
         for path, (due, renamed_in) in sorted(self.waiting.items(), key=lambda w: w[1][0]):
@@ -125,6 +132,10 @@ class Daemon:
                 self.look_at(path, renamed_in, now)
                 self.keepalive()
         self.commit_accepted()
+        if self.watcher.overflowed:
+            self.watcher.overflowed = False
+            self.log.warning("file events were lost (inotify queue overflow); rescanning")
+            self.rescan()
         if not self.watcher.healthy():
             self.log.error("file watcher died; restarting it and rescanning")
             try:
@@ -143,14 +154,15 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing waiting, nothing queued that could run (``--once``)."""
-        if self.waiting or not self.watcher or not self.watcher.hints.empty():
+        if self.waiting or not self.watcher:
             return False
         return all(
             lane.depth() == 0 or self.spool.is_paused(name) for name, lane in self.lanes.items()
         )
 
     def wake(self) -> None:
-        self.wake_event.set()
+        with contextlib.suppress(BlockingIOError):  # already woken
+            os.eventfd_write(self.wake_fd, 1)
 
     # --- drops and queues -------------------------------------------------------------
 
@@ -180,12 +192,14 @@ class Daemon:
                     )
                 return
             lane = self.lanes.get(iface)  # _out interfaces have none
-            if lane is not None and path.name not in self.uncommitted:
-                # (an accept awaiting its sync is handed over by commit_accepted)
+            name = path.name
+            if lane is not None and name not in self.uncommitted and name not in lane.known:
+                # Most of these are our own accepts: one awaiting its sync is
+                # handed over by commit_accepted, a known one needs no stat.
                 with contextlib.suppress(FileNotFoundError):
                     st = os.lstat(path)
                     if stat.S_ISREG(st.st_mode):
-                        lane.offer(st.st_mtime_ns, path.name)
+                        lane.offer(st.st_mtime_ns, name)
             return
         ready = watch.readiness(path, renamed_in, self.cfg.daemon.settle, now)
         if ready == watch.GONE:

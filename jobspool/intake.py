@@ -274,7 +274,7 @@ def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = Tru
         found = spool.locate(filename, besides=src)
         if found is not None:
             return _to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
-        data = read_drop(src, iface.max_size)
+        data = read_drop(src, iface.max_size, st.st_size)
         result = _check(iface, data)
         log = joblog.new(filename, iface.name)
         joblog.received(log, "drop")
@@ -316,12 +316,34 @@ def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:
                           + names.why_invalid(filename), f"{QUEUE}/{iface.name}")  # fmt: skip
 
 
-def read_drop(path: Path, max_size: int) -> bytes:
+def read_drop(path: Path, max_size: int, size_hint: int = 0) -> bytes:
     """Read at most ``max_size + 1`` bytes of a dropped file, never following a link."""
     with os_errors(f"cannot read dropped file {path}"):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            return f.read(max_size + 1)
+        try:
+            return read_up_to(fd, max_size + 1, size_hint)
+        finally:
+            os.close(fd)
+
+
+def read_up_to(fd: int, limit: int, size_hint: int = 0) -> bytes:
+    """At most ``limit`` bytes of ``fd``; one ``read`` for a file of ``size_hint`` bytes.
+
+    Plain ``read(limit)`` would reserve ``limit`` bytes (max_size, megabytes)
+    for every small job; a file object would add its own system calls.
+    """
+    chunks, total = [], 0
+    want = min(limit, size_hint + 1 if size_hint > 0 else 65536)
+    while total < limit:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total == size_hint and len(chunk) < want:
+            break  # all that stat saw and not a byte more: its end, without one more read
+        want = min(limit - total, 65536)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def safe_name(original: str, stamp: int) -> str:

@@ -12,6 +12,7 @@ here: characters XML cannot hold become U+FFFD or backslash escapes.
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,18 @@ Log = etree._Element
 
 def now() -> str:
     """The current local time as xs:dateTime, with its UTC offset."""
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+    global _this_second
+    ns = time.time_ns()
+    second = ns // 1_000_000_000
+    cached = _this_second  # one read: other threads may replace it
+    if cached[0] != second:
+        # Once a second: astimezone() looks the zone up; a job gets several events.
+        day_time, offset = iso(second).split(".", 1)
+        cached = _this_second = (second, day_time, offset[3:])
+    return f"{cached[1]}.{ns // 1_000_000 % 1000:03d}{cached[2]}"
+
+
+_this_second: tuple[int, str, str] = (-1, "", "")  # (second, "YYYY-MM-DDTHH:MM:SS", "+01:00")
 
 
 def iso(timestamp: float) -> str:

@@ -13,9 +13,13 @@ from typing import Any
 
 import structlog
 
+_base: Any = None  # the configured logger, bound once: get() is called for every job
+
 
 def setup(json: bool | None = None, level: int = logging.INFO) -> None:
     """Configure structlog; ``json`` defaults to "stderr is not a terminal"."""
+    global _base
+    _base = None
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -32,7 +36,8 @@ def setup(json: bool | None = None, level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (print() makes two: the line, then "\n").
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # watchdog and others log through the standard library: keep their
@@ -42,4 +47,7 @@ def setup(json: bool | None = None, level: int = logging.INFO) -> None:
 
 def get(**bound: Any) -> Any:
     """A logger with ``bound`` fields on every line."""
-    return structlog.get_logger("jobspool").bind(**bound)
+    global _base
+    if _base is None:
+        _base = structlog.get_logger("jobspool").bind()
+    return _base.bind(**bound)

@@ -328,7 +328,7 @@ class Spool:
         ``sync=False``: the rename only; a later :meth:`sync` makes it durable.
         """
         dest = dest_dir / (new_name or src.name)
-        with os_errors(f"cannot move {src.name} to {dest_dir.relative_to(self.root)}"):
+        with os_errors(lambda: f"cannot move {src.name} to {dest_dir.relative_to(self.root)}"):
             if stamp_ns is not None:
                 os.utime(src, ns=(stamp_ns, stamp_ns))
             rename_noreplace(src, dest)
@@ -407,14 +407,15 @@ def write_file(
     with os_errors(f"cannot write {dest.name}"):
         fd, tmp = _mkstemp(staging, dest.name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
+            try:
+                for chunk in chunks:  # os.write: a file object adds fstat, ioctl and lseek
+                    _write_all(fd, chunk)
                 if stamp_ns is not None:
-                    os.utime(f.fileno(), ns=(stamp_ns, stamp_ns))
+                    os.utime(fd, ns=(stamp_ns, stamp_ns))
                 if sync:
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if replace:
                 os.replace(tmp, dest)
             else:
@@ -425,6 +426,12 @@ def write_file(
             raise
         if sync:
             fsync_dir(dest.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def fsync_dir(path: Path) -> None:
@@ -458,6 +465,17 @@ def syncfs(fd: int) -> None:
 _lock_fds: dict[Path, int] = {}
 _thread_locks: dict[Path, threading.Lock] = {}
 _staging = itertools.count()
+_pids: list[int] = []
+
+
+def _pid() -> int:
+    """Our pid, cached: os.getpid() is a system call each time (a fork clears the cache)."""
+    if not _pids:
+        _pids.append(os.getpid())
+    return _pids[0]
+
+
+os.register_at_fork(after_in_child=_pids.clear)
 
 
 def _lock_fd(path: Path) -> int:
@@ -485,7 +503,7 @@ def _mkstemp(directory: Path, name: str) -> tuple[int, str]:
 
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
-        path = f"{directory}/.{name[:100]}.{os.getpid()}.{next(_staging)}"
+        path = f"{directory}/.{name[:100]}.{_pid()}.{next(_staging)}"
         try:
             fd = os.open(path, flags, 0o640)
         except FileExistsError:  # left by a crashed process with our pid
@@ -567,13 +585,18 @@ _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @contextlib.contextmanager
-def os_errors(what: str) -> Iterator[None]:
-    """Turn an OS error into the exit code a sysadmin can act on."""
+def os_errors(what: str | Callable[[], str]) -> Iterator[None]:
+    """Turn an OS error into the exit code a sysadmin can act on.
+
+    ``what`` may be a function, for a message too costly to build on every
+    call of a hot path.
+    """
     try:
         yield
     except FileExistsError:
         raise
     except OSError as exc:
+        what = what() if callable(what) else what
         reason = exc.strerror or str(exc)
         # A failed rename is about its target (filename2): tmp/ names mean nothing to users.
         where = exc.filename2 or exc.filename

@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import logging
 import os
 import queue
 import stat
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -106,43 +107,99 @@ def candidates(directory: Path) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def _no_move_pairing_delay() -> None:
-    """Stop watchdog holding every rename's IN_MOVED_FROM for half a second.
-
-    watchdog pairs IN_MOVED_FROM with IN_MOVED_TO and, to do so, delays an
-    unpaired IN_MOVED_FROM at the head of its queue by 0.5 s: every upload
-    finished by a rename (.NAME.part -> NAME) waited that long. We never need
-    the pair, only "NAME arrived by rename", which a lone IN_MOVED_TO gives
-    too. The attribute is watchdog's (6 and 7); if it goes, nothing breaks.
-    """
-    with contextlib.suppress(ImportError, AttributeError):
-        from watchdog.observers import inotify_move_event_grouper as grouper
-
-        grouper.InotifyMoveEventGrouper.delay = 0
-
-
 class Watcher:
-    """watchdog observers on some directories, turning events into :class:`Hint` s.
+    """Turns file-system events in some directories into :class:`Hint` s.
 
-    The observer runs handlers in its own thread and dies silently if one
-    raises; ours only puts a hint on a queue, and :meth:`healthy` lets the
-    daemon notice a dead observer and start a new one.
+    With inotify there is no thread: the daemon's loop waits on
+    :meth:`fileno` and calls :meth:`read`, which reads every event queued
+    so far at once (a burst of drops is one read, not one thread hand-off
+    per file). It uses watchdog's inotify binding but not its observer:
+    that passes every event through three threads and two queues, which
+    cost as much of the GIL as the lane running the handlers, and it holds a
+    lone ``IN_MOVED_FROM`` for half a second to pair it (docs/benchmarks.rst
+    has the profiles). Polling (``watch: poll``, for network filesystems)
+    uses watchdog's polling observer in its own thread, which calls
+    ``wake``.
+
+    :meth:`healthy` is False once a watched folder has gone (removed or
+    moved by hand) or the polling thread has died; the daemon then starts a
+    new watcher and rescans. ``overflowed`` is set when the kernel dropped
+    events; the daemon rescans at once.
     """
 
     def __init__(self, directories: list[Path], poll: bool, wake: Any) -> None:
         self.directories = directories
         self.poll = poll
-        self.wake = wake  # called after each hint, to wake the daemon's loop
-        self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
-        self.observer: Any = None
+        self.wake = wake  # called by the polling thread after each hint
+        self.overflowed = False
+        self._queue: queue.SimpleQueue[Hint] = queue.SimpleQueue()  # polling's hints
+        self._observer: Any = None
+        self._fd = -1
+        self._folders: dict[int, str] = {}  # watch descriptor -> "folder/"
+        self._broken = False
 
     def start(self) -> None:
-        from watchdog.events import (
-            FileClosedEvent,
-            FileCreatedEvent,
-            FileMovedEvent,
-            FileSystemEventHandler,
-        )
+        self._broken = False
+        if self.poll:
+            self._start_polling()
+            return
+        from watchdog.observers.inotify_c import InotifyConstants as C
+        from watchdog.observers.inotify_c import inotify_add_watch, inotify_init
+
+        # A file renamed in (whole at once), created, or closed after
+        # writing; and the watched folder itself going away.
+        mask = (C.IN_MOVED_TO | C.IN_CREATE | C.IN_CLOSE_WRITE | C.IN_DELETE_SELF
+                | C.IN_MOVE_SELF | C.IN_ONLYDIR)  # fmt: skip
+        fd = inotify_init()
+        if fd < 0:
+            raise OSError(ctypes_errno(), "cannot start inotify (fs.inotify.max_user_instances?)")
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        try:
+            for directory in self.directories:
+                wd = inotify_add_watch(fd, os.fsencode(directory), mask)
+                if wd < 0:
+                    err = ctypes_errno()
+                    raise OSError(err, f"cannot watch {directory}: {os.strerror(err)}")
+                self._folders[wd] = f"{directory}/"
+        except BaseException:
+            os.close(fd)
+            self._folders = {}
+            raise
+        self._fd = fd
+
+    def fileno(self) -> int:
+        """The inotify descriptor to wait on (-1 when polling)."""
+        return self._fd
+
+    def read(self) -> list[Hint]:
+        """Every hint available now, oldest first; never blocks."""
+        hints = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                hints.append(self._queue.get_nowait())
+        if self._fd < 0:
+            return hints
+        from watchdog.observers.inotify_c import InotifyConstants as C
+
+        gone = C.IN_DELETE_SELF | C.IN_MOVE_SELF | C.IN_IGNORED
+        folders = self._folders
+        while True:
+            try:
+                buf = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return hints
+            for wd, mask, name in _events(buf):
+                if mask & C.IN_Q_OVERFLOW:  # the kernel dropped events
+                    self.overflowed = True
+                elif mask & gone:
+                    self._broken = True
+                elif name and (folder := folders.get(wd)) is not None:
+                    hints.append(Hint(folder + os.fsdecode(name), bool(mask & C.IN_MOVED_TO)))
+
+    def _start_polling(self) -> None:
+        from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
+        from watchdog.observers.polling import PollingObserver
 
         watcher = self
 
@@ -150,59 +207,60 @@ class Watcher:
             def on_any_event(self, event: Any) -> None:
                 try:
                     if isinstance(event, FileMovedEvent):
-                        watcher._hint(event.dest_path, renamed_in=True)
-                    elif isinstance(event, (FileCreatedEvent, FileClosedEvent)):
-                        watcher._hint(event.src_path, renamed_in=False)
+                        path, renamed_in = event.dest_path, True
+                    elif isinstance(event, FileCreatedEvent):
+                        path, renamed_in = event.src_path, False
+                    else:
+                        return
+                    watcher._queue.put(Hint(os.fsdecode(path), renamed_in))
+                    watcher.wake()
                 except Exception:  # never let the observer thread die
                     pass
 
-        if self.poll:
-            from watchdog.observers.polling import PollingObserver
-
-            observer: Any = PollingObserver(timeout=1.0)
-        else:
-            from watchdog.observers.inotify import InotifyObserver
-
-            _no_move_pairing_delay()
-            # Full events: a file moved in from an unwatched directory comes
-            # as a move (renamed in, whole), not as a create.
-            observer = InotifyObserver(generate_full_events=True)
+        observer = PollingObserver(timeout=1.0)
         handler = Handler()
         for directory in self.directories:
-            observer.schedule(
-                handler,
-                str(directory),
-                recursive=False,
-                event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent],
-            )
+            observer.schedule(handler, str(directory), recursive=False)
         observer.daemon = True
         observer.start()
-        self.observer = observer
-
-    def _hint(self, path: str | bytes, renamed_in: bool) -> None:
-        if path:
-            self.hints.put(Hint(os.fsdecode(path), renamed_in))
-            self.wake()
+        self._observer = observer
 
     def healthy(self) -> bool:
-        """False when the observer or one of its emitter threads has died."""
-        obs = self.observer
-        return obs is not None and obs.is_alive() and all(e.is_alive() for e in obs.emitters)
+        """False when a watched folder has gone or the polling thread has died."""
+        if self._observer is not None:
+            obs = self._observer
+            return bool(obs.is_alive() and all(e.is_alive() for e in obs.emitters))
+        return self._fd >= 0 and not self._broken
 
     def stop(self) -> None:
-        if self.observer is not None:
-            # watchdog logs a spurious error when an emitter stops mid-read.
-            quiet = logging.getLogger("watchdog.observers.inotify")
-            level = quiet.level
-            quiet.setLevel(logging.CRITICAL)
-            try:
-                with contextlib.suppress(Exception):
-                    self.observer.stop()
-                    self.observer.join(5)
-            finally:
-                quiet.setLevel(level)
-            self.observer = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._folders = {}
+        if self._observer is not None:
+            with contextlib.suppress(Exception):
+                self._observer.stop()
+                self._observer.join(5)
+            self._observer = None
 
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _events(buf: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(watch descriptor, mask, name) of each ``struct inotify_event`` in a read."""
+    i, end = 0, len(buf)
+    while i + 16 <= end:
+        wd, mask, _cookie, length = _EVENT.unpack_from(buf, i)
+        yield wd, mask, buf[i + 16 : i + 16 + length].rstrip(b"\0")
+        i += 16 + length
+
+
+_EVENT = struct.Struct("iIII")
+
+
+def ctypes_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()

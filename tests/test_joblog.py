@@ -116,3 +116,23 @@ def test_every_event_has_a_time_with_its_offset():
     assert root.get("interface") is None
     stamp = events(data)[0].get("time") or ""
     assert stamp[-6] in "+-" and stamp[-3] == ":"
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York", "UTC", "Asia/Kolkata"])
+def test_event_times_are_the_local_wall_clock_with_its_offset(zone, monkeypatch):
+    import time
+    from datetime import datetime, timedelta
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        joblog._this_second = (-1, "", "")  # a zone change is a restart in real life
+        before = datetime.now().astimezone()
+        shown = datetime.fromisoformat(joblog.now())
+        after = datetime.now().astimezone()
+        assert shown.utcoffset() == before.utcoffset()
+        assert before - timedelta(milliseconds=1) <= shown <= after
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+        joblog._this_second = (-1, "", "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import shutil
 import subprocess
 import threading
 import time
@@ -168,31 +170,65 @@ def test_candidates_of_a_missing_folder_are_none(tmp_path):
 
 
 def _collect(watcher: watch.Watcher, hints: list[watch.Hint]) -> set[tuple[str, bool]]:
-    while not watcher.hints.empty():
-        hints.append(watcher.hints.get())
+    hints.extend(watcher.read())
     return {(Path(h.path).name, h.renamed_in) for h in hints}
 
 
 def test_the_watcher_hints_at_renamed_in_and_written_files(tmp_path):
-    woken = threading.Event()
-    watcher = watch.Watcher([tmp_path], False, woken.set)
+    watcher = watch.Watcher([tmp_path], False, lambda: None)
     watcher.start()
     try:
         assert watcher.healthy()
         renamed_in(tmp_path, "renamed.xml")
         put(tmp_path, "written.xml", order(2))
+        # The daemon waits on the descriptor: it must become readable.
+        readable, _, _ = select.select([watcher.fileno()], [], [], 10)
+        assert readable, "no event on the inotify descriptor"
         hints: list[watch.Hint] = []
         wait_for(
             lambda: {("renamed.xml", True), ("written.xml", False)} <= _collect(watcher, hints),
             "hints for both files",
             timeout=10,
         )
-        assert woken.is_set()
         # A file written in place is never mistaken for one renamed in (whole at once).
         assert ("written.xml", True) not in _collect(watcher, hints)
     finally:
         watcher.stop()
     assert not watcher.healthy()
+
+
+def test_a_burst_of_drops_is_read_at_once_and_in_order(tmp_path):
+    watcher = watch.Watcher([tmp_path], False, lambda: None)
+    watcher.start()
+    try:
+        names = [f"burst-{i:03d}.xml" for i in range(200)]
+        for name in names:
+            renamed_in(tmp_path, name)
+        hints = watcher.read()  # all queued by now: one call, no waiting
+        assert [Path(h.path).name for h in hints if h.renamed_in] == names
+        assert {Path(h.path).parent for h in hints} == {tmp_path}
+        assert watcher.read() == []
+    finally:
+        watcher.stop()
+
+
+def test_a_watched_folder_removed_by_hand_makes_the_watcher_unhealthy(tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    watcher = watch.Watcher([folder], False, lambda: None)
+    watcher.start()
+    try:
+        shutil.rmtree(folder)
+        wait_for(lambda: not (watcher.read() or watcher.healthy()), "unhealthy", timeout=10)
+        folder.mkdir()
+        watcher.restart()  # what the daemon does, then it rescans
+        assert watcher.healthy()
+        renamed_in(folder, "after.xml")
+        seen: list[watch.Hint] = []
+        wait_for(lambda: ("after.xml", True) in _collect(watcher, seen),
+                 "a hint from the new watch", timeout=10)  # fmt: skip
+    finally:
+        watcher.stop()
 
 
 def test_the_polling_watcher_hints_at_new_files_too(tmp_path):
