@@ -56,7 +56,9 @@ class Daemon:
         self.lanes: dict[str, Lane] = {}
         self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
-        self.logs: dict[str, joblog.Log] = {}  # logs of jobs accepted by this process
+        # Logs of jobs accepted by this process, and whether an older one
+        # may be on disk in state/pending (to remove when the job is done).
+        self.logs: dict[str, tuple[joblog.Log, bool]] = {}
         self.accepted: list[tuple[str, intake.Taken]] = []  # this turn's, until synced
         self.uncommitted: set[str] = set()  # their names: queue hints must not offer them yet
         self.logs_lock = threading.Lock()
@@ -255,19 +257,24 @@ class Daemon:
             if lane is None:  # _out: it waits to be fetched
                 continue
             with self.logs_lock:
-                self.logs[taken.name] = taken.log
+                self.logs[taken.name] = (taken.log, False)
             lane.offer(taken.stamp, taken.name)
 
     def keep_log(self, name: str, log: joblog.Log) -> None:
         """Hold a queued job's history for its next run (its finish failed)."""
         with self.logs_lock:
-            self.logs[name] = log
+            self.logs[name] = (log, True)
 
-    def take_log(self, name: str, stamp: int, interface: str) -> joblog.Log:
-        """The log a job has so far: from this process, from state/pending, or anew."""
+    def take_log(self, name: str, stamp: int, interface: str) -> tuple[joblog.Log, bool]:
+        """The log a job has so far (from this process, from state/pending, or anew).
+
+        And whether state/pending may hold a copy, which goes once the job is done.
+        """
         with self.logs_lock:
-            log = self.logs.pop(name, None)
-        return log if log is not None else intake.log_so_far(self.spool, name, interface, stamp)
+            kept = self.logs.pop(name, None)
+        if kept is not None:
+            return kept
+        return intake.log_so_far(self.spool, name, interface, stamp), True
 
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""

@@ -119,8 +119,8 @@ def ran(log: Log, outcome: Outcome, handler: str) -> None:
         etree.SubElement(el, _Q + "traceback").text = xml_text(outcome.traceback)
 
 
-def moved(log: Log, source: str, dest: str, at: str | None = None) -> None:
-    event(log, "moved", at, **{"from": source, "to": dest})
+def moved(log: Log, source: str, dest: str, at: str | None = None) -> etree._Element:
+    return event(log, "moved", at, **{"from": source, "to": dest})
 
 
 def note(log: Log, text: str, at: str | None = None) -> None:

@@ -11,9 +11,11 @@ worker threads take the head, run the handler, and finish the job:
 
 Finished jobs are committed in groups (up to 64, or fewer as soon as nothing
 else is runnable, so a lone job waits for nobody): every log written, one
-``syncfs``, every job's rename, one ``syncfs``. That keeps "the log is
-durable before the job's final rename" at two syncs per batch instead of six
-fsyncs per job.
+``syncfs``, every job's rename; the next batch's ``syncfs`` (or, when the
+lane has nothing else to run, one of its own) makes those renames durable,
+and only then are the jobs reported done. That keeps "the log is durable
+before the job's final rename" at one sync per batch in a burst, two for a
+lone job, instead of six fsyncs per job.
 - try later: the job keeps its place at the head, its log so far is kept in
   ``state/pending``, and the lane waits, doubling the wait each time (from
   ``backoff_initial`` up to ``backoff_max``). ``state/blocked/IFACE`` says
@@ -27,7 +29,6 @@ least once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import heapq
 import math
 import shlex
@@ -56,6 +57,7 @@ class Finished(NamedTuple):
     log: joblog.Log
     dest: str
     outcome: handlers.Outcome
+    pending: bool  # state/pending may hold an older copy of its log
 
 
 class Lane:
@@ -157,9 +159,10 @@ class Lane:
 
     def _work(self) -> None:
         batch: list[Finished] = []
-        while (item := self._take(block=not batch)) is not None:
+        renamed: list[tuple[Finished, str]] = []  # this thread's, in bak/joberrors, not synced
+        while (item := self._take(block=not (batch or renamed))) is not None:
             if item is False:  # nothing more to run now: make the batch durable first
-                self.commit(batch)
+                self.commit(batch, renamed)
                 continue
             assert isinstance(item, tuple)
             stamp, name = item
@@ -176,8 +179,9 @@ class Lane:
             else:
                 batch.append(done)
                 if len(batch) >= BATCH:
-                    self.commit(batch)
-        self.commit(batch)
+                    self.commit(batch, renamed)
+        self.commit(batch, renamed)
+        self.commit(batch, renamed)  # the last renames, synced and reported
 
     # --- one job -------------------------------------------------------------------------
 
@@ -189,7 +193,7 @@ class Lane:
         if not path.is_file():
             self._forget(name)  # fetched, or moved by hand: nothing to do
             return None
-        log = self.daemon.take_log(name, stamp, iface.name)
+        log, pending = self.daemon.take_log(name, stamp, iface.name)
         bound.debug("started", handler=self._describe())  # not a state change
         if iface.command is not None:
             outcome = handlers.run_command(
@@ -221,16 +225,21 @@ class Lane:
             self._back_off(stamp, name, outcome.reason or "try later")
             return None
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
-        return Finished(stamp, name, log, dest, outcome)
+        return Finished(stamp, name, log, dest, outcome, pending)
 
-    def commit(self, batch: list[Finished]) -> None:
-        """Group commit: every log in place, one sync, every job's one rename, one sync.
+    def commit(self, batch: list[Finished], renamed: list[tuple[Finished, str]]) -> None:
+        """Group commit: every log in place, one sync, then every job's one rename.
 
-        The order keeps the contract: a job's log is durable before the job's
-        final rename. A crash before the second sync leaves some jobs in the
-        queue with their handler run: they run again (at least once).
+        The sync makes this batch's logs durable before its jobs' final
+        renames (the contract), and the previous batch's renames durable, so
+        a burst costs one sync per batch, not two. Only after a job's rename
+        is synced is it reported done: when nothing else is runnable,
+        :meth:`_work` commits an empty batch for that. A crash before that
+        sync leaves some jobs in the queue with their handler run: they run
+        again (at least once). ``renamed`` is the calling thread's list of
+        jobs renamed but not yet synced.
         """
-        if not batch:
+        if not batch and not renamed:
             return
         spool = self.spool
         placed = []
@@ -244,7 +253,8 @@ class Lane:
                 self.daemon.keep_log(f.name, f.log)  # its history so far, for the next run
                 self._back_off(f.stamp, f.name)
         self._sync()
-        moved = []
+        self._report(renamed)
+        renamed.clear()
         for f, dest_dir, new_name, label in placed:
             try:
                 spool.move(spool.dir(QUEUE, self.iface.name) / f.name, dest_dir,
@@ -255,11 +265,19 @@ class Lane:
                 )
                 self._back_off(f.stamp, f.name)
                 continue
-            moved.append((f, label))
-        self._sync()
-        for f, label in moved:
-            with contextlib.suppress(Exception):  # a stale one is cleaned at start
-                spool.remove(spool.pending_log(f.name), sync=False)
+            renamed.append((f, label))
+        staying = {f.name for f in batch} - {f.name for f, _ in renamed}
+        with self.cond:
+            self.in_flight.difference_update(staying)
+        batch.clear()
+
+    def _report(self, renamed: list[tuple[Finished, str]]) -> None:
+        """Jobs whose final rename is durable: done (or failed), and forgotten."""
+        spool = self.spool
+        for f, label in renamed:
+            if f.pending:
+                with contextlib.suppress(Exception):  # a stale one is cleaned at start
+                    spool.remove(spool.pending_log(f.name), sync=False)
             self._forget(f.name)
             bound = logs.get(job=f.name, interface=self.iface.name)
             if f.dest == BAK:
@@ -267,8 +285,7 @@ class Lane:
             else:
                 bound.warning(f.outcome.result, to=label, reason=f.outcome.reason)
         with self.cond:
-            self.in_flight.difference_update(f.name for f in batch)
-        batch.clear()
+            self.in_flight.difference_update(f.name for f, _ in renamed)
 
     def _place_log(self, f: Finished) -> tuple[Path, str, str]:
         """Write a finished job's log beside where it goes; (folder, name, place) for the move."""
@@ -282,10 +299,14 @@ class Lane:
             new_name = safe_name(f.name, spool.stamp())
             f.log.set("job", new_name)
             joblog.note(f.log, f"{f.name} was already in {label}; this job was renamed {new_name}")
-        final = copy.deepcopy(f.log)  # f.log stays the history so far, should this fail
-        joblog.moved(final, f"{QUEUE}/{iface.name}", label)
-        spool.write(dest_dir / names.log_name(new_name), [joblog.to_bytes(final)],
-                    replace=True, sync=False)  # fmt: skip
+        # The final move is in the file, not in f.log: should this fail, f.log
+        # stays the history so far, for the next run.
+        moved = joblog.moved(f.log, f"{QUEUE}/{iface.name}", label)
+        try:
+            final = joblog.to_bytes(f.log)
+        finally:
+            f.log.remove(moved)
+        spool.write(dest_dir / names.log_name(new_name), [final], replace=True, sync=False)
         return dest_dir, new_name, label
 
     def _sync(self) -> None:
