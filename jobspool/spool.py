@@ -88,6 +88,7 @@ class Spool:
         self.joberrors = root / JOBERRORS
         self._last_stamp = 0
         self._dirs: dict[tuple[str, str | None], Path] = {}
+        self._lock_paths: dict[str, Path] = {}
         self._places: list[tuple[Place, str]] | None = None
 
     # --- paths ---------------------------------------------------------------
@@ -286,7 +287,7 @@ class Spool:
         processes and restarts even when the wall clock was stepped back.
         """
         try:
-            fd = _lock_fd(self.state / "names.lock")
+            fd = _lock_fd(self._lock_path("names"))
             last = os.fstat(fd).st_mtime_ns
         except OSError:
             fd, last = -1, 0
@@ -360,6 +361,12 @@ class Spool:
             finally:
                 os.close(fd)
 
+    def _lock_path(self, what: str) -> Path:
+        path = self._lock_paths.get(what)
+        if path is None:
+            path = self._lock_paths[what] = self.state / f"{what}.lock"
+        return path
+
     def names_lock(self) -> contextlib.AbstractContextManager[None]:
         """Held while a new name enters the spool, so two entries cannot take one name."""
         return self.locked("names")
@@ -373,8 +380,9 @@ class Spool:
         """
         import fcntl
 
-        self.require()
-        path = self.state / f"{what}.lock"
+        path = self._lock_path(what)
+        if path not in _lock_fds:  # once: the spool cannot vanish under an open lock
+            self.require()
         with os_errors("cannot lock the spool"):
             fd = _lock_fd(path)
         with _thread_lock(path):
