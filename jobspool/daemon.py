@@ -17,6 +17,7 @@ rename, and a job still in the queue after a crash simply runs again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
@@ -37,6 +38,8 @@ from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors, remove_if_abandoned
 from jobspool.worker import BATCH, Lane
 
+TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
+
 
 class Daemon:
     """The daemon for one configuration file."""
@@ -54,6 +57,7 @@ class Daemon:
         self.stopping = False
         self.reload_requested = False
         self.lanes: dict[str, Lane] = {}
+        self.hints: collections.deque[watch.Hint] = collections.deque()  # read, not yet looked at
         self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
         # Logs of jobs accepted by this process, and whether an older one
@@ -105,6 +109,8 @@ class Daemon:
                 next_metrics = now + self.cfg.daemon.metrics_interval
             if self.once and self.idle():
                 break
+            if self.hints:
+                continue  # a flood: take the next slice at once
             # Sleep until the next thing is due; an event or a signal wakes us sooner.
             timeout = min(next_rescan - now, (due - time.time()) if due else 1.0, 1.0)
             if self.ping is not None:
@@ -115,20 +121,27 @@ class Daemon:
 
     def sleep(self, timeout: float) -> None:
         """Until a file event, a wake from a thread or signal, or ``timeout`` seconds."""
-        fds = [self.wake_fd]
+        poller = select.poll()  # not select(): no limit on descriptor numbers
+        poller.register(self.wake_fd, select.POLLIN)
         if self.watcher is not None and self.watcher.fileno() >= 0:
-            fds.append(self.watcher.fileno())
-        with contextlib.suppress(InterruptedError):
-            select.select(fds, [], [], timeout)
+            poller.register(self.watcher.fileno(), select.POLLIN)
+        poller.poll(timeout * 1000)
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wake_fd)
 
     def loop(self, now: float) -> float | None:
         """One turn: take the hinted and due drops; return when a waiting drop is due."""
         assert self.watcher is not None
-        for hint in self.watcher.read():
+        self.hints.extend(self.watcher.read())
+        # A flood of drops is taken a slice at a time, so that schedules,
+        # rescans and systemd's watchdog are served in between.
+        until = time.monotonic() + TURN
+        while self.hints:
+            hint = self.hints.popleft()
             self.look_at(Path(hint.path), hint.renamed_in, now)
             self.keepalive()
+            if time.monotonic() >= until:
+                break
         for path, (due, renamed_in) in sorted(self.waiting.items(), key=lambda w: w[1][0]):
             if due <= now:
                 self.look_at(path, renamed_in, now)
@@ -146,6 +159,8 @@ class Daemon:
             except Exception as exc:  # rescans still find everything, only later
                 self.log.error("cannot restart the file watcher", error=str(exc))
             self.rescan()
+        if self.hints:
+            return now  # more to take: no sleep
         return min((due for due, _ in self.waiting.values()), default=None)
 
     def keepalive(self) -> None:
@@ -156,7 +171,7 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing waiting, nothing queued that could run (``--once``)."""
-        if self.waiting or not self.watcher:
+        if self.waiting or self.hints or not self.watcher:
             return False
         return all(
             lane.depth() == 0 or self.spool.is_paused(name) for name, lane in self.lanes.items()

@@ -91,6 +91,36 @@ def test_500_jobs_dropped_at_once_are_all_handled_in_drop_order(site):
     assert daemon.stop() == 0
 
 
+def test_a_flood_of_drops_is_taken_a_slice_at_a_time(site, monkeypatch):
+    # Between slices the loop serves schedules, rescans and systemd's
+    # watchdog; here a slice is one file (in-process, the loop driven by hand).
+    from jobspool import daemon as daemon_module
+
+    site.configure({"orders_in": orders_in(site)})
+    site.init()
+    monkeypatch.setattr(daemon_module, "TURN", 0.0)
+    d = daemon_module.Daemon(str(site.config))
+    d.start_watching()
+    try:
+        names = [f"flood-{i}.xml" for i in range(3)]
+        for name in names:
+            site.drop("orders_in", name)
+        turns = 0
+        while True:
+            now = time.time()
+            due = d.loop(now)
+            turns += 1
+            if not d.hints:
+                break
+            assert due == now, "a turn with drops left must ask for the next at once"
+        assert turns >= len(names)  # at least one turn per renamed-in file
+        assert sorted(site.ls("queue", "orders_in")) == names
+        assert site.ls("incoming", "orders_in") == []
+    finally:
+        assert d.watcher is not None
+        d.watcher.stop()
+
+
 def test_jobs_dropped_while_the_daemon_is_down_are_handled_in_drop_order(site):
     site.configure({"orders_in": orders_in(site)})
     site.init()
