@@ -427,6 +427,28 @@ def write_file(
             fsync_dir(dest.parent)
 
 
+def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
+    """Write a staging file for ``name`` in ``staging``, unsynced; return its path.
+
+    The first half of a group commit: the caller syncs its batch, and only
+    then renames each file into place, so a crash never leaves an empty or
+    partial file where a reader looks (ext4 can show an unsynced new file
+    empty after a power cut). What a crash strands here is removed with
+    :func:`remove_if_abandoned`.
+    """
+    with os_errors(f"cannot write {name}"):
+        fd, tmp = _mkstemp(staging, name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return tmp
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
