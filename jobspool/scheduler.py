@@ -31,11 +31,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
+from jobspool import schedules
 from jobspool.config import Schedule, parse_every
 from jobspool.errors import JobspoolError
+from jobspool.schedules import Result
 
 if TYPE_CHECKING:
-    from jobspool.schedules import Result, Staged, Store
+    from jobspool.schedules import Staged, Store
 
 
 def zone(s: Schedule) -> tzinfo:
@@ -67,13 +69,17 @@ def _system_zone() -> tzinfo:
 def next_run(s: Schedule, after: float) -> float | None:
     """The first run strictly after ``after`` (a POSIX time), or None if there is none."""
     if s.timing == "every":
-        step = parse_every(s.when)
+        step = _step(s.when)
         return (after // step + 1) * step
     tz = zone(s)
     if s.timing == "at":
         when = _parse_at(s.when, tz)
         return when if when > after else None
     return _next_cron(s.when, tz, after)
+
+
+# Parsed once per text: the daemon asks for every tick of every schedule.
+_step = functools.lru_cache(maxsize=1024)(parse_every)
 
 
 def preview(s: Schedule, after: float, count: int = 5) -> list[float]:
@@ -202,8 +208,6 @@ class Scheduler:
 
     def fire(self, s: Schedule, trigger: str, due: float) -> None:
         """Hand a tick to the run threads, or record it as skipped if ``s`` is still busy."""
-        from jobspool import schedules
-
         with self.cond:
             state = self.busy.get(s.id)
             if state is None:
@@ -211,7 +215,7 @@ class Scheduler:
         if state is not None:
             now = time.time()
             message = STILL_GOING if state == _RUNNING else STILL_WAITING
-            self.recorder.add(s, schedules.Result(s.id, trigger, "skipped", now, now, due,
+            self.recorder.add(s, Result(s.id, trigger, "skipped", now, now, due,
                                                   message=message))  # fmt: skip
             return
         if self.pool.submit(Tick(s, trigger, due)):
@@ -222,8 +226,6 @@ class Scheduler:
 
     def _run(self, tick: Tick) -> None:
         """One run, on a run thread; its result goes to the recorder before the schedule is free."""
-        from jobspool import schedules
-
         s = tick.schedule
         with self.cond:
             self.busy[s.id] = _RUNNING
@@ -232,7 +234,7 @@ class Scheduler:
             with self.cond:
                 self.procs[s.id] = proc
 
-        def record(s: Schedule, result: schedules.Result) -> None:
+        def record(s: Schedule, result: Result) -> None:
             # Staged here, so that run threads write in parallel; placed by the recorder.
             self.recorder.add(s, result, self.store.stage(s, result))
 
@@ -309,7 +311,6 @@ class Scheduler:
         handler or template cannot be killed and is left to finish or die
         with the process. Every result recorded by then is made durable.
         """
-        from jobspool import schedules
         from jobspool.handlers import kill_group
 
         deadline = time.monotonic() + timeout
@@ -317,7 +318,7 @@ class Scheduler:
             with self.cond:
                 self.busy.pop(tick.schedule.id, None)
             now = time.time()
-            self.recorder.add(tick.schedule, schedules.Result(
+            self.recorder.add(tick.schedule, Result(
                 tick.schedule.id, tick.trigger, "skipped", now, now, tick.due,
                 message=NEVER_STARTED))  # fmt: skip
         with self.cond:
@@ -334,6 +335,8 @@ class Scheduler:
 
 
 _FINAL_COMMIT = 30.0  # seconds the last results may take to be synced at shutdown
+BATCH = 64  # results that make a batch worth committing at once
+GATHER = 0.02  # seconds a batch waits for more results while runs are going
 
 
 class _Pool(Generic[_T]):
@@ -400,8 +403,9 @@ class _Pool(Generic[_T]):
 class _Recorder:
     """Group commit of run results, on a thread of its own.
 
-    Each batch is what arrived while the previous one was being committed:
-    its results (staged by the run threads, unsynced), one ``syncfs``, every
+    Each batch is what arrived while the previous one was being committed
+    (and, while runs are going, for up to ``GATHER`` more): its results
+    (staged by the run threads, unsynced), one ``syncfs``, every
     result renamed into place, one ``syncfs``; only then is each run logged
     and its schedule's history pruned. A crash therefore loses at most the
     results of a batch not yet synced, and never leaves a partial or empty
@@ -425,7 +429,10 @@ class _Recorder:
                 self.thread = threading.Thread(target=self._serve, name="recorder",
                                                daemon=True)  # fmt: skip
                 self.thread.start()
-            self.cond.notify_all()
+            # Only what the recorder waits for: waking it for every result of
+            # a burst would cost a context switch each.
+            if len(self.items) in (1, BATCH):
+                self.cond.notify_all()
 
     def wait(self, timeout: float) -> bool:
         """Until everything handed over is committed; False on timeout."""
@@ -447,6 +454,11 @@ class _Recorder:
                 self.cond.wait_for(lambda: self.items or self.stopping)
                 if not self.items:
                     return
+                if len(self.items) < BATCH and self.scheduler.busy and not self.stopping:
+                    # Runs are going: let their results join this batch. Each
+                    # sync flushes the whole filesystem; a burst of a thousand
+                    # runs then takes tens of syncs, not hundreds.
+                    self.cond.wait(GATHER)
                 batch, self.items = self.items, []
             try:
                 self.commit(batch)
@@ -466,19 +478,23 @@ class _Recorder:
                 log.error("cannot record a result", schedule=s.id, error=str(exc))
         self._sync()
         placed = []
+        stems: dict[str, list[int]] = {}  # per schedule, listed once a batch
         for st in staged:
+            sid = st.schedule.id
             try:
-                store.place(st)
+                if sid not in stems:
+                    stems[sid] = store.result_stems(sid)
+                store.place(st, stems[sid])
             except Exception as exc:
-                log.error("cannot record a result", schedule=st.schedule.id, error=str(exc))
+                log.error("cannot record a result", schedule=sid, error=str(exc))
             else:
                 placed.append(st)
         if not placed:
             return
         self._sync()
-        for sid in dict.fromkeys(st.schedule.id for st in placed):
+        for sid, names in stems.items():
             try:
-                store.prune(sid)
+                store.prune(sid, names)
             except OSError as exc:
                 log.error("cannot prune the results", schedule=sid, error=str(exc))
         for st in placed:

@@ -87,6 +87,7 @@ class Store:
         self.spool = Spool(cfg.spool, cfg.interfaces)
         self.root = self.spool.state / "schedules"
         self._path_cache: dict[str, _Paths] = {}
+        self._settings: list[tuple[str, str]] | None = None
 
     def folder(self, sid: str) -> Path:
         return self.root / sid
@@ -123,12 +124,17 @@ class Store:
         """
         out = []
         stat = os.stat
-        for sid in self.cfg.schedules:
+        for sid, path in self._settings_files():
             try:
-                out.append((sid, stat(self._paths(sid).settings).st_mtime_ns))
+                out.append((sid, stat(path).st_mtime_ns))
             except OSError:
                 out.append((sid, 0))
         return tuple(out)
+
+    def _settings_files(self) -> list[tuple[str, str]]:
+        if self._settings is None:
+            self._settings = [(sid, self._paths(sid).settings) for sid in self.cfg.schedules]
+        return self._settings
 
     def change(self, sid: str, changes: Mapping[str, Any]) -> Schedule:
         """Store changed keys, checked as strictly as the configuration; return the result."""
@@ -196,24 +202,27 @@ class Store:
         """Write a run's result durably, then keep only the newest ``daemon.history``."""
         runs = self.folder(s.id) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        path = runs / f"{self._result_name(s.id, result)}.xml"
-        write_file(path, [result_xml(s, result)], staging=runs, replace=True)
-        self.prune(s.id)
-        return path
+        stems = self.result_stems(s.id)
+        stem = _result_stem(result, stems)
+        write_file(runs / f"{stem}.xml", [result_xml(s, result)], staging=runs, replace=True)
+        stems.append(stem)
+        self.prune(s.id, stems)
+        return runs / f"{stem}.xml"
 
     def stage(self, s: Schedule, result: Result) -> Staged:
         """Write a run's result to a staging file, unsynced: see :meth:`place`."""
         staging = write_staged(self.spool.tmp, s.id, [result_xml(s, result)])
         return Staged(s, result, staging)
 
-    def place(self, staged: Staged) -> Path:
+    def place(self, staged: Staged, stems: list[int]) -> Path:
         """Rename a staged result into place, after its batch was synced (group commit).
 
-        Named by the run's start, and after the newest result there, which
-        is only known now: the same rule as :meth:`record`.
+        ``stems`` are the schedule's results (:meth:`result_stems`); the new
+        one is added. It is named by the run's start, and after the newest
+        result, which is only known now: the same rule as :meth:`record`.
         """
         runs = self._paths(staged.schedule.id).runs
-        stem = self._result_name(staged.schedule.id, staged.result)
+        stem = _result_stem(staged.result, stems)
         while True:
             path = f"{runs}/{stem}.xml"
             try:
@@ -229,23 +238,22 @@ class Store:
                 with contextlib.suppress(OSError):
                     os.unlink(staged.staging)
                 raise JobspoolError(f"cannot record a result in {runs}: {exc.strerror}") from exc
+            stems.append(stem)
             return Path(path)
 
-    def prune(self, sid: str) -> None:
-        """Keep only the newest ``daemon.history`` results of ``sid``."""
+    def prune(self, sid: str, stems: list[int] | None = None) -> None:
+        """Keep only the newest ``daemon.history`` results of ``sid`` (of ``stems``, if given)."""
         runs = self._paths(sid).runs
-        for stem in self._result_stems(sid)[: -self.cfg.daemon.history]:
+        stems = self.result_stems(sid) if stems is None else stems
+        for stem in stems[: -self.cfg.daemon.history]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{runs}/{stem}.xml")
 
-    def _result_name(self, sid: str, result: Result) -> int:
-        # Named by start, but always after the newest: a clock that went
-        # back must not make a new result the first to be pruned.
-        stems = self._result_stems(sid)
-        return max(int(result.start * 1e9), stems[-1] + 1 if stems else 0)
+    def result_stems(self, sid: str) -> list[int]:
+        """The results' names as numbers, oldest first.
 
-    def _result_stems(self, sid: str) -> list[int]:
-        """The results' names as numbers, oldest first (no Path per file: this runs per run)."""
+        Bare names, no Path per file: the daemon lists them for every run.
+        """
         try:
             names = os.listdir(self._paths(sid).runs)
         except FileNotFoundError:
@@ -277,6 +285,12 @@ class Store:
             yield True
         finally:
             os.close(fd)
+
+
+def _result_stem(result: Result, stems: list[int]) -> int:
+    # Named by start, but always after the newest: a clock that went back
+    # must not make a new result the first to be pruned.
+    return max(int(result.start * 1e9), stems[-1] + 1 if stems else 0)
 
 
 def _open_in(folder: str, path: str, flags: int, mode: int) -> int:

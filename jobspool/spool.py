@@ -439,13 +439,17 @@ def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
     with os_errors(f"cannot write {name}"):
         fd, tmp = _mkstemp(staging, name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
+            # Bare writes: a file object costs three more system calls per file.
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        finally:
+            os.close(fd)
     return tmp
 
 
