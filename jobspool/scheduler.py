@@ -462,6 +462,8 @@ class _Recorder:
                 batch, self.items = self.items, []
             try:
                 self.commit(batch)
+            except Exception as exc:  # a bug: the results that come after must still get in
+                self.scheduler.log.exception("cannot record results", error=str(exc))
             finally:
                 with self.cond:
                     self.pending -= len(batch)
