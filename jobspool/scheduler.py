@@ -15,8 +15,9 @@ clocks:
 - ``at:`` runs once, at a local date and time.
 
 :class:`Scheduler` is the daemon's loop for them, in the manner of huey's
-consumer: ``loop(now)`` is given the time, fires what is due in threads of
-its own, and returns when it next needs to be called.
+consumer: ``loop(now)`` is given the time, hands what is due to a bounded
+pool of run threads, and returns when it next needs to be called. Results
+are group committed (one sync for many) by a thread of their own.
 """
 
 from __future__ import annotations
