@@ -173,6 +173,8 @@ class Scheduler:
         # or waiting for a thread. The no-overlap rule within the daemon.
         self.busy: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}  # running commands, to stop them
+        self.fired: dict[str, float] = {}  # the last tick fired, ahead of its record on disk
+        self.ticks: list[tuple[str, float]] = []  # this turn's, for the recorder to write
         self.cond = threading.Condition()
         self.pool = _Pool(store.cfg.daemon.schedule_concurrency, "schedule", self._run)
         self.recorder = _Recorder(self)
@@ -188,20 +190,21 @@ class Scheduler:
             }
         self.last_now = now
         self.refresh(now)
-        fired = []
         for sid, s in self.schedules.items():
             due = self.next.get(sid)
             if due is None or due > now or not s.enabled:
                 continue
             self.fire(s, self.trigger.pop(sid, "time"), due)
-            fired.append((sid, due))
+            self.remember(sid, due)
             # From now, not from the tick: a clock that jumped forward gives
             # one run, not one for every tick it jumped over.
             self.next[sid] = next_run(s, now)
-        # Only once every due tick is on its way: these are the turn's only
-        # system calls, and the run threads are waiting for the GIL.
-        for sid, due in fired:
-            self.store.record_tick(sid, due)
+        if self.ticks:
+            # Written by the recorder: a file write per tick here would give
+            # the GIL to the run threads a thousand times a turn, and the main
+            # loop (which also takes in the jobs) would wait for it each time.
+            self.recorder.add_ticks(self.ticks)
+            self.ticks = []
         pending = [
             t for sid, t in self.next.items() if t is not None and self.schedules[sid].enabled
         ]
@@ -224,6 +227,11 @@ class Scheduler:
                 # (unless that thread has already run it to its end)
                 if self.busy.get(s.id) == _WAITING:
                     self.busy[s.id] = _RUNNING
+
+    def remember(self, sid: str, tick: float) -> None:
+        """Note ``tick`` as the last one fired, for catch-up after a restart (written soon)."""
+        self.fired[sid] = tick
+        self.ticks.append((sid, tick))
 
     def _run(self, tick: Tick) -> None:
         """One run, on a run thread; its result goes to the recorder before the schedule is free."""
@@ -283,20 +291,21 @@ class Scheduler:
                 # Counted from now, and remembered: no catch-up after a restart
                 # for ticks before the change, or while it was disabled.
                 self.next[sid] = next_run(s, now)
-                self.store.record_tick(sid, now)
+                self.remember(sid, now)
         for sid in set(self.schedules) - set(fresh):
             self.next.pop(sid, None)
         self.schedules = fresh
 
     def _after_clock_went_back(self, s: Schedule, now: float) -> float | None:
         if s.timing == "at":
-            return next_run(s, max(now, self.store.last_tick(s.id) or now))
+            last = self.fired.get(s.id) or self.store.last_tick(s.id)
+            return next_run(s, max(now, last or now))
         return next_run(s, now)
 
     def _after_downtime(self, s: Schedule, now: float) -> float | None:
         last = self.store.last_tick(s.id)
         if last is None:
-            self.store.record_tick(s.id, now)
+            self.remember(s.id, now)
             return next_run(s, now)
         missed = next_run(s, last)
         if missed is not None and missed <= now and s.enabled and s.catchup == "once":
@@ -417,7 +426,8 @@ class _Recorder:
         self.scheduler = scheduler
         self.cond = threading.Condition()
         self.items: list[tuple[Schedule, Result, Staged | None]] = []
-        self.pending = 0  # handed over and not yet committed
+        self.ticks: list[tuple[str, float]] = []
+        self.working = False  # a batch taken and not yet done
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -425,20 +435,30 @@ class _Recorder:
         """Commit a result of ``s``: ``staged`` already, or staged here."""
         with self.cond:
             self.items.append((s, result, staged))
-            self.pending += 1
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._serve, name="recorder",
-                                               daemon=True)  # fmt: skip
-                self.thread.start()
+            self._start()
             # Only what the recorder waits for: waking it for every result of
             # a burst would cost a context switch each.
             if len(self.items) in (1, BATCH):
                 self.cond.notify_all()
 
-    def wait(self, timeout: float) -> bool:
-        """Until everything handed over is committed; False on timeout."""
+    def add_ticks(self, ticks: list[tuple[str, float]]) -> None:
+        """Write these (schedule, tick) as the schedules' last ticks, in this order."""
         with self.cond:
-            return self.cond.wait_for(lambda: self.pending == 0, timeout)
+            self.ticks += ticks
+            self._start()
+            self.cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Until everything handed over is written; False on timeout."""
+        with self.cond:
+            return self.cond.wait_for(
+                lambda: not (self.items or self.ticks or self.working), timeout
+            )
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._serve, name="recorder", daemon=True)
+            self.thread.start()
 
     def stop(self, timeout: float) -> None:
         """Commit what was handed over, then end the thread."""
@@ -452,23 +472,39 @@ class _Recorder:
     def _serve(self) -> None:
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.items or self.stopping)
-                if not self.items:
+                self.cond.wait_for(lambda: self.items or self.ticks or self.stopping)
+                if not (self.items or self.ticks):
                     return
-                if len(self.items) < BATCH and self.scheduler.busy and not self.stopping:
+                if 0 < len(self.items) < BATCH and self.scheduler.busy and not self.stopping:
                     # Runs are going: let their results join this batch. Each
                     # sync flushes the whole filesystem; a burst of a thousand
                     # runs then takes tens of syncs, not hundreds.
                     self.cond.wait(GATHER)
                 batch, self.items = self.items, []
+                ticks, self.ticks = self.ticks, []
+                self.working = True
             try:
-                self.commit(batch)
-            except Exception as exc:  # a bug: the results that come after must still get in
+                self.write_ticks(ticks)
+                if batch:
+                    self.commit(batch)
+            except Exception as exc:  # a bug: what comes after must still get in
                 self.scheduler.log.exception("cannot record results", error=str(exc))
             finally:
                 with self.cond:
-                    self.pending -= len(batch)
+                    self.working = False
                     self.cond.notify_all()
+
+    def write_ticks(self, ticks: list[tuple[str, float]]) -> None:
+        """Each schedule's newest tick of ``ticks`` into its ``last``; one error line at most."""
+        failed = []
+        for sid, tick in dict(ticks).items():
+            try:
+                self.scheduler.store.record_tick(sid, tick)
+            except OSError as exc:
+                failed.append(f"{sid}: {exc.strerror}")
+        if failed:  # each tick of every schedule would be one line a second
+            self.scheduler.log.error("cannot record the last ticks", failed=len(failed),
+                                     first=failed[0])  # fmt: skip
 
     def commit(self, batch: list[tuple[Schedule, Result, Staged | None]]) -> None:
         """Stage what is not yet, sync, place every result, sync, then report and prune."""
