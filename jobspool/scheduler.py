@@ -169,6 +169,8 @@ class Scheduler:
         self.trigger: dict[str, str] = {}
         self.signature: tuple[tuple[str, int], ...] | None = None
         self.last_now: float | None = None
+        self.answer: float | None = None  # what the last loop() returned
+        self.look_again = 0.0  # when poll() next calls loop()
         # Per schedule with a tick fired and not yet run to its end: running,
         # or waiting for a thread. The no-overlap rule within the daemon.
         self.busy: dict[str, str] = {}
@@ -209,6 +211,19 @@ class Scheduler:
             t for sid, t in self.next.items() if t is not None and self.schedules[sid].enabled
         ]
         return min(pending, default=None)
+
+    def poll(self, now: float) -> float | None:
+        """:meth:`loop` when a run is due or a second has passed; else its last answer.
+
+        For a caller that turns often, as the daemon does while jobs come
+        in: looking at every settings file each turn costs a system call per
+        schedule, and once a second is what the documentation promises.
+        """
+        again = self.signature is None or self.last_now is None or now < self.last_now
+        if again or now >= self.look_again:  # (no signature: just reloaded)
+            self.answer = self.loop(now)
+            self.look_again = now + 1.0 if self.answer is None else min(self.answer, now + 1.0)
+        return self.answer
 
     def fire(self, s: Schedule, trigger: str, due: float) -> None:
         """Hand a tick to the run threads, or record it as skipped if ``s`` is still busy."""

@@ -499,3 +499,18 @@ def test_stopping_records_the_ticks_still_waiting_for_a_thread_as_skipped(site):
     assert slow_run.outcome == "failed", slow_run
     assert (quick.outcome, quick.time("due")) == ("skipped", T + 10)
     assert quick.message == "the daemon stopped before a run thread was free"
+
+
+def test_poll_fires_on_time_and_follows_a_change_within_a_second(site):
+    # What the daemon calls on each turn of its loop, which jobs make frequent.
+    sch, _ = scheduler_for(site, tick={"every": "0:0:10", "command": ["true"]})
+    assert sch.poll(T + 1) == T + 10
+    change(sch, "tick", enabled=False)
+    assert sch.poll(T + 2) is None  # followed within a second
+    change(sch, "tick", enabled=True)
+    assert sch.poll(T + 3) == T + 10
+    assert sch.poll(T + 9.99) == T + 10
+
+    assert sch.poll(T + 10) == T + 20
+    finish(sch)
+    assert [r.time("due") for r in site.runs("tick")] == [T + 10]
