@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 from jobspool import schedules
 from jobspool.config import Schedule, parse_every
 from jobspool.errors import JobspoolError
-from jobspool.schedules import Result
+from jobspool.schedules import STILL_GOING, Result
 
 if TYPE_CHECKING:
     from jobspool.schedules import Staged, Store
@@ -136,7 +136,6 @@ def _parse_at(text: str, tz: tzinfo) -> float:
     return when.timestamp()
 
 
-STILL_GOING = "the previous run was still going"
 STILL_WAITING = "the previous run was still waiting for a free run thread"
 NEVER_STARTED = "the daemon stopped before a run thread was free"
 _RUNNING, _WAITING = "running", "waiting"
@@ -234,8 +233,7 @@ class Scheduler:
         if state is not None:
             now = time.time()
             message = STILL_GOING if state == _RUNNING else STILL_WAITING
-            self.recorder.add(s, Result(s.id, trigger, "skipped", now, now, due,
-                                                  message=message))  # fmt: skip
+            self.recorder.add(s, Result(s.id, trigger, "skipped", now, now, due, message=message))
             return
         if self.pool.submit(Tick(s, trigger, due)):
             with self.cond:
@@ -433,7 +431,7 @@ class _Recorder:
     (staged by the run threads, unsynced), one ``syncfs``, every
     result renamed into place, one ``syncfs``; only then is each run logged
     and its schedule's history pruned. A crash therefore loses at most the
-    results of a batch not yet synced, and never leaves a partial or empty
+    results not yet renamed into place, and never leaves a partial or empty
     result file behind (each appears by one rename, after its data is durable).
     """
 

@@ -40,6 +40,7 @@ from jobspool.spool import Spool, rename_noreplace, write_file, write_staged
 NS = "urn:jobspool:run:1"
 SCHEMA = Path(__file__).parent / "schemas" / "result.xsd"
 TIMINGS = ("cron", "every", "at")
+STILL_GOING = "the previous run was still going"  # a skipped run's message
 ACTIONS = ("command", "handler", "template")
 
 
@@ -119,8 +120,8 @@ class Store:
     def signature(self) -> tuple[tuple[str, int], ...]:
         """Changes whenever a settings file changes: the daemon's cue to reload them.
 
-        The daemon asks on every turn, for every schedule: hence a bare
-        ``os.stat`` of a path built once, not a Path per call.
+        The daemon asks about once a second, for every schedule: hence a
+        bare ``os.stat`` of a path built once, not a Path per call.
         """
         out = []
         stat = os.stat
@@ -355,8 +356,7 @@ def execute(
     with store.run_lock(s.id) as mine:
         if not mine:
             now = time.time()
-            result = Result(s.id, trigger, "skipped", now, now, due,
-                            message="the previous run was still going")  # fmt: skip
+            result = Result(s.id, trigger, "skipped", now, now, due, message=STILL_GOING)
         else:
             result = _run(store, s, trigger, due, on_start)
         (record or store.record)(s, result)
