@@ -269,7 +269,10 @@ class Scheduler:
             with self.cond:
                 self.procs.pop(s.id, None)
                 self.busy.pop(s.id, None)
+                idle = not self.busy
                 self.cond.notify_all()
+            if idle:  # no more results coming: the recorder need not wait for them
+                self.recorder.wake()
 
     def drain(self, timeout: float) -> bool:
         """Until every tick fired so far has run and its result is durable; False on timeout."""
@@ -459,6 +462,11 @@ class _Recorder:
         with self.cond:
             self.ticks += ticks
             self._start()
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Commit now what has been handed over, without waiting for more."""
+        with self.cond:
             self.cond.notify_all()
 
     def wait(self, timeout: float) -> bool:
