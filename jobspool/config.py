@@ -98,6 +98,7 @@ class Daemon(NamedTuple):
     metrics: Path | None = None  # Prometheus textfile for node_exporter
     metrics_interval: float = 15.0
     history: int = 50  # results kept per schedule
+    schedule_concurrency: int = 8  # scheduled runs at once; more wait for a free run thread
 
 
 DEFAULT_HTTP_PORT = 8443
@@ -364,6 +365,10 @@ class _Reader:
         return Daemon(
             watch=watch,
             history=self.count(raw.get("history", d.history), "daemon.history"),
+            schedule_concurrency=self.count(
+                raw.get("schedule_concurrency", d.schedule_concurrency),
+                "daemon.schedule_concurrency",
+            ),
             output_limit=self.convert(
                 raw.get("output_limit", d.output_limit), "daemon.output_limit", parse_size
             ),

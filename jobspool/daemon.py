@@ -97,7 +97,7 @@ class Daemon:
                 self.reload()
             due = self.loop(time.time())
             if self.scheduler is not None and not self.once:
-                next_schedule = self.scheduler.loop(time.time())
+                next_schedule = self.scheduler.poll(time.time())
                 if next_schedule is not None:
                     due = min(due, next_schedule) if due is not None else next_schedule
             if now >= next_rescan:

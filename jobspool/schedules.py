@@ -34,12 +34,13 @@ from typing import Any, NamedTuple
 
 from jobspool import config, handlers, joblog, templates
 from jobspool.config import Config, Schedule
-from jobspool.errors import BadRequest, ConfigError
-from jobspool.spool import Spool, write_file
+from jobspool.errors import BadRequest, ConfigError, JobspoolError
+from jobspool.spool import Spool, rename_noreplace, write_file, write_staged
 
 NS = "urn:jobspool:run:1"
 SCHEMA = Path(__file__).parent / "schemas" / "result.xsd"
 TIMINGS = ("cron", "every", "at")
+STILL_GOING = "the previous run was still going"  # a skipped run's message
 ACTIONS = ("command", "handler", "template")
 
 
@@ -63,6 +64,22 @@ class Result(NamedTuple):
     traceback: str | None = None
 
 
+class _Paths(NamedTuple):
+    folder: str
+    last: str
+    runs: str
+    settings: str
+    lock: str
+
+
+class Staged(NamedTuple):
+    """A result written to a staging file, waiting for its batch's sync to be placed."""
+
+    schedule: Schedule
+    result: Result
+    staging: str
+
+
 class Store:
     """The schedules of one configuration and their state on disk."""
 
@@ -70,6 +87,8 @@ class Store:
         self.cfg = cfg
         self.spool = Spool(cfg.spool, cfg.interfaces)
         self.root = self.spool.state / "schedules"
+        self._path_cache: dict[str, _Paths] = {}
+        self._settings: list[tuple[str, str]] | None = None
 
     def folder(self, sid: str) -> Path:
         return self.root / sid
@@ -99,14 +118,24 @@ class Store:
         return data if isinstance(data, dict) else {}
 
     def signature(self) -> tuple[tuple[str, int], ...]:
-        """Changes whenever a settings file changes: the daemon's cue to reload them."""
+        """Changes whenever a settings file changes: the daemon's cue to reload them.
+
+        The daemon asks about once a second, for every schedule: hence a
+        bare ``os.stat`` of a path built once, not a Path per call.
+        """
         out = []
-        for sid in self.cfg.schedules:
+        stat = os.stat
+        for sid, path in self._settings_files():
             try:
-                out.append((sid, (self.folder(sid) / "settings.json").stat().st_mtime_ns))
+                out.append((sid, stat(path).st_mtime_ns))
             except OSError:
                 out.append((sid, 0))
         return tuple(out)
+
+    def _settings_files(self) -> list[tuple[str, str]]:
+        if self._settings is None:
+            self._settings = [(sid, self._paths(sid).settings) for sid in self.cfg.schedules]
+        return self._settings
 
     def change(self, sid: str, changes: Mapping[str, Any]) -> Schedule:
         """Store changed keys, checked as strictly as the configuration; return the result."""
@@ -147,14 +176,20 @@ class Store:
     def record_tick(self, sid: str, tick: float) -> None:
         """Remember the last tick fired, for catch-up after downtime.
 
-        Atomic (rename) but not synced: it is written for every run of every
-        schedule, on the scheduler's loop, and a power cut that loses the last
-        second only changes whether one catch-up run happens.
+        Overwritten in place, one fixed-size write, not synced: the daemon
+        writes it for every tick of every schedule, and creating a file (as
+        a rename would) costs far more than the write. A crash cannot tear
+        one write; a power cut can lose it, or leave a new file empty (read
+        as "never ran"), which only changes whether one catch-up run happens.
         """
-        folder = self.folder(sid)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_file(folder / "last", [f"{tick!r}\n".encode()], staging=folder, replace=True,
-                   sync=False)  # fmt: skip
+        paths = self._paths(sid)
+        # Padded: a shorter number must not leave the end of a longer one behind.
+        data = f"{tick!r:<31}\n".encode()
+        fd = _open_in(paths.folder, paths.last, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
 
     def results(self, sid: str) -> list[Path]:
         """Result files, newest first."""
@@ -168,22 +203,80 @@ class Store:
         """Write a run's result durably, then keep only the newest ``daemon.history``."""
         runs = self.folder(s.id) / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        # Named by start, but always after the newest: a clock that went
-        # back must not make a new result the first to be pruned.
-        newest = self.results(s.id)[:1]
-        after = int(newest[0].stem) + 1 if newest and newest[0].stem.isdigit() else 0
-        path = runs / f"{max(int(result.start * 1e9), after)}.xml"
-        write_file(path, [result_xml(s, result)], staging=runs, replace=True)
-        for old in self.results(s.id)[self.cfg.daemon.history :]:
-            old.unlink(missing_ok=True)
-        return path
+        stems = self.result_stems(s.id)
+        stem = _result_stem(result, stems)
+        write_file(runs / f"{stem}.xml", [result_xml(s, result)], staging=runs, replace=True)
+        stems.append(stem)
+        self.prune(s.id, stems)
+        return runs / f"{stem}.xml"
+
+    def stage(self, s: Schedule, result: Result) -> Staged:
+        """Write a run's result to a staging file, unsynced: see :meth:`place`."""
+        staging = write_staged(self.spool.tmp, s.id, [result_xml(s, result)])
+        return Staged(s, result, staging)
+
+    def place(self, staged: Staged, stems: list[int]) -> Path:
+        """Rename a staged result into place, after its batch was synced (group commit).
+
+        ``stems`` are the schedule's results (:meth:`result_stems`); the new
+        one is added. It is named by the run's start, and after the newest
+        result, which is only known now: the same rule as :meth:`record`.
+        """
+        runs = self._paths(staged.schedule.id).runs
+        stem = _result_stem(staged.result, stems)
+        while True:
+            path = f"{runs}/{stem}.xml"
+            try:
+                try:
+                    rename_noreplace(staged.staging, path)
+                except FileNotFoundError:  # its first result (or the folder was removed)
+                    os.makedirs(runs, exist_ok=True)
+                    rename_noreplace(staged.staging, path)
+            except FileExistsError:  # a run by hand, in the same nanosecond
+                stem += 1
+                continue
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged.staging)
+                raise JobspoolError(f"cannot record a result in {runs}: {exc.strerror}") from exc
+            stems.append(stem)
+            return Path(path)
+
+    def prune(self, sid: str, stems: list[int] | None = None) -> None:
+        """Keep only the newest ``daemon.history`` results of ``sid`` (of ``stems``, if given)."""
+        runs = self._paths(sid).runs
+        stems = self.result_stems(sid) if stems is None else stems
+        for stem in stems[: -self.cfg.daemon.history]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{runs}/{stem}.xml")
+
+    def result_stems(self, sid: str) -> list[int]:
+        """The results' names as numbers, oldest first.
+
+        Bare names, no Path per file: the daemon lists them for every run.
+        """
+        try:
+            names = os.listdir(self._paths(sid).runs)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[:-4]) for n in names if n.endswith(".xml") and n[:-4].isdigit())
+
+    def _paths(self, sid: str) -> _Paths:
+        """The files of ``sid`` as text, built once per process."""
+        paths = self._path_cache.get(sid)
+        if paths is None:
+            folder = str(self.folder(sid))
+            paths = self._path_cache[sid] = _Paths(
+                folder, f"{folder}/last", f"{folder}/runs", f"{folder}/settings.json",
+                f"{folder}/run.lock",
+            )  # fmt: skip
+        return paths
 
     @contextlib.contextmanager
     def run_lock(self, sid: str) -> Iterator[bool]:
         """Try to take the schedule's run lock; yields whether we have it."""
-        folder = self.folder(sid)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / "run.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        paths = self._paths(sid)
+        fd = _open_in(paths.folder, paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,6 +286,21 @@ class Store:
             yield True
         finally:
             os.close(fd)
+
+
+def _result_stem(result: Result, stems: list[int]) -> int:
+    # Named by start, but always after the newest: a clock that went back
+    # must not make a new result the first to be pruned.
+    return max(int(result.start * 1e9), stems[-1] + 1 if stems else 0)
+
+
+def _open_in(folder: str, path: str, flags: int, mode: int) -> int:
+    """Open ``path``, making its folder first if it is missing (a schedule's first tick)."""
+    try:
+        return os.open(path, flags, mode)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        return os.open(path, flags, mode)
 
 
 def check(s: Schedule, path: Path) -> None:
@@ -237,16 +345,21 @@ def execute(
     trigger: str,
     due: float | None = None,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    record: Callable[[Schedule, Result], object] | None = None,
 ) -> Result:
-    """Run a schedule now, unless its previous run is still going (then: skipped)."""
+    """Run a schedule now, unless its previous run is still going (then: skipped).
+
+    The result is recorded while the run lock is still held: durably with
+    :meth:`Store.record`, or by ``record`` (the daemon stages it for a group
+    commit).
+    """
     with store.run_lock(s.id) as mine:
         if not mine:
             now = time.time()
-            result = Result(s.id, trigger, "skipped", now, now, due,
-                            message="the previous run was still going")  # fmt: skip
+            result = Result(s.id, trigger, "skipped", now, now, due, message=STILL_GOING)
         else:
             result = _run(store, s, trigger, due, on_start)
-        store.record(s, result)
+        (record or store.record)(s, result)
     return result
 
 

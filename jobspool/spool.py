@@ -442,6 +442,29 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
+    """Write a staging file for ``name`` in ``staging``, unsynced; return its path.
+
+    The first half of a group commit: the caller syncs its batch, and only
+    then renames each file into place, so a crash never leaves an empty or
+    partial file where a reader looks (ext4 can show an unsynced new file
+    empty after a power cut). What a crash strands here is removed with
+    :func:`remove_if_abandoned`.
+    """
+    with os_errors(f"cannot write {name}"):
+        fd, tmp = _mkstemp(staging, name)
+        try:
+            for chunk in chunks:  # os.write: a file object adds fstat, ioctl and lseek
+                _write_all(fd, chunk)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+    return tmp
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

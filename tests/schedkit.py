@@ -157,10 +157,8 @@ class RecordingLog:
 
 
 def finish(scheduler: Scheduler) -> None:
-    """Wait until every run the scheduler started has been recorded."""
-    for thread in list(scheduler.threads.values()):
-        thread.join(DEADLINE)
-        assert not thread.is_alive(), f"{thread.name} still running after {DEADLINE:g}s"
+    """Wait until every run the scheduler started has been recorded (durably)."""
+    assert scheduler.drain(DEADLINE), f"runs still going after {DEADLINE:g}s: {scheduler.busy}"
 
 
 # --- a site: configuration, spool, daemon --------------------------------------------------

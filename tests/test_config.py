@@ -146,6 +146,8 @@ BROKEN_CONFIGS = [
                  "fetched", id="outbound-with-command"),
     pytest.param("spool: spool\n", "interfaces", "at least one", id="no-interfaces"),
     pytest.param(BASE.replace("spool: spool", "spool: 5"), "spool", "path", id="spool-not-a-path"),
+    pytest.param(BASE + "daemon:\n  schedule_concurrency: 0\n", "daemon.schedule_concurrency",
+                 "whole number", id="schedule-concurrency-zero"),
 ]  # fmt: skip
 
 

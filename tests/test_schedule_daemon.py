@@ -220,3 +220,25 @@ def test_stopping_the_daemon_ends_a_scheduled_run_after_the_grace(site):
     assert daemon.stop() == 0
     wait_for(lambda: not pid_alive(pid), "the run to be ended", timeout=5)
     assert [r.outcome for r in site.runs("long") if r.outcome != "skipped"] == ["failed"]
+
+
+def test_many_schedules_every_second_leave_a_result_for_every_tick_and_log_each(site):
+    ids = [f"tick-{i:02d}" for i in range(30)]
+    disk = {"template": "disk-space", "with": {"min_free": "1B"}}
+    site.configure({sid: {**EVERY_SECOND, **disk} for sid in ids}, schedule_concurrency=2)
+    daemon = site.start()
+    for sid in ids:
+        site.wait_runs(sid, 3)
+    assert daemon.stop() == 0
+
+    ran = [line["schedule"] for line in daemon.lines() if line.get("event") == "schedule ran"]
+    for sid in ids:
+        runs = site.runs(sid)
+        dues = [r.time("due") for r in runs]
+        # every tick from the first to the last left a result: none vanished in a full pool
+        assert dues == [dues[0] + n for n in range(len(dues))], runs
+        assert all(r.outcome in ("ok", "skipped") for r in runs), runs
+        # what the daemon reported is what is on disk, and the last tick it fired ran
+        assert ran.count(sid) == sum(r.outcome == "ok" for r in runs), runs
+        last = float((site.root / "state" / "schedules" / sid / "last").read_text())
+        assert last == dues[-1], (last, runs)

@@ -369,3 +369,148 @@ def test_a_restart_after_enabling_makes_up_nothing_that_was_missed_while_disable
     restarted = Scheduler(site.store(), RecordingLog())
     assert loop(restarted, T + 7320) == T + 10800
     assert [r.trigger for r in site.runs("hourly")] == ["time"]
+
+
+# --- many runs at once: the run threads and the group commit ----------------------------------
+
+DISK = {"template": "disk-space", "with": {"min_free": "1B"}}  # in-process, about a millisecond
+
+
+def scheduler_with(
+    site: Site, schedules: dict[str, Any], **daemon: Any
+) -> tuple[Scheduler, RecordingLog]:
+    site.configure(schedules, **daemon)
+    log = RecordingLog()
+    return Scheduler(site.store(), log), log
+
+
+def blocking(site: Site, name: str) -> tuple[list[str], Path, Path]:
+    """A command that says it started, then waits for its release file."""
+    started, release = site.dir / f"{name}.started", site.dir / f"{name}.release"
+    wait = f"touch {started}; while [ ! -e {release} ]; do sleep 0.02; done"
+    return ["sh", "-c", wait], started, release
+
+
+def test_many_schedules_due_in_the_same_second_each_get_a_result_for_their_tick(site):
+    many = {f"tick-{i:03d}": {"every": "0:0:1", **DISK} for i in range(200)}
+    sch, _ = scheduler_with(site, many)  # 200 runs a tick, 8 threads
+    loop(sch, T + 0.5)
+    loop(sch, T + 1)
+    loop(sch, T + 2)
+
+    store = site.store()
+    for sid in many:
+        runs = site.runs(sid)
+        assert [(r.trigger, r.outcome, r.time("due")) for r in runs] == [
+            ("time", "ok", T + 1),
+            ("time", "ok", T + 2),
+        ], sid
+        assert store.last_tick(sid) == T + 2
+
+
+def test_a_tick_that_finds_every_run_thread_busy_waits_in_line_and_starts_late(site):
+    slow, started, release = blocking(site, "slow")
+    sch, _ = scheduler_with(
+        site,
+        {"slow": {"every": "0:0:10", "command": slow}, "quick": {"every": "0:0:10", **DISK}},
+        schedule_concurrency=1,
+    )
+    loop(sch, T + 1)
+    sch.loop(T + 10)  # both due: slow takes the only thread, quick waits for it
+    site.wait_for(started.exists, "the slow run to start")
+    time.sleep(0.3)
+    assert site.runs("quick") == []  # waiting, not run, not dropped
+    release.touch()
+    finish(sch)
+
+    [slow_run], [quick] = site.runs("slow"), site.runs("quick")
+    assert (quick.outcome, quick.trigger, quick.time("due")) == ("ok", "time", T + 10)
+    # it began when the thread was free: its start shows how late it was
+    assert quick.time("start") >= slow_run.time("end") >= slow_run.time("start") + 0.3
+
+
+def test_a_tick_whose_previous_one_still_waits_for_a_thread_is_skipped_and_says_so(site):
+    slow, started, release = blocking(site, "slow")
+    sch, log = scheduler_with(
+        site,
+        {"slow": {"every": "0:0:10", "command": slow}, "quick": {"every": "0:0:1", **DISK}},
+        schedule_concurrency=1,
+    )
+    loop(sch, T + 9.5)
+    sch.loop(T + 10)  # slow takes the only thread; quick's T + 10 waits
+    sch.loop(T + 11)  # quick's T + 10 is still waiting: T + 11 is skipped
+    site.wait_for(started.exists, "the slow run to start")
+    release.touch()
+    finish(sch)
+
+    runs = site.runs("quick")
+    assert [(r.outcome, r.time("due")) for r in sorted(runs, key=lambda r: r.time("due"))] == [
+        ("ok", T + 10),
+        ("skipped", T + 11),
+    ]
+    skipped = next(r for r in runs if r.outcome == "skipped")
+    assert skipped.message == "the previous run was still waiting for a free run thread"
+    assert ("warning", "schedule skipped") in [(level, event) for level, event, _ in log.lines]
+
+
+def test_a_run_is_reported_only_once_its_result_is_on_disk_and_synced(site, monkeypatch):
+    from jobspool.spool import Spool
+
+    synced: set[str] = set()  # result files that were in place when a sync ended
+    reported: list[str] = []
+    real_sync = Spool.sync
+
+    def sync(self: Spool) -> None:
+        real_sync(self)
+        synced.update(p.name for p in (self.state / "schedules").glob("*/runs/*.xml"))
+
+    class CheckingLog(RecordingLog):
+        def info(self, event: str, **fields: Any) -> None:
+            if event == "schedule ran":
+                newest = site.runs(fields["schedule"])[-1]
+                assert newest.path.name in synced, f"reported before its sync: {newest}"
+                reported.append(fields["schedule"])
+            super()._log("info")(event, **fields)
+
+    monkeypatch.setattr(Spool, "sync", sync)
+    many = {f"tick-{i:02d}": {"every": "0:0:1", **DISK} for i in range(50)}
+    site.configure(many)
+    sch = Scheduler(site.store(), CheckingLog())
+    loop(sch, T + 0.5)
+    loop(sch, T + 1)
+
+    assert sorted(reported) == sorted(many)
+
+
+def test_stopping_records_the_ticks_still_waiting_for_a_thread_as_skipped(site):
+    slow, started, _ = blocking(site, "slow")
+    sch, _ = scheduler_with(
+        site,
+        {"slow": {"every": "0:0:10", "command": slow}, "quick": {"every": "0:0:10", **DISK}},
+        schedule_concurrency=1,
+    )
+    loop(sch, T + 1)
+    sch.loop(T + 10)
+    site.wait_for(started.exists, "the slow run to start")
+
+    sch.shutdown(0.2)  # slow never ends by itself: killed; quick never got the thread
+
+    [slow_run], [quick] = site.runs("slow"), site.runs("quick")
+    assert slow_run.outcome == "failed", slow_run
+    assert (quick.outcome, quick.time("due")) == ("skipped", T + 10)
+    assert quick.message == "the daemon stopped before a run thread was free"
+
+
+def test_poll_fires_on_time_and_follows_a_change_within_a_second(site):
+    # What the daemon calls on each turn of its loop, which jobs make frequent.
+    sch, _ = scheduler_for(site, tick={"every": "0:0:10", "command": ["true"]})
+    assert sch.poll(T + 1) == T + 10
+    change(sch, "tick", enabled=False)
+    assert sch.poll(T + 2) is None  # followed within a second
+    change(sch, "tick", enabled=True)
+    assert sch.poll(T + 3) == T + 10
+    assert sch.poll(T + 9.99) == T + 10
+
+    assert sch.poll(T + 10) == T + 20
+    finish(sch)
+    assert [r.time("due") for r in site.runs("tick")] == [T + 10]

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobspool.schedules import Context, execute, read_result, validate
+from jobspool.schedules import Context, Result, execute, read_result, validate
 from tests.kit import JOBSPOOL, pid_alive, wait_for
 from tests.schedkit import Site, site_in
 
@@ -170,6 +170,45 @@ def test_history_keeps_the_newest_n_results(site):
 
     kept = [run.time("start") for run in site.runs("tick")]
     assert kept == pytest.approx(starts[2:], abs=0.001)
+
+
+def test_a_staged_result_appears_only_when_placed_and_after_the_newest(site):
+    # The daemon's group commit: staged (unsynced, in tmp/), synced, then placed.
+    site.configure({"tick": QUICK}, history=2)
+    store = site.store()
+    s = store.get("tick")
+    first = execute(store, s, "manual")  # recorded durably, as by hand
+    late = Result("tick", "time", "ok", first.start - 3600, first.start - 3600, due=first.start)
+
+    staged = store.stage(s, late)
+    assert [r.time("start") for r in site.runs("tick")] == [pytest.approx(first.start, abs=0.001)]
+    stems = store.result_stems("tick")
+    path = store.place(staged, stems)
+
+    # a start before the newest (the clock went back): named after it, so kept longest
+    runs = site.runs("tick")
+    assert [r.path for r in runs][-1] == path
+    assert runs[-1].time("start") == pytest.approx(late.start, abs=0.001)
+    assert not os.path.exists(staged.staging)
+    assert stems == store.result_stems("tick")  # the list knows the new one
+
+    newer = store.place(store.stage(s, late._replace(start=first.start + 1)), stems)
+    store.prune("tick", stems)
+    assert [r.path for r in site.runs("tick")] == [path, newer]  # the newest 2 kept
+
+
+def test_the_last_tick_is_overwritten_in_place_and_reads_back(site):
+    site.configure({"tick": QUICK})
+    store = site.store()
+    assert store.last_tick("tick") is None
+    store.record_tick("tick", 1_800_000_000.123456)
+    assert store.last_tick("tick") == 1_800_000_000.123456
+    store.record_tick("tick", 5.5)  # shorter: nothing of the longer one may remain
+    assert store.last_tick("tick") == 5.5
+    # a file as earlier versions wrote it is overwritten just as well
+    (store.folder("tick") / "last").write_text("1800000000.0\n")
+    store.record_tick("tick", 1_800_000_001.25)
+    assert store.last_tick("tick") == 1_800_000_001.25
 
 
 def test_validate_returns_the_problems_of_a_result():
