@@ -627,6 +627,25 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_malloc_trim: Callable[[int], int] | Literal[False] | None = None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; else nothing).
+
+    Listing a million jobs frees tens of megabytes of scratch lists that glibc
+    would otherwise keep, and a daemon would carry them in its resident set
+    for good.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+
+        _malloc_trim = _libc("malloc_trim", ctypes.c_size_t)
+    if _malloc_trim is not False:
+        _malloc_trim(0)
+
+
 _lock_fds: dict[Path, int] = {}
 _thread_locks: dict[Path, threading.Lock] = {}
 _staging = itertools.count()
