@@ -264,6 +264,20 @@ def test_a_listing_whose_helper_cannot_be_forked_is_complete(tree, monkeypatch):
     assert tree.listing("orders_in", workers=2).names == expected
 
 
+def test_a_listing_whose_helper_fails_is_complete(tree, monkeypatch):
+    expected = a_mixed_queue(tree)
+    parent, listed = os.getpid(), spool_module._listed
+
+    def failing_in_children(fd: int, found: list[str]) -> spool_module.Listing:
+        if os.getpid() != parent:
+            raise OSError(errno.EIO, "Input/output error")
+        return listed(fd, found)
+
+    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
+    monkeypatch.setattr(spool_module, "_listed", failing_in_children)
+    assert tree.listing("orders_in", workers=3).names == expected
+
+
 def test_a_listing_leaves_out_known_jobs(tree):
     expected = a_mixed_queue(tree, 30)
     known = set(expected[::2])
