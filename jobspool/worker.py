@@ -170,6 +170,16 @@ class Lane:
     def spool(self) -> Spool:
         return self.daemon.spool
 
+    @property
+    def known(self) -> set[str]:
+        """Every job name the lane has queued or is processing.
+
+        The same set for the lane's life: a membership test needs no lock,
+        as a hint (the daemon skips the ``stat`` of a queue event for a job
+        the lane knows); :meth:`offer` decides under the lock.
+        """
+        return self.pending.known
+
     # --- the queue in memory -------------------------------------------------------
 
     def offer(self, stamp: int, name: str) -> None:

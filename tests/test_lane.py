@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from typing import Any, cast
 
 import pytest
 
@@ -62,6 +63,16 @@ def test_a_job_put_back_is_taken_first_again():
     for i in range(20, 40):  # enough offers to fold the heap into the run
         pending.offer(i, f"job-{i:02d}.xml")
     assert [name for _, name in drain(pending)] == [f"job-{i:02d}.xml" for i in range(40)]
+
+
+def test_a_lane_shows_the_names_it_knows():
+    lane = worker.Lane(cast(Any, None), cast(Any, None))  # its queue only: never started
+    known = lane.known
+    lane.pending.extend(listing([(1, "a.xml"), (2, "b.xml")]))
+    lane.pending.offer(3, "c.xml")
+    lane.pending.forget("a.xml")
+    assert lane.known is known
+    assert known == {"b.xml", "c.xml"}
 
 
 def test_a_refill_adds_only_what_is_not_known():
