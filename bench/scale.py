@@ -17,7 +17,9 @@ commands, interleaved):
 * ``jobspool status JOB``: wall time of the command; target "unchanged"
   (ratio at most 1.1, the noise of the start-up benchmark);
 * ``jobspool queue IFACE``: wall time of the listing, read through a pipe;
-  for comparison ``ls -tr`` of the folder; target at most 3 s;
+  for comparison ``ls -tr`` of the folder; target at most 3 s. The CPU
+  time of each (user + system, the listing's helper processes included)
+  is shown beside it: the listing shares its ``stat`` calls among the CPUs;
 * the daemon's start-up: ``Popen`` to ``READY=1`` on a ``NOTIFY_SOCKET``
   bound by the benchmark; target at most 10 s;
 * the daemon's resident set size (VmRSS of /proc/PID/status) half a second
@@ -31,6 +33,7 @@ page cache (the files were just created). The files are removed at the end.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -115,13 +118,22 @@ def fill(folder: Path, start: int, stop: int) -> None:
 
 
 def timed(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, bytes]:
+    elapsed, _, out = timed_cpu(argv, env, cwd)
+    return elapsed, out
+
+
+def timed_cpu(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, bytes]:
+    """Wall time, CPU time (user + system, with every process it waited for), output."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True)
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if proc.returncode != 0:
         why = proc.stderr.decode(errors="replace").strip()[-300:]
         raise SystemExit(f"bench: {' '.join(argv)} exited {proc.returncode}: {why}")
-    return elapsed, proc.stdout
+    return elapsed, cpu, proc.stdout
 
 
 def measure(small: Site, big: Site, size: int, repeats: int, status_runs: int) -> dict[str, Any]:
@@ -135,15 +147,18 @@ def measure(small: Site, big: Site, size: int, repeats: int, status_runs: int) -
             status[key].append(t)
 
     listing: dict[str, list[float]] = {"jobspool": [], "ls": []}
+    listing_cpu: dict[str, list[float]] = {"jobspool": [], "ls": []}
     env = dict(big.env(), LC_ALL="C")
     for _ in range(repeats):
-        t, out = timed(big.argv("queue", common.IFACE), big.env(), big.dir)
+        t, cpu, out = timed_cpu(big.argv("queue", common.IFACE), big.env(), big.dir)
         listed = out.count(b"\n")
         if listed != size or not out.startswith(JOB.encode()):
             raise SystemExit(f"bench: jobspool queue listed {listed} jobs, not {size}")
         listing["jobspool"].append(t)
-        t, out = timed(["ls", "-tr", str(big.folder("queue"))], env, big.dir)
+        listing_cpu["jobspool"].append(cpu)
+        t, cpu, out = timed_cpu(["ls", "-tr", str(big.folder("queue"))], env, big.dir)
         listing["ls"].append(t)
+        listing_cpu["ls"].append(cpu)
 
     start: dict[str, dict[str, list[float]]] = {
         k: {"ready_s": [], "rss_mb": [], "peak_mb": []} for k in ("small", "big", "out")
@@ -161,12 +176,17 @@ def measure(small: Site, big: Site, size: int, repeats: int, status_runs: int) -
     med: dict[str, Any] = {
         "status_s": {k: median(v) for k, v in status.items()},
         "list_s": {k: median(v) for k, v in listing.items()},
+        "list_cpu_s": {k: median(v) for k, v in listing_cpu.items()},
         "start": {k: {f: median(v) for f, v in d.items()} for k, d in start.items()},
     }
     s, b = med["status_s"]["small"] * 1000, med["status_s"]["big"] * 1000
     print(f"    status JOB            {b:8.1f} ms   (1 job queued: {s:.1f} ms; ratio {b / s:.2f})")
     lj, ls = med["list_s"]["jobspool"], med["list_s"]["ls"]
-    print(f"    queue IFACE           {lj:8.2f} s    (ls -tr: {ls:.2f} s)")
+    cj, cl = med["list_cpu_s"]["jobspool"], med["list_cpu_s"]["ls"]
+    print(
+        f"    queue IFACE           {lj:8.2f} s    (ls -tr: {ls:.2f} s; "
+        f"CPU time {cj:.2f} s, ls -tr {cl:.2f} s)"
+    )
     for key, label in (("big", "paused inbound"), ("out", "_out, information")):
         st, sm = med["start"][key], med["start"]["small"]
         print(
@@ -174,7 +194,13 @@ def measure(small: Site, big: Site, size: int, repeats: int, status_runs: int) -
             f"RSS {st['rss_mb']:.0f} MB, peak {st['peak_mb']:.0f} MB "
             f"(1 job: {sm['ready_s']:.2f} s, {sm['rss_mb']:.0f} MB)"
         )
-    return {"median": med, "status_s": status, "list_s": listing, "start": start}
+    return {
+        "median": med,
+        "status_s": status,
+        "list_s": listing,
+        "list_cpu_s": listing_cpu,
+        "start": start,
+    }
 
 
 def profile(site: Site, size: int) -> None:
@@ -256,7 +282,7 @@ def table_rows(size: int, res: dict[str, Any], targets: bool) -> list[dict[str, 
         row(
             "scale",
             f"daemon RSS after start, {n} (paused)",
-            f"{st['rss_mb']:.0f} MB",
+            f"{st['rss_mb']:.0f} MB (peak {st['peak_mb']:.0f})",
             f"1 queued {sm['rss_mb']:.0f} MB",
             st["rss_mb"] / sm["rss_mb"],
             target(f"<= {RSS_TARGET_MB:g} MB"),

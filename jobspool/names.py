@@ -12,6 +12,7 @@ alphabet, so no job can ever be named like another job's log.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from jobspool.errors import BadRequest
 
@@ -29,6 +30,15 @@ _PARTIAL_SUFFIXES = (".part", ".filepart", ".tmp", "~", ".crdownload", ".partial
 def is_valid(name: str) -> bool:
     """True when ``name`` is a valid job or interface name."""
     return _NAME.fullmatch(name) is not None
+
+
+def valid(candidates: Iterable[str]) -> list[str]:
+    """The valid names among ``candidates``, in their order.
+
+    One pass in C (``filter`` over the compiled pattern): a queue folder can
+    hold a million names, and a Python call per name is a tenth of a listing.
+    """
+    return list(filter(_NAME.fullmatch, candidates))
 
 
 def check_name(name: str, what: str = "job") -> str:

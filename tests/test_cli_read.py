@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
+import time
+from datetime import datetime
 
 import pytest
 
@@ -132,6 +135,64 @@ def test_queue_json(spool):
     rows = json.loads(assert_ok(spool.run("queue", "--json", "orders_in")))
     assert [row["job"] for row in rows] == ["b.xml", "a.xml"]
     assert rows[0]["accepted"] <= rows[1]["accepted"]
+
+
+def put(spool: Site, name: str, stamp_ns: int, iface: str = "orders_in") -> None:
+    """Put a job into a queue folder as another program might, with a time of its own."""
+    path = spool.root / "queue" / iface / name
+    path.write_bytes(VALID)
+    os.utime(path, ns=(stamp_ns, stamp_ns))
+
+
+def accepted_ms(text: str) -> int:
+    """An ``accepted`` time of ``queue --json`` as milliseconds since the epoch."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", text), text
+    return round(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def test_queue_of_jobs_accepted_in_one_second_and_across_restarts(spool):
+    second = (time.time_ns() // 10**9 - 60) * 10**9
+    ties = {"t-b.xml": second, "t-a.xml": second, "t-c.xml": second + 1_000_000}
+    for name, stamp in ties.items():  # copied in with their times: a and b share one
+        put(spool, name, stamp)
+    names = ["n5.xml", "n3.xml", "n9.xml", "last.xml"]
+    for name in names:  # each submit is a process of its own, most in one second
+        assert_ok(spool.submit(name))
+    expected = ["t-a.xml", "t-b.xml", "t-c.xml", *names]
+    assert spool.queue() == expected
+
+    rows = json.loads(assert_ok(spool.run("queue", "--json", "orders_in")))
+    assert [row["job"] for row in rows] == expected
+    by_name = {row["job"]: accepted_ms(row["accepted"]) for row in rows}
+    assert by_name["t-a.xml"] == by_name["t-b.xml"] == second // 10**6
+    assert by_name["t-c.xml"] == second // 10**6 + 1
+    for name in names:
+        mtime = (spool.root / "queue/orders_in" / name).stat().st_mtime_ns
+        assert by_name[name] == mtime // 10**6  # milliseconds cut, never rounded up
+
+
+def test_queue_json_is_printed_like_every_other_json(spool):
+    assert assert_ok(spool.run("queue", "--json", "orders_in")) == "[]\n"
+    for name in ["b.xml", "a.xml"]:
+        assert_ok(spool.submit(name))
+    out = assert_ok(spool.run("queue", "--json", "orders_in"))
+    assert out == json.dumps(json.loads(out), indent=2) + "\n"
+
+
+def test_queue_of_25000_jobs_is_in_acceptance_order(spool):
+    # Enough jobs that the listing shares its stat calls among processes.
+    t = time.time_ns() - 86_400 * 10**9
+    rng = random.Random(25_000)
+    jobs = []
+    for i in rng.sample(range(25_000), 25_000):
+        stamp = t + (i // 2) * 1000  # in pairs: every second job shares its stamp
+        put(spool, f"job-{i:05d}.xml", stamp)
+        jobs.append((stamp, f"job-{i:05d}.xml"))
+    (spool.root / "queue/orders_in" / "job-99999.xml").mkdir()  # not a job
+    expected = [name for _, name in sorted(jobs)]
+    assert spool.queue() == expected
+    rows = json.loads(assert_ok(spool.run("queue", "--json", "orders_in")))
+    assert [row["job"] for row in rows] == expected
 
 
 def test_queue_of_an_unknown_interface(spool):

@@ -154,6 +154,50 @@ def test_a_pause_and_the_queue_order_survive_a_restart(site):
     assert again.stop() == 0
 
 
+def place(s: Site, name: str, minutes_ago: float) -> None:
+    """Put a job into queue/orders_in as another program does: stamped, then renamed in."""
+    queue = s.root / "queue/orders_in"
+    hidden = queue / f".{name}.part"
+    hidden.write_bytes(order(name))
+    stamp = time.time_ns() - int(minutes_ago * 60e9)
+    os.utime(hidden, ns=(stamp, stamp))
+    os.rename(hidden, queue / name)
+
+
+def test_a_queue_read_at_start_and_jobs_placed_later_run_in_stamp_order(site):
+    site.configure({"orders_in": orders_in(site)})
+    site.init()
+    site.ok("pause", "orders_in")
+    for name, minutes_ago in [("a.xml", 50), ("b.xml", 30), ("c.xml", 10), ("d.xml", 40)]:
+        place(site, name, minutes_ago)
+    daemon = site.start()  # these four the daemon reads from the folder
+    for name, minutes_ago in [("e.xml", 20), ("f.xml", 55), ("g.xml", 35)]:
+        place(site, name, minutes_ago)  # these it hears of one by one
+    site.drop("orders_in", "h.xml")  # and this one it accepts itself, the newest
+    site.wait_for(lambda: "h.xml" in site.ls("queue", "orders_in"), "h.xml accepted")
+    time.sleep(2.5)  # a rescan (every 2 s here) finds whatever an event missed
+    expected = ["f.xml", "a.xml", "d.xml", "g.xml", "b.xml", "e.xml", "c.xml", "h.xml"]
+    assert site.ok("queue", "orders_in").split() == expected
+    assert ledger(site) == []
+    site.ok("resume", "orders_in")
+    site.wait_for(lambda: len(site.ls("bak", "orders_in")) == 8, "all handled")
+    assert ledger(site) == expected
+    assert daemon.stop() == 0
+
+
+def test_a_job_saying_try_later_stays_first_in_a_queue_read_at_start(site):
+    site.configure({"orders_in": orders_in(site, LATER_COMMAND.format(n=3))})
+    site.init()
+    others = [f"next-{i}.xml" for i in (4, 1, 3, 2)]
+    place(site, "first.xml", 10)
+    for i, name in enumerate(others):
+        place(site, name, 9 - i)
+    daemon = site.start()
+    site.wait_for(lambda: len(site.ls("bak", "orders_in")) == 5, "all handled")
+    assert ledger(site) == ["first.xml"] * 4 + others
+    assert daemon.stop() == 0
+
+
 # --- uploads in progress -------------------------------------------------------------------
 
 

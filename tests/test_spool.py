@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from jobspool import joblog
+from jobspool import spool as spool_module
 from jobspool.errors import BadRequest, ConfigError, TryLater
 from jobspool.spool import Spool, rename_noreplace
 from tests.conftest import INVALID, VALID, assert_valid_log
@@ -175,6 +178,110 @@ def test_queue_order_survives_a_restart_after_the_clock_stepped_back(tree, monke
     restarted = Spool(tree.root, IFACES)
     accept(restarted, "c.xml")
     assert names_in(restarted) == ["b.xml", "a.xml", "c.xml"]
+
+
+def placed(spool: Spool, name: str, stamp_ns: int, iface: str = "orders_in") -> None:
+    """Put a job into the queue the way another program might: with a time of its own."""
+    spool.write(spool.dir("queue", iface) / name, [VALID], stamp_ns=stamp_ns, sync=False)
+
+
+def test_jobs_accepted_in_the_same_second_and_across_restarts_keep_their_order(tree):
+    names = [f"job-{i}.xml" for i in (5, 3, 9, 1, 7, 2)]  # neither name order nor its reverse
+    for name in names[:3]:
+        accept(tree, name)
+    restarted = Spool(tree.root, IFACES)
+    for name in names[3:]:
+        accept(restarted, name)
+    stamps = [s for s, _ in restarted.queued("orders_in")]
+    assert len({s // 10**9 for s in stamps}) <= 2  # a burst: most share their second
+    assert names_in(Spool(tree.root, IFACES)) == names
+
+
+def test_jobs_with_the_same_stamp_are_in_name_order(tree):
+    t = time.time_ns() - 10**9
+    for name, stamp in [("c.xml", t), ("b.xml", t + 5), ("z.xml", t), ("a.xml", t + 5),
+                        ("m.xml", t - 1), ("y.xml", t)]:  # fmt: skip
+        placed(tree, name, stamp)
+    assert names_in(tree) == ["m.xml", "c.xml", "y.xml", "z.xml", "a.xml", "b.xml"]
+
+
+def test_queue_order_holds_across_months_to_the_nanosecond(tree):
+    now = time.time_ns()
+    placed(tree, "recent-b.xml", now)  # a float of the stamp itself could not tell these apart
+    placed(tree, "recent-a.xml", now + 1)
+    placed(tree, "stuck.xml", now - 400 * 86_400 * 10**9)  # paused for over a year
+    assert names_in(tree) == ["stuck.xml", "recent-b.xml", "recent-a.xml"]
+    placed(tree, "recent-0.xml", now + 2)
+    (tree.dir("queue", "orders_in") / "stuck.xml").unlink()
+    assert names_in(tree) == ["recent-b.xml", "recent-a.xml", "recent-0.xml"]
+
+
+def a_mixed_queue(spool: Spool, n: int = 300) -> list[str]:
+    """``n`` jobs with shuffled, partly equal stamps, and things that are not jobs."""
+    t = time.time_ns() - 3600 * 10**9
+    rng = random.Random(n)
+    jobs = []
+    for i in rng.sample(range(n), n):
+        stamp = t + (i // 3) * 1000  # three jobs a stamp
+        placed(spool, f"job-{i:04d}.xml", stamp)
+        jobs.append((stamp, f"job-{i:04d}.xml"))
+    queue = spool.dir("queue", "orders_in")
+    (queue / "subdir.xml").mkdir()
+    (queue / "link.xml").symlink_to(queue / "job-0000.xml")
+    (queue / ".hidden.xml").write_bytes(VALID)
+    return [name for _, name in sorted(jobs)]
+
+
+def test_a_listing_shared_among_processes_is_the_same_listing(tree, monkeypatch):
+    expected = a_mixed_queue(tree)
+    forks = []
+    fork = os.fork
+
+    def counted_fork() -> int:
+        pid = fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)  # a queue this small would not fork
+    monkeypatch.setattr(os, "fork", counted_fork)
+    listing = tree.listing("orders_in", workers=3)
+    assert len(forks) == 2
+    assert listing.names == expected
+    assert list(listing.stamps) == sorted(listing.stamps)
+    assert tree.listing("orders_in") == listing  # one process
+    assert tree.queued("orders_in") == list(zip(listing.stamps, listing.names, strict=True))
+
+
+def test_a_listing_whose_helper_cannot_be_forked_is_complete(tree, monkeypatch):
+    expected = a_mixed_queue(tree)
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert tree.listing("orders_in", workers=2).names == expected
+
+
+def test_a_listing_whose_helper_fails_is_complete(tree, monkeypatch):
+    expected = a_mixed_queue(tree)
+    parent, listed = os.getpid(), spool_module._listed
+
+    def failing_in_children(fd: int, found: list[str]) -> spool_module.Listing:
+        if os.getpid() != parent:
+            raise OSError(errno.EIO, "Input/output error")
+        return listed(fd, found)
+
+    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
+    monkeypatch.setattr(spool_module, "_listed", failing_in_children)
+    assert tree.listing("orders_in", workers=3).names == expected
+
+
+def test_a_listing_leaves_out_known_jobs(tree):
+    expected = a_mixed_queue(tree, 30)
+    known = set(expected[::2])
+    assert tree.listing("orders_in", known=known).names == expected[1::2]
 
 
 def test_queued_ignores_what_is_not_a_job(tree):
