@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 
@@ -247,7 +248,7 @@ def test_a_listing_shared_among_processes_is_the_same_listing(tree, monkeypatch)
     monkeypatch.setattr(os, "fork", counted_fork)
     # As in the `queue` command: one thread. (Other tests in this process may
     # have left daemon threads behind, which would rightly stop the fork.)
-    monkeypatch.setattr(spool_module.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     listing = tree.listing("orders_in", workers=3)
     assert len(forks) == 2
     assert listing.names == expected
@@ -263,7 +264,7 @@ def test_a_listing_whose_helper_cannot_be_forked_is_complete(tree, monkeypatch):
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
-    monkeypatch.setattr(spool_module.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(os, "fork", no_fork)
     assert tree.listing("orders_in", workers=2).names == expected
 
@@ -278,7 +279,7 @@ def test_a_listing_whose_helper_fails_is_complete(tree, monkeypatch):
         return listed(fd, found)
 
     monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
-    monkeypatch.setattr(spool_module.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(spool_module, "_listed", failing_in_children)
     assert tree.listing("orders_in", workers=3).names == expected
 
