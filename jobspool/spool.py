@@ -387,13 +387,17 @@ class Spool:
 
         Group commit: a batch of renames and writes made with ``sync=False``
         costs one journal commit here instead of several fsyncs per job.
+        Threads that ask at the same time share one: see :class:`SyncGroup`.
         """
         with os_errors("cannot sync the spool"):
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
+            _sync_groups.setdefault(self.root, SyncGroup()).sync(self._syncfs)
+
+    def _syncfs(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
 
     def _lock_path(self, what: str) -> Path:
         path = self._lock_paths.get(what)
@@ -703,6 +707,54 @@ def trim_heap() -> None:
         _malloc_trim(0)
 
 
+class SyncGroup:
+    """One sync for every thread that asked while none had started.
+
+    The daemon's main loop (accepts) and its lanes (finished jobs) each sync
+    their batch; under load they often ask at once. A caller returns only
+    after a sync that began after its call, so what it wrote before calling
+    is durable; a caller that arrives while a sync runs waits for it to end
+    and then, with everyone else who arrived meanwhile, for one more, which
+    the first of them performs. A failed sync fails every caller it served.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._asked = 0  # tickets handed out
+        self._done = 0  # every ticket up to this one is synced
+        self._running = False
+        self._error: tuple[int, BaseException] | None = None  # (last ticket it served, error)
+
+    def sync(self, do: Callable[[], None]) -> None:
+        with self._cond:
+            self._asked += 1
+            ticket = self._asked
+            while self._done < ticket:
+                if self._error is not None and self._error[0] >= ticket:
+                    raise self._error[1]
+                if not self._running:
+                    break
+                self._cond.wait()
+            else:
+                return
+            self._running, covers = True, self._asked
+        error: BaseException | None = None
+        try:
+            do()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._cond:
+                self._running = False
+                if error is None:
+                    self._done = covers
+                else:
+                    self._error = (covers, error)
+                self._cond.notify_all()
+
+
+_sync_groups: dict[Path, SyncGroup] = {}
 _lock_fds: dict[Path, int] = {}
 _thread_locks: dict[Path, threading.Lock] = {}
 _staging = itertools.count()

@@ -394,3 +394,55 @@ def test_pause_persists_until_resume(tree):
     Spool(tree.root, IFACES).resume("orders_in")
     assert not Spool(tree.root, IFACES).is_paused("orders_in")
     tree.resume("orders_in")  # and so is resuming twice
+
+
+# --- one sync for threads that ask together ------------------------------------------------
+
+
+def test_threads_that_ask_during_a_sync_share_the_next_one():
+    group = spool_module.SyncGroup()
+    started, release = threading.Event(), threading.Event()
+    syncs: list[str] = []
+
+    def first_sync() -> None:
+        syncs.append("first")
+        started.set()
+        assert release.wait(10)
+
+    def later_sync() -> None:
+        syncs.append("second")
+
+    leader = threading.Thread(target=group.sync, args=(first_sync,))
+    leader.start()
+    assert started.wait(10)
+    # Their writes came after the running sync began: it does not cover them.
+    returned: list[int] = []
+
+    def wait_for_sync(i: int) -> None:
+        group.sync(later_sync)
+        returned.append(i)
+
+    waiters = [threading.Thread(target=wait_for_sync, args=(i,)) for i in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.2)  # they are waiting, not returned
+    assert returned == []
+    release.set()
+    for t in [leader, *waiters]:
+        t.join(10)
+    assert sorted(returned) == [0, 1, 2]
+    assert syncs == ["first", "second"]  # three callers, one more sync
+
+
+def test_a_failed_sync_fails_its_callers_and_the_next_call_syncs_again():
+    group = spool_module.SyncGroup()
+
+    def failing() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError):
+        group.sync(failing)
+    calls: list[int] = []
+    group.sync(lambda: calls.append(1))
+    group.sync(lambda: calls.append(2))
+    assert calls == [1, 2]  # one after the other: each caller its own sync
