@@ -297,7 +297,9 @@ def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = Tru
         except Denied:
             # Not the file's owner, so its mtime (the queue order) cannot be
             # set: queue a copy we own instead, then drop the original.
-            spool.write(queue / filename, [data], stamp_ns=stamp, sync=sync)
+            # Synced at once whatever the caller batches: the original goes,
+            # so the copy must be on disk first.
+            spool.write(queue / filename, [data], stamp_ns=stamp)
             spool.remove(src, sync=sync)
         return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
 

@@ -355,7 +355,17 @@ class Lane:
                 )
                 self.daemon.keep_log(f.name, f.log)  # its history so far, for the next run
                 self._back_off(f.stamp, f.name)
-        self._sync()
+        if not self._sync():
+            # The logs may not be on disk: no job may move past them. Those
+            # renamed last time wait for a sync that works to be reported.
+            for f, *_ in placed:
+                self.daemon.keep_log(f.name, f.log)
+                self._back_off(f.stamp, f.name)
+            with self.cond:
+                self.in_flight.difference_update(f.name for f in batch)
+            batch.clear()
+            time.sleep(min(self.daemon.cfg.daemon.backoff_initial, 1.0))  # not a hot loop
+            return
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
@@ -399,7 +409,8 @@ class Lane:
         if (dest_dir / f.name).exists():  # only if someone put a file there by hand
             from jobspool.intake import safe_name
 
-            new_name = safe_name(f.name, spool.stamp())
+            with spool.names_lock():  # stamps come from one sequence, the intake's too
+                new_name = safe_name(f.name, spool.stamp())
             f.log.set("job", new_name)
             joblog.note(f.log, f"{f.name} was already in {label}; this job was renamed {new_name}")
         # The final move is in the file, not in f.log: should this fail, f.log
@@ -412,11 +423,13 @@ class Lane:
         spool.write(dest_dir / names.log_name(new_name), [final], replace=True, sync=False)
         return dest_dir, new_name, label
 
-    def _sync(self) -> None:
+    def _sync(self) -> bool:
         try:
             self.spool.sync()
         except Exception as exc:
             self.daemon.log.error("cannot sync the spool", error=str(exc))
+            return False
+        return True
 
     # --- bookkeeping -----------------------------------------------------------------------
 
