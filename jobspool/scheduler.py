@@ -231,9 +231,8 @@ class Scheduler:
             if state is None:
                 self.busy[s.id] = _WAITING
         if state is not None:
-            now = time.time()
             message = STILL_GOING if state == _RUNNING else STILL_WAITING
-            self.recorder.add(s, Result(s.id, trigger, "skipped", now, now, due, message=message))
+            self.recorder.add(s, schedules.skipped(s.id, trigger, due, message))
             return
         if self.pool.submit(Tick(s, trigger, due)):
             with self.cond:
@@ -343,10 +342,8 @@ class Scheduler:
         for tick in self.pool.close():
             with self.cond:
                 self.busy.pop(tick.schedule.id, None)
-            now = time.time()
-            self.recorder.add(tick.schedule, Result(
-                tick.schedule.id, tick.trigger, "skipped", now, now, tick.due,
-                message=NEVER_STARTED))  # fmt: skip
+            skip = schedules.skipped(tick.schedule.id, tick.trigger, tick.due, NEVER_STARTED)
+            self.recorder.add(tick.schedule, skip)
         with self.cond:
             self.cond.wait_for(lambda: not self.busy, max(0.0, deadline - time.monotonic()))
             procs = {sid: p for sid, p in self.procs.items() if sid in self.busy}

@@ -64,6 +64,12 @@ class Result(NamedTuple):
     traceback: str | None = None
 
 
+def skipped(sid: str, trigger: str, due: float | None, why: str) -> Result:
+    """The result of a tick that did not run, recorded now."""
+    now = time.time()
+    return Result(sid, trigger, "skipped", now, now, due, message=why)
+
+
 class _Paths(NamedTuple):
     folder: str
     last: str
@@ -355,8 +361,7 @@ def execute(
     """
     with store.run_lock(s.id) as mine:
         if not mine:
-            now = time.time()
-            result = Result(s.id, trigger, "skipped", now, now, due, message=STILL_GOING)
+            result = skipped(s.id, trigger, due, STILL_GOING)
         else:
             result = _run(store, s, trigger, due, on_start)
         (record or store.record)(s, result)

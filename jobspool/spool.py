@@ -193,9 +193,9 @@ class Spool:
             raise BadRequest(f"unknown job {name!r}: not in incoming, queue, bak or joberrors")
         return found
 
-    def queued(self, interface: str, known: Container[str] = ()) -> list[tuple[int, str]]:
+    def queued(self, interface: str) -> list[tuple[int, str]]:
         """The queue of ``interface`` in processing order, as (stamp in ns, name)."""
-        return list(zip(*self.listing(interface, known), strict=True))
+        return list(zip(*self.listing(interface), strict=True))
 
     def listing(self, interface: str, known: Container[str] = (), *, workers: int = 1) -> Listing:
         """The queue of ``interface`` in processing order: by stamp, then by name.
@@ -222,7 +222,7 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _jobs_in(self, directory: Path, known: Container[str] = ()) -> Iterator[tuple[int, str]]:
+    def _jobs_in(self, directory: Path) -> Iterator[tuple[int, str]]:
         try:
             entries = os.scandir(directory)
         except FileNotFoundError:
@@ -230,8 +230,6 @@ class Spool:
             return
         with entries:
             for entry in entries:
-                if entry.name in known:
-                    continue
                 if names.is_valid(entry.name) and entry.is_file(follow_symlinks=False):
                     with contextlib.suppress(FileNotFoundError):  # taken meanwhile
                         yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name
@@ -282,14 +280,16 @@ class Spool:
         now = time.time_ns()
         out = []
         for iface in self.interfaces:
-            jobs = self.queued(iface)
-            oldest = round((now - jobs[0][0]) / 1e9, 3) if jobs else None
+            jobs = self.listing(iface)  # no (stamp, name) pairs for a count and a head
+            oldest = round((now - jobs.stamps[0]) / 1e9, 3) if jobs.names else None
             try:
                 blocked: str | None = self.blocked_marker(iface).read_text().strip()
             except OSError:
                 blocked = None
             paused = self.is_paused(iface)
-            out.append(Overview(iface, len(jobs), oldest, paused, errors.get(iface, 0), blocked))
+            out.append(
+                Overview(iface, len(jobs.names), oldest, paused, errors.get(iface, 0), blocked)
+            )
         return out
 
     def errors_by_interface(self) -> dict[str, int]:
@@ -390,7 +390,8 @@ class Spool:
         Threads that ask at the same time share one: see :class:`SyncGroup`.
         """
         with os_errors("cannot sync the spool"):
-            _sync_groups.setdefault(self.root, SyncGroup()).sync(self._syncfs)
+            group = _sync_groups.get(self.root) or _sync_groups.setdefault(self.root, SyncGroup())
+            group.sync(self._syncfs)
 
     def _syncfs(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from jobspool.daemon import Daemon
 
 
+TRIM_FROM = 100_000  # queued jobs from which a refill hands its scratch memory back
 BATCH = 64  # jobs per group commit (accepts in the daemon, finished jobs in a lane)
 
 
@@ -200,7 +201,8 @@ class Lane:
             if self.pending.extend(listing):
                 self.cond.notify_all()
         del listing  # a filtered copy's lists, before the scratch memory is given back
-        trim_heap()
+        if len(self.pending.known) >= TRIM_FROM:  # small queues leave little to give back
+            trim_heap()
 
     def depth(self) -> int:
         with self.cond:

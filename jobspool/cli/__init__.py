@@ -318,7 +318,7 @@ def print_table(rows: list[tuple[Any, ...]]) -> None:
 
 
 def print_json(value: Any) -> None:
-    """Print ``value`` as indented JSON (every --json goes through here)."""
+    """Print ``value`` as indented JSON (every --json but ``queue``'s, which writes the same)."""
     import json
 
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))

@@ -14,8 +14,7 @@ import click
 
 from jobspool.cli import State, pass_state, print_json
 from jobspool.errors import BadRequest, ConfigError
-
-DEFAULT_COST = 10  # jobspool.http.auth.DEFAULT_COST, without importing bcrypt for --help
+from jobspool.http import DEFAULT_COST  # not from .auth: --help must not load bcrypt
 
 
 @click.command()

@@ -200,7 +200,7 @@ class Site:
         return self.spool.read_log(name)
 
     def queue(self, user: str, interface: str) -> list[str]:
-        return [name for _, name in self.spool.queued(self.interface(user, interface).name)]
+        return self.spool.listing(self.interface(user, interface).name).names
 
     def upload_limit(self, user: str, interface: str | None) -> int:
         """The most an upload may send: its interface's max_size, or the largest granted one."""

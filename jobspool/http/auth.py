@@ -33,8 +33,9 @@ from typing import NamedTuple
 
 from jobspool.config import USER_NAME
 from jobspool.errors import BadRequest, ConfigError
+from jobspool.http import DEFAULT_COST
+from jobspool.spool import fsync_dir, os_errors
 
-DEFAULT_COST = 10  # about 0.1 s on one core of a 2026 server; htpasswd -B uses 5
 MIN_COST, MAX_COST = 4, 17
 MAX_PASSWORD = 72  # bytes bcrypt looks at
 _PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
@@ -145,16 +146,10 @@ def write_file(path: Path, users: dict[str, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        from jobspool.spool import os_errors
-
         with os_errors(f"cannot write the users file {path}"):
             raise exc from None
 
