@@ -6,10 +6,13 @@ drop folders) and ``schedkit.py`` (schedules) build on these.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +78,24 @@ def run_jobspool(
         timeout=timeout,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def reachable_by_others(path: Path) -> Iterator[None]:
+    """Let other users reach ``path`` (a daemon run as nobody starts our venv's jobspool).
+
+    A checkout cloned into ``mktemp -d`` (mode 700) is closed to them: its
+    folders that lack it get o+x for the ``with`` block, and their modes back after.
+    """
+    changed = []
+    for folder in reversed(path.resolve().parents):
+        mode = stat.S_IMODE(os.stat(folder).st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(folder, mode | stat.S_IXOTH)
+            changed.append((folder, mode))
+    try:
+        yield
+    finally:
+        for folder, mode in reversed(changed):
+            with contextlib.suppress(OSError):
+                os.chmod(folder, mode)

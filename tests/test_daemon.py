@@ -34,7 +34,7 @@ from tests.daemonkit import (  # noqa: F401 - site_fixture is the `site` fixture
     outputs,
     site_fixture,
 )
-from tests.kit import pid_alive
+from tests.kit import JOBSPOOL, pid_alive, reachable_by_others
 
 LEDGER = 'echo "$JOBSPOOL_JOB" >> "$T/ledger"'
 
@@ -823,7 +823,8 @@ def nobody_site():
     os.chmod(base, 0o755)
     s = Site(Path(base))
     try:
-        yield s
+        with reachable_by_others(JOBSPOOL):
+            yield s
     finally:
         s.kill_all()
         shutil.rmtree(base, ignore_errors=True)
