@@ -20,14 +20,14 @@ from typing import Any
 
 from lxml import etree
 
-from jobspool.errors import CheckError, ConfigError
+from jobspool.errors import ConfigError, Problem
 
 
 @dataclass(frozen=True)
-class Result:
+class Verdict:
     """The outcome of a check: the parsed document, or the reasons it failed."""
 
-    errors: list[CheckError]
+    errors: list[Problem]
     tree: etree._ElementTree | None = None
     schema: Path | None = None
 
@@ -72,26 +72,26 @@ def hardened_parser(remove_blank_text: bool = False) -> etree.XMLParser:
     return parser
 
 
-def check(data: bytes, schema: Path | None) -> Result:
+def check(data: bytes, schema: Path | None) -> Verdict:
     """Check one document: well-formed, no DOCTYPE, valid against ``schema`` if given."""
     line = _doctype_in_prolog(data)
     if line:  # rejected before any parser sees it
-        return Result([CheckError(line, 1, _NO_DOCTYPE)], schema=schema)
+        return Verdict([Problem(line, 1, _NO_DOCTYPE)], schema=schema)
     parser = hardened_parser()
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        return Result(_syntax_errors(exc, parser.error_log), schema=schema)
+        return Verdict(_syntax_errors(exc, parser.error_log), schema=schema)
     tree = root.getroottree()
     if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-        return Result([CheckError(_doctype_line(data), 1, _NO_DOCTYPE)], schema=schema)
+        return Verdict([Problem(_doctype_line(data), 1, _NO_DOCTYPE)], schema=schema)
     if schema is None:
-        return Result([], tree)
+        return Verdict([], tree)
     validator = compiled(schema)
     if validator.validate(tree):
-        return Result([], tree, schema)
-    errors = [CheckError(e.line, e.column, one_line(e.message)) for e in validator.error_log]
-    return Result(errors or [CheckError(0, 0, "not valid against the schema")], tree, schema)
+        return Verdict([], tree, schema)
+    errors = [Problem(e.line, e.column, one_line(e.message)) for e in validator.error_log]
+    return Verdict(errors or [Problem(0, 0, "not valid against the schema")], tree, schema)
 
 
 _compiled: dict[Path, etree._Validator] = {}
@@ -133,13 +133,13 @@ def _compile(schema: Path) -> etree._Validator:
         ) from None
 
 
-def _syntax_errors(exc: etree.XMLSyntaxError, log: etree._ListErrorLog) -> list[CheckError]:
+def _syntax_errors(exc: etree.XMLSyntaxError, log: etree._ListErrorLog) -> list[Problem]:
     # The parser's own log: the exception's log is shared by the thread and
     # would carry errors of documents parsed before this one.
-    errors = [CheckError(e.line, e.column, one_line(e.message)) for e in log]
+    errors = [Problem(e.line, e.column, one_line(e.message)) for e in log]
     if not errors:
         line, column = exc.position if exc.position else (0, 0)
-        errors = [CheckError(line, column, one_line(_first_line(exc.msg or "not well-formed XML")))]
+        errors = [Problem(line, column, one_line(_first_line(exc.msg or "not well-formed XML")))]
     # libxml2 reports a chain of follow-on errors after the first; the first
     # is the one to fix, the rest mostly repeat it.
     return errors[:20]

@@ -85,7 +85,7 @@ class Schedule(NamedTuple):
     raw: Mapping[str, Any]
 
 
-class Daemon(NamedTuple):
+class DaemonSettings(NamedTuple):
     """How the daemon watches and works (the ``daemon:`` section)."""
 
     watch: str = "inotify"  # or "poll", for NFS and CIFS where inotify sees nothing
@@ -133,7 +133,7 @@ class Config(NamedTuple):
     spool: Path
     interfaces: Mapping[str, Interface]
     schedules: Mapping[str, Schedule]
-    daemon: Daemon = Daemon()
+    daemon: DaemonSettings = DaemonSettings()
     http: Http | None = None  # None: no http: section, no 'jobspool serve'
 
     def interface(self, name: str) -> Interface:
@@ -286,7 +286,7 @@ _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
     "cpu_limit", "root_elements", "xslt",
 }  # fmt: skip
-_DAEMON_KEYS = set(Daemon._fields)
+_DAEMON_KEYS = set(DaemonSettings._fields)
 _HTTP_KEYS = {
     "listen", "cert", "key", "users", "grants", "trusted_proxies", "max_concurrency", "timeout",
     "keep_alive", "auth_cache",
@@ -347,9 +347,9 @@ class _Reader:
         http = None if top.get("http") is None else self.http(top["http"], interfaces)
         return Config(self.path, spool, interfaces, schedules, self.daemon(top.get("daemon")), http)
 
-    def daemon(self, value: object) -> Daemon:
+    def daemon(self, value: object) -> DaemonSettings:
         raw = self.mapping(value, "daemon", _DAEMON_KEYS)
-        d = Daemon()
+        d = DaemonSettings()
         watch = raw.get("watch", d.watch)
         if watch not in ("inotify", "poll"):
             raise self.fail("daemon.watch", "inotify or poll", watch)
@@ -362,7 +362,7 @@ class _Reader:
             if seconds[k] <= 0:
                 raise self.fail(f"daemon.{k}", "a duration above zero", raw.get(k))
         metrics = raw.get("metrics")
-        return Daemon(
+        return DaemonSettings(
             watch=watch,
             history=self.count(raw.get("history", d.history), "daemon.history"),
             schedule_concurrency=self.count(

@@ -2,7 +2,7 @@
 
 The :class:`Daemon` is the orchestrator (as in huey's consumer): it takes the
 spool's lock, cleans up after a crash, starts the watcher and one
-:class:`~jobspool.worker.Lane` per inbound interface, and then runs
+:class:`~jobspool.lane.Lane` per inbound interface, and then runs
 :meth:`Daemon.loop` on the main thread: take dropped files that are whole,
 rescan on its interval, restart a dead observer, ping systemd, write metrics.
 Signals only set flags: SIGTERM/SIGINT stop (running handlers get ``grace``
@@ -24,19 +24,19 @@ import os
 import select
 import signal
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from jobspool import check, config, intake, joblog, logs, metrics, names, notify, watch
+from jobspool import check, config, intake, logs, metrics, names, notify, watch
 from jobspool.config import Config
+from jobspool.durable import BATCH, GroupCommit, os_errors, remove_if_abandoned
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
-from jobspool.handlers import Outcome
+from jobspool.lane import HeldLogs, Lane, LaneContext
+from jobspool.metrics import Counters
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
-from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors, remove_if_abandoned
-from jobspool.worker import BATCH, Lane
+from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
 TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
 
@@ -48,9 +48,9 @@ class Daemon:
         self.config_path = config_path
         self.cfg, validators = check_config(config_path)
         check.use_compiled(validators)
-        self.spool = Spool(self.cfg.spool, self.cfg.interfaces)
+        self.spool = Spool.of(self.cfg)
         self.once = once
-        self.log = logs.get()
+        self.logger = logs.get()
         # Wakes the loop from other threads and signal handlers; waited on
         # together with the inotify descriptor.
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -60,14 +60,11 @@ class Daemon:
         self.hints: collections.deque[watch.Hint] = collections.deque()  # read, not yet looked at
         self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
-        # Logs of jobs accepted by this process, and whether an older one
-        # may be on disk in state/pending (to remove when the job is done).
-        self.logs: dict[str, tuple[joblog.Log, bool]] = {}
-        self.accepted: list[tuple[str, intake.Taken]] = []  # this turn's, until synced
-        self.uncommitted: set[str] = set()  # their names: queue hints must not offer them yet
-        self.logs_lock = threading.Lock()
-        self.counters: dict[tuple[str, str], float] = {}
-        self.counters_lock = threading.Lock()
+        self.held = HeldLogs()  # logs of jobs accepted here, until their lane takes them
+        self.accepted: dict[str, tuple[str, intake.Taken]] = {}  # name -> this turn's, until synced
+        self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
+        self.counters = Counters()
+        self.commit = GroupCommit(self.spool.sync, self.logger)
         self.watcher: watch.Watcher | None = None
         self.scheduler: Scheduler | None = None
         self._lock_fd: int | None = None
@@ -86,8 +83,8 @@ class Daemon:
         self.start_watching()
         self.rescan()
         self.start_lanes()
-        self.scheduler = Scheduler(Store(self.cfg), self.log)
-        self.log.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
+        self.scheduler = Scheduler(Store(self.cfg, self.spool), self.logger, self.commit)
+        self.logger.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
         next_rescan = time.monotonic() + self.cfg.daemon.rescan
         next_metrics = time.monotonic()
@@ -147,17 +144,19 @@ class Daemon:
                 self.look_at(path, renamed_in, now)
                 self.keepalive()
         self.commit_accepted()
+        if self.accepted:  # a failed sync: the loop must come back for them
+            return now + self.commit.retry_in()
         if self.watcher.overflowed:
             self.watcher.overflowed = False
-            self.log.warning("file events were lost (inotify queue overflow); rescanning")
+            self.logger.warning("file events were lost (inotify queue overflow); rescanning")
             self.rescan()
         if not self.watcher.healthy():
-            self.log.error("file watcher died; restarting it and rescanning")
+            self.logger.error("file watcher died; restarting it and rescanning")
             try:
                 self.spool.init()  # a folder removed by hand is what kills an emitter
                 self.watcher.restart()
             except Exception as exc:  # rescans still find everything, only later
-                self.log.error("cannot restart the file watcher", error=str(exc))
+                self.logger.error("cannot restart the file watcher", error=str(exc))
             self.rescan()
         if self.hints:
             return now  # more to take: no sleep
@@ -210,7 +209,7 @@ class Daemon:
                 return
             lane = self.lanes.get(iface)  # _out interfaces have none
             name = path.name
-            if lane is not None and name not in self.uncommitted and name not in lane.known:
+            if lane is not None and name not in self.accepted and name not in lane.known:
                 # Most of these are our own accepts: one awaiting its sync is
                 # handed over by commit_accepted, a known one needs no stat.
                 with contextlib.suppress(FileNotFoundError):
@@ -249,47 +248,33 @@ class Daemon:
         bound = logs.get(job=taken.name, interface=iface_name)
         if taken.place == JOBERRORS:
             bound.warning("rejected", to=taken.place, reason=taken.reason, dropped_as=path.name)
-            self.count(iface_name, None, "rejected")
+            self.counters.count(iface_name, None, "rejected")
             return
-        self.accepted.append((iface_name, taken))
-        self.uncommitted.add(taken.name)
+        self.accepted[taken.name] = (iface_name, taken)
         if len(self.accepted) >= BATCH:  # a burst: hand the first ones over early
             self.commit_accepted()
 
     def commit_accepted(self) -> None:
-        """Group commit of a turn's accepts: one sync, then they are reported and queued."""
-        if not self.accepted:
+        """Group commit of a turn's accepts: one sync, then they are reported and queued.
+
+        A failed sync reports nothing (see :class:`~jobspool.durable.GroupCommit`):
+        the jobs are in their queue folders but not yet durably, so they are
+        neither logged as accepted nor handed to their lanes; the batch waits
+        for a sync that works, tried again after a back-off.
+        """
+        if not self.accepted or time.monotonic() < self.retry_commit_at:
             return
-        batch, self.accepted = self.accepted, []
-        self.uncommitted.clear()
-        try:
-            self.spool.sync()
-        except JobspoolError as exc:  # renamed but maybe not durable: a rescan finds them
-            self.log.error("cannot sync the spool", error=str(exc))
-        for iface_name, taken in batch:
+        if not self.commit.sync():
+            self.retry_commit_at = time.monotonic() + self.commit.retry_in()
+            return
+        batch, self.accepted = self.accepted, {}
+        for iface_name, taken in batch.values():
             logs.get(job=taken.name, interface=iface_name).info("accepted", to=taken.place)
             lane = self.lanes.get(iface_name)
             if lane is None:  # _out: it waits to be fetched
                 continue
-            with self.logs_lock:
-                self.logs[taken.name] = (taken.log, False)
+            self.held.hold(taken.name, taken.log)
             lane.offer(taken.stamp, taken.name)
-
-    def keep_log(self, name: str, log: joblog.Log) -> None:
-        """Hold a queued job's history for its next run (its finish failed)."""
-        with self.logs_lock:
-            self.logs[name] = (log, True)
-
-    def take_log(self, name: str, stamp: int, interface: str) -> tuple[joblog.Log, bool]:
-        """The log a job has so far (from this process, from state/pending, or anew).
-
-        And whether state/pending may hold a copy, which goes once the job is done.
-        """
-        with self.logs_lock:
-            kept = self.logs.pop(name, None)
-        if kept is not None:
-            return kept
-        return intake.log_so_far(self.spool, name, interface, stamp), True
 
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""
@@ -371,17 +356,30 @@ class Daemon:
         )
         self.watcher.start()
 
+    def lane_context(self) -> LaneContext:
+        """What every lane works with, from the running configuration."""
+        return LaneContext(
+            self.spool,
+            self.cfg.daemon,
+            self.cfg.path.parent,
+            self.logger,
+            self.commit,
+            self.held,
+            self.counters,
+        )
+
     def start_lanes(self) -> None:
+        ctx = self.lane_context()
         for iface in self.cfg.interfaces.values():
             if not iface.outbound and iface.name not in self.lanes:
-                lane = self.lanes[iface.name] = Lane(self, iface)
+                lane = self.lanes[iface.name] = Lane(iface, ctx)
                 lane.refill()
                 lane.start()
 
     def shut_down(self) -> None:
         """Stop taking jobs; give running handlers ``grace`` seconds, then kill them."""
         notify.notify("STOPPING=1")
-        self.log.info("stopping", grace=self.cfg.daemon.grace)
+        self.logger.info("stopping", grace=self.cfg.daemon.grace)
         for lane in self.lanes.values():
             lane.stop()
         deadline = time.monotonic() + self.cfg.daemon.grace
@@ -395,7 +393,7 @@ class Daemon:
             self.watcher.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
-        self.log.info("stopped")
+        self.logger.info("stopped")
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again; keep the old one if the new one is broken."""
@@ -405,64 +403,43 @@ class Daemon:
             new, validators = check_config(self.config_path)
             if new.spool != self.cfg.spool:
                 raise ConfigError(f"{new.path}: spool: cannot change while running; restart")
-            Spool(new.spool, new.interfaces).init()  # new interfaces' folders
+            Spool.of(new).init()  # new interfaces' folders
         except JobspoolError as exc:  # a bad file, or folders that cannot be made
-            self.log.error("reload refused; keeping the running configuration", error=str(exc))
+            self.logger.error("reload refused; keeping the running configuration", error=str(exc))
             notify.notify("READY=1")
             return
         self.cfg = new
-        self.spool = Spool(new.spool, new.interfaces)
+        self.spool = Spool.of(new)
         check.use_compiled(validators)  # only now: a refused reload keeps the old ones
+        ctx = self.lane_context()
         for name, lane in list(self.lanes.items()):
             iface = new.interfaces.get(name)
             if iface is None or iface.outbound:
                 lane.stop()  # its jobs stay on disk
                 del self.lanes[name]
             else:
-                lane.iface = iface  # the next job runs with the new handler
+                lane.reconfigure(iface, ctx)  # the next job runs with the new handler
         self.start_lanes()
         if self.scheduler is not None:
-            self.scheduler.store = Store(new)
-            self.scheduler.signature = None  # reload the definitions on the next turn
+            self.scheduler.reconfigure(Store(new, self.spool))
         assert self.watcher is not None
         self.watcher.stop()
         self.start_watching()
         self.rescan()
-        self.log.info("reloaded", interfaces=list(new.interfaces))
+        self.logger.info("reloaded", interfaces=list(new.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
 
     # --- reporting --------------------------------------------------------------------
-
-    def publish_blocked(self, interface: str, why: str | None) -> None:
-        """Say in state/blocked/IFACE which job blocks the interface (or that none does)."""
-        path = self.spool.blocked_marker(interface)
-        try:
-            if why is None:
-                self.spool.remove(path)
-            else:
-                self.spool.write(path, [why.encode() + b"\n"], replace=True)
-        except JobspoolError as exc:
-            self.log.error("cannot record blocked interface", interface=interface, error=str(exc))
-
-    def count(self, interface: str, outcome: Outcome | None, what: str | None = None) -> None:
-        with self.counters_lock:
-            key = (interface, what or (outcome.result if outcome else "?"))
-            self.counters[key] = self.counters.get(key, 0) + 1
-            if outcome is not None:
-                for k, v in (("handler_seconds", outcome.ended - outcome.started), ("runs", 1)):
-                    self.counters[(interface, k)] = self.counters.get((interface, k), 0) + v
 
     def status_line(self) -> str:
         return ", ".join(f"{n}: {lane.depth()} queued" for n, lane in self.lanes.items()) or "idle"
 
     def write_metrics(self) -> None:
         assert self.cfg.daemon.metrics is not None
-        with self.counters_lock:
-            counters = dict(self.counters)
         try:
-            metrics.write(self.cfg.daemon.metrics, self.spool.overview(), counters)
+            metrics.write(self.cfg.daemon.metrics, self.spool.overview(), self.counters.snapshot())
         except OSError as exc:
-            self.log.error("cannot write metrics", error=str(exc))
+            self.logger.error("cannot write metrics", error=str(exc))
 
 
 def _mtime(path: Path) -> float:
@@ -479,7 +456,7 @@ def check_config(config_path: str | None) -> tuple[Config, dict[Path, Any]]:
     a schema that does not compile is a configuration error like any other.
     """
     cfg = config.load(config_path)
-    Store(cfg).all()  # cron expressions, time zones, owners, template settings
+    Store(cfg, Spool.of(cfg)).all()  # cron expressions, time zones, owners, template settings
     schemas = {i.schema for i in cfg.interfaces.values() if i.schema is not None}
     return cfg, check.compile_all(schemas)
 

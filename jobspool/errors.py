@@ -25,7 +25,7 @@ class Rejected(JobspoolError):
 
     exit_code = 65
 
-    def __init__(self, message: str, errors: list[CheckError] | None = None) -> None:
+    def __init__(self, message: str, errors: list[Problem] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []
 
@@ -53,7 +53,7 @@ class ConfigError(JobspoolError):
     exit_code = 78
 
 
-class CheckError:
+class Problem:
     """One reason a document failed its check, with where it was found."""
 
     __slots__ = ("column", "line", "message")
@@ -67,10 +67,10 @@ class CheckError:
         return f"line {self.line}, column {self.column}: {self.message}"
 
     def __repr__(self) -> str:
-        return f"CheckError({self.line}, {self.column}, {self.message!r})"
+        return f"Problem({self.line}, {self.column}, {self.message!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CheckError) and (self.line, self.column, self.message) == (
+        return isinstance(other, Problem) and (self.line, self.column, self.message) == (
             other.line,
             other.column,
             other.message,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from jobspool import joblog, names
 from jobspool.config import Config
+from jobspool.durable import os_errors, write_file
 from jobspool.errors import BadRequest
 from jobspool.intake import log_so_far
-from jobspool.spool import BAK, QUEUE, Spool, os_errors, write_file
+from jobspool.spool import BAK, QUEUE, Spool
 
 
 def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> Iterator[str]:
@@ -63,7 +64,7 @@ def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> 
 def _outbound(cfg: Config, interface: str) -> Spool:
     if not cfg.interface(interface).outbound:
         raise BadRequest(f"{interface} is not an outbound (_out) interface: nothing to fetch")
-    spool = Spool(cfg.spool, cfg.interfaces)
+    spool = Spool.of(cfg)
     spool.require(interface)
     return spool
 

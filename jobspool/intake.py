@@ -25,17 +25,14 @@ from typing import BinaryIO, NamedTuple
 from jobspool import check as checking
 from jobspool import joblog, names
 from jobspool.config import Config, Interface
-from jobspool.errors import BadRequest, CheckError, Denied, Rejected
-from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors
+from jobspool.durable import os_errors
+from jobspool.errors import BadRequest, Denied, Problem, Rejected
+from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
 _CHUNK = 1 << 20
 
 
-def spool_of(cfg: Config) -> Spool:
-    return Spool(cfg.spool, cfg.interfaces)
-
-
-def check_file(iface: Interface, source: str) -> checking.Result:
+def check_file(iface: Interface, source: str) -> checking.Verdict:
     """Check a file against an interface without touching the spool."""
     with open_source(source) as f:
         head = f.read(iface.max_size + 1)
@@ -55,7 +52,7 @@ def submit(cfg: Config, interface: str, source: str, name: str | None = None) ->
             raise BadRequest("reading the job from stdin needs --name NAME")
         name = os.path.basename(source)
     names.check_name(name)
-    spool_of(cfg).require(iface.name)
+    Spool.of(cfg).require(iface.name)
     with open_source(source) as f:
         head = f.read(iface.max_size + 1)
         return accept_data(cfg, iface.name, name, head, rest=_rest(f))
@@ -79,7 +76,7 @@ def accept_data(
     """
     iface = cfg.interface(interface)
     names.check_name(name)
-    spool = spool_of(cfg)
+    spool = Spool.of(cfg)
     spool.require(iface.name)
     # Check outside the lock: a slow client must not hold up the daemon's intake.
     result = _check(iface, data)
@@ -130,7 +127,7 @@ def retry(cfg: Config, name: str) -> str:
     Returns where the job now is. A job rejected again stays in joberrors,
     its log gains the new check, and :class:`Rejected` is raised.
     """
-    spool = spool_of(cfg)
+    spool = Spool.of(cfg)
     with spool.names_lock():
         found = spool.find(name)
         if found.place.state != JOBERRORS:
@@ -172,10 +169,10 @@ def log_so_far(spool: Spool, name: str, interface: str, stamp_ns: int) -> joblog
         return log
 
 
-def _check(iface: Interface, head: bytes) -> checking.Result:
+def _check(iface: Interface, head: bytes) -> checking.Verdict:
     if len(head) > iface.max_size:
         too_big = f"the file is larger than max_size ({iface.max_size} bytes) of {iface.name}"
-        return checking.Result([CheckError(0, 0, too_big)], schema=iface.schema)
+        return checking.Verdict([Problem(0, 0, too_big)], schema=iface.schema)
     return checking.check(head, iface.schema)
 
 
@@ -184,7 +181,7 @@ def _reject(
     name: str,
     log: joblog.Log,
     content: Iterator[bytes],
-    errors: list[CheckError],
+    errors: list[Problem],
 ) -> None:
     """Put a rejected job into joberrors: its log first, then the job."""
     joblog.moved(log, "outside", JOBERRORS)
@@ -198,7 +195,7 @@ def _reject(
     raise _rejected(name, errors, "into joberrors")
 
 
-def _rejected(name: str, errors: list[CheckError], where: str) -> Rejected:
+def _rejected(name: str, errors: list[Problem], where: str) -> Rejected:
     more = f" (and {len(errors) - 1} more: jobspool log {name})" if len(errors) > 1 else ""
     return Rejected(f"{name} rejected {where}: {errors[0]}{more}", errors)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from jobspool.errors import CheckError
+from jobspool.errors import Problem
 
 if TYPE_CHECKING:
     from jobspool.handlers import Outcome
@@ -84,7 +84,7 @@ def received(
     event(log, "received", at, via=via, original_name=original, reason=reason, ref=ref)
 
 
-def checked(log: Log, errors: list[CheckError], schema: Path | None, at: str | None = None) -> None:
+def checked(log: Log, errors: list[Problem], schema: Path | None, at: str | None = None) -> None:
     el = event(log, "checked", at, outcome="rejected" if errors else "accepted", schema=schema)
     for err in errors:
         e = etree.SubElement(
@@ -107,16 +107,27 @@ def ran(log: Log, outcome: Outcome, handler: str) -> None:
         timed_out="true" if outcome.timed_out else None,
         reason=outcome.reason,
     )
-    streams = (("stdout", outcome.stdout, outcome.stdout_dropped),
-               ("stderr", outcome.stderr, outcome.stderr_dropped))  # fmt: skip
+    run_details(el, outcome, _Q)
+
+
+def run_details(el: etree._Element, outcome: Outcome, q: str) -> None:
+    """A run's bounded output and traceback, as children of ``el`` in namespace ``q``.
+
+    The one writer of them: a job log's ``<ran>`` and a schedule result's
+    ``<run>`` hold the same elements, each in its own namespace.
+    """
+    streams = (
+        ("stdout", outcome.stdout, outcome.stdout_dropped),
+        ("stderr", outcome.stderr, outcome.stderr_dropped),
+    )
     for stream, data, dropped in streams:
         if data:
-            out = etree.SubElement(el, _Q + "output", stream=stream)
+            out = etree.SubElement(el, q + "output", stream=stream)
             if dropped:
                 out.set("truncated", str(dropped))
             out.text = xml_text(data.decode("utf-8", "replace"))
     if outcome.traceback:
-        etree.SubElement(el, _Q + "traceback").text = xml_text(outcome.traceback)
+        etree.SubElement(el, q + "traceback").text = xml_text(outcome.traceback)
 
 
 def moved(log: Log, source: str, dest: str, at: str | None = None) -> etree._Element:

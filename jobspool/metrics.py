@@ -8,10 +8,38 @@ writing it here beats a dependency.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobspool.spool import Overview
+
+if TYPE_CHECKING:
+    from jobspool.handlers import Outcome
+
+
+class Counters:
+    """What the daemon counts for the metrics file, by (interface, what); any thread may count."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def count(self, interface: str, outcome: Outcome | None, what: str | None = None) -> None:
+        """One handler run (its outcome and duration), or one event ``what`` (e.g. rejected)."""
+        with self._lock:
+            key = (interface, what or (outcome.result if outcome else "?"))
+            self._values[key] = self._values.get(key, 0) + 1
+            if outcome is not None:
+                for k, v in (("handler_seconds", outcome.ended - outcome.started), ("runs", 1)):
+                    self._values[(interface, k)] = self._values.get((interface, k), 0) + v
+
+    def snapshot(self) -> dict[tuple[str, str], float]:
+        """The counts so far."""
+        with self._lock:
+            return dict(self._values)
+
 
 _COUNTERS = {
     "done": ("jobspool_jobs_processed_total", "Jobs whose handler succeeded."),

@@ -1,18 +1,5 @@
-"""When schedules run, and the loop that fires them (SPEC 6).
-
-Timing is a pure function, :func:`next_run`, pinned by tests with fixed
-clocks:
-
-- ``cron:`` is evaluated by croniter on the schedule's local wall clock
-  (five fields, optionally a sixth for seconds, ``L`` for the last day of
-  the month), and each wall-clock time is then mapped to an instant: a time
-  that happens twice (autumn) counts once, at its first occurrence; a time
-  that does not exist (spring) fires when the gap ends. So a daily 02:30 run
-  fires exactly once on both change days. croniter's own time-zone handling
-  fires it twice in autumn, which is why it only ever sees naive times here.
-- ``every: h:m:s`` keeps to a grid counted from the epoch: runs never drift
-  with how long they take, and a restart keeps the grid.
-- ``at:`` runs once, at a local date and time.
+"""The loop that fires schedules (docs/spec.rst, "Schedules"); when they are due is
+:mod:`jobspool.timing`.
 
 :class:`Scheduler` is the daemon's loop for them, in the manner of huey's
 consumer: ``loop(now)`` is given the time, hands what is due to a bounded
@@ -22,119 +9,18 @@ are group committed (one sync for many) by a thread of their own.
 
 from __future__ import annotations
 
-import functools
-import os
 import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, tzinfo
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from jobspool import schedules
-from jobspool.config import Schedule, parse_every
-from jobspool.errors import JobspoolError
-from jobspool.schedules import STILL_GOING, Result
-
-if TYPE_CHECKING:
-    from jobspool.schedules import Staged, Store
-
-
-def zone(s: Schedule) -> tzinfo:
-    """The schedule's time zone; by default the system's ($TZ, else /etc/localtime)."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    name = s.timezone or os.environ.get("TZ", "").lstrip(":")
-    if name:
-        try:
-            return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
-            if s.timezone:
-                raise ValueError(f"unknown time zone {s.timezone!r}") from None
-    return _system_zone()
-
-
-@functools.cache
-def _system_zone() -> tzinfo:
-    # A zone file, not the fixed offset astimezone() gives: that knows no DST.
-    from zoneinfo import ZoneInfo
-
-    try:
-        with open("/etc/localtime", "rb") as f:
-            return ZoneInfo.from_file(f, key="localtime")
-    except (OSError, ValueError):
-        return UTC
-
-
-def next_run(s: Schedule, after: float) -> float | None:
-    """The first run strictly after ``after`` (a POSIX time), or None if there is none."""
-    if s.timing == "every":
-        step = _step(s.when)
-        return (after // step + 1) * step
-    tz = zone(s)
-    if s.timing == "at":
-        when = _parse_at(s.when, tz)
-        return when if when > after else None
-    return _next_cron(s.when, tz, after)
-
-
-# Parsed once per text: the daemon asks for every tick of every schedule.
-_step = functools.lru_cache(maxsize=1024)(parse_every)
-
-
-def preview(s: Schedule, after: float, count: int = 5) -> list[float]:
-    """The next ``count`` run times after ``after``."""
-    out: list[float] = []
-    t = next_run(s, after)
-    while t is not None and len(out) < count:
-        out.append(t)
-        t = next_run(s, t)
-    return out
-
-
-def _next_cron(expr: str, tz: tzinfo, after: float) -> float:
-    from croniter import croniter
-
-    if not croniter.is_valid(expr):
-        raise ValueError(f"not a valid cron expression: {expr!r}")
-    wall = datetime.fromtimestamp(after, tz).replace(tzinfo=None)
-    it = croniter(expr, wall)
-    while True:
-        candidate = it.get_next(datetime)
-        instant = _instant(candidate, tz)
-        if instant > after:
-            return instant
-
-
-def _instant(wall: datetime, tz: tzinfo) -> float:
-    """A local wall-clock time as a POSIX time: first occurrence; end of a DST gap."""
-    first = wall.replace(tzinfo=tz, fold=0)
-    if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) == wall:
-        return first.timestamp()
-    # In a gap: the clock jumped over this time. Fire when the gap ends, the
-    # first instant whose offset is the later one (found to the second).
-    lo = wall.replace(tzinfo=tz, fold=1).timestamp()
-    hi = first.timestamp()
-    later = datetime.fromtimestamp(hi, tz).utcoffset()
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if datetime.fromtimestamp(mid, tz).utcoffset() == later:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _parse_at(text: str, tz: tzinfo) -> float:
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"not a date and time like 2026-12-24 18:00: {text!r}") from None
-    if when.tzinfo is None:
-        return _instant(when, tz)
-    return when.timestamp()
-
+from jobspool.config import Schedule
+from jobspool.durable import BATCH, GroupCommit
+from jobspool.schedules import STILL_GOING, Result, Staged, Store
+from jobspool.timing import next_run
 
 STILL_WAITING = "the previous run was still waiting for a free run thread"
 NEVER_STARTED = "the daemon stopped before a run thread was free"
@@ -160,9 +46,9 @@ class Scheduler:
     recorded, and is logged, only once its result is durable.
     """
 
-    def __init__(self, store: Store, log: Any) -> None:
+    def __init__(self, store: Store, logger: Any, commit: GroupCommit | None = None) -> None:
         self.store = store
-        self.log = log
+        self.logger = logger
         self.schedules: dict[str, Schedule] = {}
         self.next: dict[str, float | None] = {}
         self.trigger: dict[str, str] = {}
@@ -178,12 +64,19 @@ class Scheduler:
         self.ticks: list[tuple[str, float]] = []  # this turn's, for the recorder to write
         self.cond = threading.Condition()
         self.pool = _Pool(store.cfg.daemon.schedule_concurrency, "schedule", self._run)
-        self.recorder = _Recorder(self)
+        commit = commit or GroupCommit(store.spool.sync, logger)
+        self.recorder = Recorder(store, logger, commit, going=lambda: bool(self.busy))
+
+    def reconfigure(self, store: Store) -> None:
+        """A reload: schedules are read anew from ``store`` on the next turn."""
+        self.store = store
+        self.recorder.reconfigure(store)
+        self.signature = None
 
     def loop(self, now: float) -> float | None:
         """Fire what is due at ``now``; return when the next run is due."""
         if self.last_now is not None and now < self.last_now - 1:
-            self.log.warning("the clock went back; computing next runs anew")
+            self.logger.warning("the clock went back; computing next runs anew")
             # Repeating sometimes beats waiting as long as the clock went back,
             # except for at:, which runs once, ever.
             self.next = {
@@ -263,7 +156,7 @@ class Scheduler:
             schedules.execute(self.store, s, tick.trigger, tick.due, on_start=started,
                               record=record)  # fmt: skip
         except BaseException as exc:  # sys.exit() in a handler too: the thread serves on
-            self.log.exception("schedule run crashed", schedule=s.id, error=str(exc))
+            self.logger.exception("schedule run crashed", schedule=s.id, error=str(exc))
         finally:
             with self.cond:
                 self.procs.pop(s.id, None)
@@ -290,7 +183,7 @@ class Scheduler:
         try:
             fresh = self.store.all()
         except Exception as exc:
-            self.log.error("schedules not reloaded; keeping the running ones", error=str(exc))
+            self.logger.error("schedules not reloaded; keeping the running ones", error=str(exc))
             return
         self.pool.resize(self.store.cfg.daemon.schedule_concurrency)
         first = not self.schedules
@@ -349,7 +242,7 @@ class Scheduler:
             procs = {sid: p for sid, p in self.procs.items() if sid in self.busy}
         for sid, proc in procs.items():
             if proc.poll() is None:
-                self.log.warning("stopping: killing a scheduled run", schedule=sid)
+                self.logger.warning("stopping: killing a scheduled run", schedule=sid)
                 kill_group(proc, grace=2.0)
         with self.cond:
             # Killed runs record their results; in-process ones may never end.
@@ -358,7 +251,6 @@ class Scheduler:
 
 
 _FINAL_COMMIT = 30.0  # seconds the last results may take to be synced at shutdown
-BATCH = 64  # results that make a batch worth committing at once
 GATHER = 0.02  # seconds a batch waits for more results while runs are going
 
 
@@ -423,7 +315,7 @@ class _Pool(Generic[_T]):
                     self.free += 1
 
 
-class _Recorder:
+class Recorder:
     """Group commit of run results, on a thread of its own.
 
     Each batch is what arrived while the previous one was being committed
@@ -433,10 +325,19 @@ class _Recorder:
     and its schedule's history pruned. A crash therefore loses at most the
     results not yet renamed into place, and never leaves a partial or empty
     result file behind (each appears by one rename, after its data is durable).
+    A failed sync places nothing: the batch waits and is tried again after a
+    back-off (:class:`~jobspool.durable.GroupCommit`).
+
+    ``going`` tells whether runs are going, whose results are worth waiting for.
     """
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
+    def __init__(
+        self, store: Store, logger: Any, commit: GroupCommit, going: Callable[[], bool]
+    ) -> None:
+        self.store = store
+        self.logger = logger
+        self.group = commit
+        self.going = going
         self.cond = threading.Condition()
         self.items: list[tuple[Schedule, Result, Staged | None]] = []
         self.ticks: list[tuple[str, float]] = []
@@ -473,6 +374,11 @@ class _Recorder:
                 lambda: not (self.items or self.ticks or self.working), timeout
             )
 
+    def reconfigure(self, store: Store) -> None:
+        """A reload: results from now on are written with ``store``."""
+        with self.cond:
+            self.store = store
+
     def _start(self) -> None:
         if self.thread is None:
             self.thread = threading.Thread(target=self._serve, name="recorder", daemon=True)
@@ -493,7 +399,7 @@ class _Recorder:
                 self.cond.wait_for(lambda: self.items or self.ticks or self.stopping)
                 if not (self.items or self.ticks):
                     return
-                if 0 < len(self.items) < BATCH and self.scheduler.busy and not self.stopping:
+                if 0 < len(self.items) < BATCH and self.going() and not self.stopping:
                     # Runs are going: let their results join this batch. Each
                     # sync flushes the whole filesystem; a burst of a thousand
                     # runs then takes tens of syncs, not hundreds.
@@ -501,39 +407,48 @@ class _Recorder:
                 batch, self.items = self.items, []
                 ticks, self.ticks = self.ticks, []
                 self.working = True
+            left: list[tuple[Schedule, Result, Staged | None]] = []
             try:
                 self.write_ticks(ticks)
                 if batch:
-                    self.commit(batch)
+                    left = self.commit(batch)
             except Exception as exc:  # a bug: what comes after must still get in
-                self.scheduler.log.exception("cannot record results", error=str(exc))
+                self.logger.exception("cannot record results", error=str(exc))
             finally:
                 with self.cond:
                     self.working = False
+                    self.items[:0] = left  # not durable yet: first in the next batch
                     self.cond.notify_all()
+            if left and not self.stopping:
+                time.sleep(self.group.retry_in())
 
     def write_ticks(self, ticks: list[tuple[str, float]]) -> None:
         """Each schedule's newest tick of ``ticks`` into its ``last``; one error line at most."""
         failed = []
         for sid, tick in dict(ticks).items():
             try:
-                self.scheduler.store.record_tick(sid, tick)
+                self.store.record_tick(sid, tick)
             except OSError as exc:
                 failed.append(f"{sid}: {exc.strerror}")
         if failed:  # each tick of every schedule would be one line a second
-            self.scheduler.log.error("cannot record the last ticks", failed=len(failed),
-                                     first=failed[0])  # fmt: skip
+            self.logger.error("cannot record the last ticks", failed=len(failed), first=failed[0])
 
-    def commit(self, batch: list[tuple[Schedule, Result, Staged | None]]) -> None:
-        """Stage what is not yet, sync, place every result, sync, then report and prune."""
-        store, log = self.scheduler.store, self.scheduler.log
+    def commit(
+        self, batch: list[tuple[Schedule, Result, Staged | None]]
+    ) -> list[tuple[Schedule, Result, Staged | None]]:
+        """Stage what is not yet, sync, place every result, sync, then report and prune.
+
+        Returns what a failed sync left uncommitted (staged, to be tried again).
+        """
+        store, log = self.store, self.logger
         staged = []
         for s, result, st in batch:
             try:
                 staged.append(st or store.stage(s, result))
             except Exception as exc:
                 log.error("cannot record a result", schedule=s.id, error=str(exc))
-        self._sync()
+        if not self.group.sync():
+            return [(st.schedule, st.result, st) for st in staged]
         placed = []
         stems: dict[str, list[int]] = {}  # per schedule, listed once a batch
         for st in staged:
@@ -547,8 +462,11 @@ class _Recorder:
             else:
                 placed.append(st)
         if not placed:
-            return
-        self._sync()
+            return []
+        while not self.group.sync():  # placed, not yet durable: reported once a sync works
+            if self.stopping:
+                return []
+            time.sleep(self.group.retry_in())
         for sid, names in stems.items():
             try:
                 store.prune(sid, names)
@@ -557,15 +475,16 @@ class _Recorder:
         for st in placed:
             r = st.result
             if r.outcome == "skipped":
-                log.warning("schedule skipped", schedule=r.schedule, trigger=r.trigger,
-                            reason=r.message)  # fmt: skip
+                log.warning(
+                    "schedule skipped", schedule=r.schedule, trigger=r.trigger, reason=r.message
+                )
             else:
                 level = log.info if r.outcome == "ok" else log.warning
-                level("schedule ran", schedule=r.schedule, trigger=r.trigger, outcome=r.outcome,
-                      message=r.message)  # fmt: skip
-
-    def _sync(self) -> None:
-        try:
-            self.scheduler.store.spool.sync()
-        except JobspoolError as exc:  # placed anyway: durable later, as far as the disk goes
-            self.scheduler.log.error("cannot sync the spool", error=str(exc))
+                level(
+                    "schedule ran",
+                    schedule=r.schedule,
+                    trigger=r.trigger,
+                    outcome=r.outcome,
+                    message=r.message,
+                )
+        return []

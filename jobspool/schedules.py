@@ -32,10 +32,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jobspool import config, handlers, joblog, templates
+from jobspool import config, handlers, joblog, templates, timing
 from jobspool.config import Config, Schedule
+from jobspool.durable import rename_noreplace, write_file, write_staged
 from jobspool.errors import BadRequest, ConfigError, JobspoolError
-from jobspool.spool import Spool, rename_noreplace, write_file, write_staged
+from jobspool.handlers import Outcome
+from jobspool.spool import Spool
 
 NS = "urn:jobspool:run:1"
 SCHEMA = Path(__file__).parent / "schemas" / "result.xsd"
@@ -45,29 +47,37 @@ ACTIONS = ("command", "handler", "template")
 
 
 class Result(NamedTuple):
-    """One run of a schedule, as recorded."""
+    """One run of a schedule, as recorded: which tick, its outcome, and what the run did.
+
+    ``run`` is the same record a job's handler run leaves
+    (:class:`~jobspool.handlers.Outcome`: times, exit status, output); its
+    ``reason`` is the result's message.
+    """
 
     schedule: str
     trigger: str  # time | manual | catch-up
     outcome: str  # ok | failed | skipped
-    start: float
-    end: float
+    run: Outcome
     due: float | None = None
-    exit_status: int | None = None
-    signal: int | None = None
-    timed_out: bool = False
-    message: str | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_dropped: int = 0
-    stderr_dropped: int = 0
-    traceback: str | None = None
+
+    @property
+    def start(self) -> float:
+        return self.run.started
+
+    @property
+    def end(self) -> float:
+        return self.run.ended
+
+    @property
+    def message(self) -> str | None:
+        return self.run.reason
 
 
 def skipped(sid: str, trigger: str, due: float | None, why: str) -> Result:
     """The result of a tick that did not run, recorded now."""
     now = time.time()
-    return Result(sid, trigger, "skipped", now, now, due, message=why)
+    never_ran = Outcome(handlers.FAILED, now, now, reason=why)
+    return Result(sid, trigger, "skipped", never_ran, due)
 
 
 class _Paths(NamedTuple):
@@ -89,9 +99,9 @@ class Staged(NamedTuple):
 class Store:
     """The schedules of one configuration and their state on disk."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, spool: Spool | None = None) -> None:
         self.cfg = cfg
-        self.spool = Spool(cfg.spool, cfg.interfaces)
+        self.spool = spool or Spool.of(cfg)
         self.root = self.spool.state / "schedules"
         self._path_cache: dict[str, _Paths] = {}
         self._settings: list[tuple[str, str]] | None = None
@@ -311,15 +321,13 @@ def _open_in(folder: str, path: str, flags: int, mode: int) -> int:
 
 def check(s: Schedule, path: Path) -> None:
     """What the configuration's shape cannot say: a valid cron, zone, owner and template."""
-    from jobspool import scheduler
-
     where = f"{path}: schedules.{s.id}"
     try:
-        scheduler.zone(s)
+        timing.zone(s)
     except ValueError as exc:
         raise ConfigError(f"{where}.timezone: {exc}") from None
     try:
-        scheduler.next_run(s, time.time())
+        timing.next_run(s, time.time())
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{where}.{s.timing}: {exc}") from None
     if s.owner is not None:
@@ -376,6 +384,12 @@ def _run(
     on_start: Callable[[subprocess.Popen[bytes]], None] | None,
 ) -> Result:
     start = time.time()
+
+    def result(outcome: str, message: str | None, trace: str | None = None) -> Result:
+        done = handlers.DONE if outcome == "ok" else handlers.FAILED
+        run = Outcome(done, start, time.time(), reason=message, traceback=trace)
+        return Result(s.id, trigger, outcome, run, due)
+
     if s.action == "command":
         env = dict(os.environ, JOBSPOOL_SCHEDULE=s.id, JOBSPOOL_SPOOL=str(store.spool.root))
         as_user = s.owner if os.geteuid() == 0 and s.owner not in (None, "root") else None
@@ -383,11 +397,7 @@ def _run(
         o = handlers.run_command(
             s.target, env, s.timeout, output_limit=limit, user=as_user, on_start=on_start
         )
-        return Result(
-            s.id, trigger, "ok" if o.result == handlers.DONE else "failed", o.started, o.ended,
-            due, o.exit_status, o.signal, o.timed_out, o.reason, o.stdout, o.stderr,
-            o.stdout_dropped, o.stderr_dropped,
-        )  # fmt: skip
+        return Result(s.id, trigger, "ok" if o.result == handlers.DONE else "failed", o, due)
     try:
         if s.action == "template":
             template = templates.TEMPLATES[s.target]
@@ -397,12 +407,10 @@ def _run(
             handler(Context(s.id, store.spool.root, s.settings))
             message = None
     except templates.TemplateFailed as exc:
-        return Result(s.id, trigger, "failed", start, time.time(), due, message=str(exc))
+        return result("failed", str(exc))
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        return Result(s.id, trigger, "failed", start, time.time(), due, message=message,
-                      traceback=traceback.format_exc())  # fmt: skip
-    return Result(s.id, trigger, "ok", start, time.time(), due, message=message)
+        return result("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    return result("ok", message)
 
 
 def result_xml(s: Schedule, r: Result) -> bytes:
@@ -410,27 +418,25 @@ def result_xml(s: Schedule, r: Result) -> bytes:
 
     q = f"{{{NS}}}"
     el = etree.Element(q + "run", nsmap={None: NS})
+    run = r.run
     attrs: dict[str, object] = {
-        "schedule": s.id, "name": s.name, "trigger": r.trigger, "outcome": r.outcome,
+        "schedule": s.id,
+        "name": s.name,
+        "trigger": r.trigger,
+        "outcome": r.outcome,
         "due": None if r.due is None else joblog.iso(r.due),
-        "start": joblog.iso(r.start), "end": joblog.iso(r.end),
-        "exit-status": r.exit_status, "signal": r.signal,
-        "timed-out": "true" if r.timed_out else None,
-    }  # fmt: skip
+        "start": joblog.iso(run.started),
+        "end": joblog.iso(run.ended),
+        "exit-status": run.exit_status,
+        "signal": run.signal,
+        "timed-out": "true" if run.timed_out else None,
+    }
     for key, value in attrs.items():
         if value is not None:
             el.set(key, joblog.xml_text(str(value)))
-    if r.message:
-        etree.SubElement(el, q + "message").text = joblog.xml_text(r.message)
-    for stream, data, dropped in (("stdout", r.stdout, r.stdout_dropped),
-                                  ("stderr", r.stderr, r.stderr_dropped)):  # fmt: skip
-        if data:
-            out = etree.SubElement(el, q + "output", stream=stream)
-            if dropped:
-                out.set("truncated", str(dropped))
-            out.text = joblog.xml_text(data.decode("utf-8", "replace"))
-    if r.traceback:
-        etree.SubElement(el, q + "traceback").text = joblog.xml_text(r.traceback)
+    if run.reason:
+        etree.SubElement(el, q + "message").text = joblog.xml_text(run.reason)
+    joblog.run_details(el, run, q)
     return etree.tostring(el, xml_declaration=True, encoding="UTF-8", pretty_print=True)
 
 

@@ -1,4 +1,4 @@
-"""The spool tree: every path, every move, and where a job is (SPEC 1, 2).
+"""The spool tree: every path, every move, and where a job is (docs/spec.rst, "The spool tree").
 
 The filesystem is the database. A job's state is the directory it sits in,
 and every change of state is one ``rename`` that never replaces an existing
@@ -12,28 +12,32 @@ within a process), rename keeps it, and ``ls -tr queue/IFACE`` shows the
 processing order. Listing sorts by (mtime, name), so the order survives
 restarts with no index to keep in step.
 
-This module imports nothing of jobspool's but ``errors`` and ``names``, and
+The ordered listing of a queue is :mod:`jobspool.listing`; the durable
+writes and system calls under every move are :mod:`jobspool.durable`. This
+module imports nothing of jobspool's but those, ``errors`` and ``names``, and
 nothing slow: the read commands (``status``, ``queue``, ``log``) use it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import itertools
-import operator
 import os
 import re
 import stat
 import threading
 import time
 from array import array
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple
 
-from jobspool import names
-from jobspool.errors import BadRequest, ConfigError, Denied, JobspoolError, TryLater
+from jobspool import listing, names
+from jobspool.durable import SyncGroup, fsync_dir, os_errors, rename_noreplace, syncfs, write_file
+from jobspool.errors import BadRequest, ConfigError, JobspoolError, TryLater
+from jobspool.listing import Listing
+
+if TYPE_CHECKING:
+    from jobspool.config import Config
 
 INCOMING, QUEUE, BAK, JOBERRORS, TMP, STATE = (
     "incoming",
@@ -68,17 +72,6 @@ class Found(NamedTuple):
         return self.path.with_name(names.log_name(self.name))
 
 
-class Listing(NamedTuple):
-    """A queue in processing order: each job's acceptance stamp (ns) and name, index by index.
-
-    The stamps are an ``array('q')``, 8 bytes a job, not an int object each:
-    a daemon may hold a paused queue of a million in memory.
-    """
-
-    stamps: array[int]
-    names: list[str]
-
-
 class Overview(NamedTuple):
     """How one interface stands: what ``jobspool interfaces`` shows."""
 
@@ -92,6 +85,11 @@ class Overview(NamedTuple):
 
 class Spool:
     """One spool directory tree and the interfaces it serves."""
+
+    @classmethod
+    def of(cls, cfg: Config) -> Spool:
+        """The spool a configuration names, with its interfaces."""
+        return cls(cfg.spool, cfg.interfaces)
 
     def __init__(self, root: Path, interfaces: Iterable[str]) -> None:
         self.root = root
@@ -198,29 +196,12 @@ class Spool:
         return list(zip(*self.listing(interface), strict=True))
 
     def listing(self, interface: str, known: Container[str] = (), *, workers: int = 1) -> Listing:
-        """The queue of ``interface`` in processing order: by stamp, then by name.
-
-        Names in ``known`` are left out unread: a daemon's rescan only needs
-        what it has not seen, and a ``stat`` per job is most of a listing's
-        cost. ``workers`` above 1 shares those ``stat`` calls among as many
-        processes (forked: a thread does not help, each ``stat`` hands the
-        GIL over). Only a single-threaded process forks, such as the
-        ``queue`` command; any other gets one worker.
-        """
+        """The queue of ``interface`` in processing order (see :func:`jobspool.listing.of`)."""
         try:
-            fd = os.open(self.dir(QUEUE, interface), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return listing.of(self.dir(QUEUE, interface), known, workers=workers)
         except FileNotFoundError:
             self.require()
             return Listing(array("q"), [])
-        try:
-            found = os.listdir(fd)
-            if known:
-                found = [name for name in found if name not in known]
-            if workers > 1 and len(found) >= _FORK_FROM and threading.active_count() == 1:
-                return _merged(_listed_forked(fd, found, workers))
-            return _listed(fd, found)
-        finally:
-            os.close(fd)
 
     def _jobs_in(self, directory: Path) -> Iterator[tuple[int, str]]:
         try:
@@ -253,6 +234,14 @@ class Spool:
     def blocked_marker(self, interface: str) -> Path:
         """Written by the daemon while a job at the head blocks the interface."""
         return self.state / "blocked" / interface
+
+    def mark_blocked(self, interface: str, why: str | None) -> None:
+        """Say which job blocks ``interface`` and why (None: none does any more)."""
+        path = self.blocked_marker(interface)
+        if why is None:
+            self.remove(path)
+        else:
+            self.write(path, [why.encode() + b"\n"], replace=True)
 
     def pause_marker(self, interface: str) -> Path:
         return self.state / "paused" / interface
@@ -434,342 +423,12 @@ class Spool:
 
 _LOG_INTERFACE = re.compile(rb'<joblog\b[^>]*?\binterface="([A-Za-z0-9._-]{1,200})"')
 
-
-# --- listing a queue in stamp order ----------------------------------------------
-
-_FORK_FROM = 20_000  # jobs; below that a forked helper costs more than it saves
-_EXACT = 2**53  # a float holds every integer below this exactly
-_GONE = -(2**63)  # the stamp of a name that is no plain file (any more)
-
-
-def ordered(stamps: array[int], jobs: list[str]) -> Listing:
-    """Jobs in processing order (by stamp, then by name), from the two in any order.
-
-    Each pass over a million jobs in an order other than memory's costs a
-    cache miss a job (a tenth of a second or more here), so this makes as few
-    as it can: the sort, then one gather each for the names and the stamps.
-    """
-    order = _order(stamps)
-    if len(order) < 2:
-        return Listing(array("q", stamps), list(jobs))
-    pick = operator.itemgetter(*order)
-    in_order = pick(stamps)  # new ints, made in order: the tie check reads them in memory order
-    return _tie_broken(array("q", in_order), in_order, list(pick(jobs)))
-
-
-def _order(stamps: array[int]) -> list[int]:
-    """The indices that sort ``stamps``, equal ones in their given order.
-
-    The keys are floats where that is exact (stamps less than 104 days
-    apart): a sort compares floats about twice as fast as large integers.
-    """
-    if not stamps:
-        return []
-    low = min(stamps)
-    keys: list[float] | array[int] = stamps
-    if max(stamps) - low < _EXACT:
-        keys = [float(s - low) for s in stamps]
-    return sorted(range(len(stamps)), key=keys.__getitem__)
-
-
-def _tie_broken(stamps: array[int], same: Iterable[int], jobs: list[str]) -> Listing:
-    """Jobs with equal stamps (copied in with their times, coarse clocks) put in name order.
-
-    ``same`` holds the stamps again, in the fastest form to read. Finding the
-    ties is one pass in C, so a queue without any pays nothing more.
-    """
-    first = iter(same)
-    next(first, None)
-    ties = list(itertools.compress(itertools.count(), map(operator.eq, same, first)))
-    start = 0
-    for k, i in enumerate(ties):
-        if k + 1 == len(ties) or ties[k + 1] != i + 1:  # the last of a run of equal stamps
-            head = ties[start]
-            jobs[head : i + 2] = sorted(jobs[head : i + 2])
-            start = k + 1
-    return Listing(stamps, jobs)
-
-
-def _listed(fd: int, found: list[str]) -> Listing:
-    """The jobs among the names ``found`` in the folder ``fd``, in processing order."""
-    jobs = names.valid(found)
-    stamps = _stamps(fd, jobs)
-    if _GONE in stamps:  # taken meanwhile, or no plain file: rare
-        keep = list(map(operator.ne, stamps, itertools.repeat(_GONE)))
-        jobs = list(itertools.compress(jobs, keep))
-        stamps = array("q", itertools.compress(stamps, keep))
-    return ordered(stamps, jobs)
-
-
-def _stamps(fd: int, jobs: list[str]) -> array[int]:
-    """The stamp of each of ``jobs`` (in the folder ``fd``), or ``_GONE``."""
-    stamps: array[int] = array("q")
-    append, lstat, is_file = stamps.append, os.stat, stat.S_ISREG
-    for name in jobs:
-        try:  # relative to the folder's descriptor: no path to walk for each job
-            st = lstat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:  # taken meanwhile
-            append(_GONE)
-        else:
-            append(st.st_mtime_ns if is_file(st.st_mode) else _GONE)
-    return stamps
-
-
-def _merged(parts: list[Listing]) -> Listing:
-    """One listing of parts each in processing order: a merge, as the sort finds the runs."""
-    stamps: array[int] = array("q")
-    for part in parts:
-        stamps += part.stamps
-    return ordered(stamps, list(itertools.chain.from_iterable(part.names for part in parts)))
-
-
-def _listed_forked(fd: int, found: list[str], workers: int) -> list[Listing]:
-    """:func:`_listed` of shares of ``found``, all but the first in forked children.
-
-    Each child sorts its share too, and sends its names back as one text,
-    which makes them new strings laid out in their order: the merge then
-    reads memory in order instead of one cache miss a job. A child that
-    cannot be forked, or fails, has its share done here.
-    """
-    bounds = [len(found) * k // workers for k in range(workers + 1)]
-    shares = [found[bounds[k] : bounds[k + 1]] for k in range(workers)]
-    children = [(share, _fork_listed(fd, share)) for share in shares[1:]]
-    try:
-        parts = [_listed(fd, shares[0])]
-        while children:
-            share, child = children.pop(0)
-            got = _collect(*child) if child is not None else None
-            parts.append(got if got is not None else _listed(fd, share))
-        return parts
-    finally:
-        for _, child in children:  # only after an exception: nobody waits for them
-            if child is not None:
-                os.close(child[1])
-                os.waitpid(child[0], 0)
-
-
-def _fork_listed(fd: int, found: list[str]) -> tuple[int, int] | None:
-    """Fork a child that writes the :func:`_listed` of ``found`` to a pipe: (pid, pipe)."""
-    try:
-        r, w = os.pipe()
-    except OSError:
-        return None
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(r)
-        os.close(w)
-        return None
-    if pid == 0:
-        status = 1
-        try:
-            os.close(r)
-            stamps, jobs = _listed(fd, found)
-            with open(w, "wb") as out:
-                out.write(len(stamps).to_bytes(8, "little"))
-                out.write(stamps)
-                out.write("\n".join(jobs).encode("ascii"))  # job names are ASCII
-            status = 0
-        finally:
-            os._exit(status)  # nothing of the parent's: no atexit, no buffered output
-    os.close(w)
-    return pid, r
-
-
-def _collect(pid: int, r: int) -> Listing | None:
-    """What a child of :func:`_fork_listed` found; None if it failed."""
-    try:
-        with open(r, "rb") as f:
-            data = f.read()
-    finally:
-        _, status = os.waitpid(pid, 0)
-    count = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if status != 0 or count < 0 or len(data) < 8 + 8 * count:
-        return None
-    stamps: array[int] = array("q")
-    stamps.frombytes(memoryview(data)[8 : 8 + 8 * count])
-    jobs = data[8 + 8 * count :].decode("ascii").split("\n") if count else []
-    return Listing(stamps, jobs) if len(jobs) == count else None
-
-
-# --- the edges: write, fsync and rename ----------------------------------------
-
-
-def write_file(
-    dest: Path,
-    chunks: Iterable[bytes],
-    *,
-    staging: Path,
-    replace: bool = False,
-    stamp_ns: int | None = None,
-    sync: bool = True,
-) -> None:
-    """Write in ``staging`` (same filesystem as ``dest``), fsync, rename, fsync the dir.
-
-    ``sync=False`` skips both fsyncs, for a caller that syncs a batch at once.
-    """
-    with os_errors(f"cannot write {dest.name}"):
-        fd, tmp = _mkstemp(staging, dest.name)
-        try:
-            try:
-                for chunk in chunks:  # os.write: a file object adds fstat, ioctl and lseek
-                    _write_all(fd, chunk)
-                if stamp_ns is not None:
-                    os.utime(fd, ns=(stamp_ns, stamp_ns))
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if replace:
-                os.replace(tmp, dest)
-            else:
-                rename_noreplace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if sync:
-            fsync_dir(dest.parent)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
-    """Write a staging file for ``name`` in ``staging``, unsynced; return its path.
-
-    The first half of a group commit: the caller syncs its batch, and only
-    then renames each file into place, so a crash never leaves an empty or
-    partial file where a reader looks (ext4 can show an unsynced new file
-    empty after a power cut). What a crash strands here is removed with
-    :func:`remove_if_abandoned`.
-    """
-    with os_errors(f"cannot write {name}"):
-        fd, tmp = _mkstemp(staging, name)
-        try:
-            for chunk in chunks:  # os.write: a file object adds fstat, ioctl and lseek
-                _write_all(fd, chunk)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-    return tmp
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_syncfs: Callable[[int], int] | Literal[False] | None = None
-
-
-def syncfs(fd: int) -> None:
-    """Linux's ``syncfs``: flush one filesystem (``os.sync``, all of them, where it is missing)."""
-    global _syncfs
-    if _syncfs is None:
-        import ctypes
-
-        _syncfs = _libc("syncfs", ctypes.c_int)
-    if _syncfs is False:
-        os.sync()
-    elif _syncfs(fd) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-_malloc_trim: Callable[[int], int] | Literal[False] | None = None
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; else nothing).
-
-    Listing a million jobs frees tens of megabytes of scratch lists that glibc
-    would otherwise keep, and a daemon would carry them in its resident set
-    for good.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-
-        _malloc_trim = _libc("malloc_trim", ctypes.c_size_t)
-    if _malloc_trim is not False:
-        _malloc_trim(0)
-
-
-class SyncGroup:
-    """One sync for every thread that asked while none had started.
-
-    The daemon's main loop (accepts) and its lanes (finished jobs) each sync
-    their batch; under load they often ask at once. A caller returns only
-    after a sync that began after its call, so what it wrote before calling
-    is durable; a caller that arrives while a sync runs waits for it to end
-    and then, with everyone else who arrived meanwhile, for one more, which
-    the first of them performs. A failed sync fails every caller it served.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._asked = 0  # tickets handed out
-        self._done = 0  # every ticket up to this one is synced
-        self._running = False
-        self._error: tuple[int, BaseException] | None = None  # (last ticket it served, error)
-
-    def sync(self, do: Callable[[], None]) -> None:
-        with self._cond:
-            self._asked += 1
-            ticket = self._asked
-            while self._done < ticket:
-                if self._error is not None and self._error[0] >= ticket:
-                    raise self._error[1]
-                if not self._running:
-                    break
-                self._cond.wait()
-            else:
-                return
-            self._running, covers = True, self._asked
-        error: BaseException | None = None
-        try:
-            do()
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            with self._cond:
-                self._running = False
-                if error is None:
-                    self._done = covers
-                else:
-                    self._error = (covers, error)
-                self._cond.notify_all()
-
-
+# Process-wide, not per Spool object: flock locks belong to an open file,
+# so two descriptors of one lock file in one process would exclude each other;
+# several Spool objects for one root (the daemon's, a schedule store's) share these.
 _sync_groups: dict[Path, SyncGroup] = {}
 _lock_fds: dict[Path, int] = {}
 _thread_locks: dict[Path, threading.Lock] = {}
-_staging = itertools.count()
-_pids: list[int] = []
-
-
-def _pid() -> int:
-    """Our pid, cached: os.getpid() is a system call each time (a fork clears the cache)."""
-    if not _pids:
-        _pids.append(os.getpid())
-    return _pids[0]
-
-
-os.register_at_fork(after_in_child=_pids.clear)
 
 
 def _lock_fd(path: Path) -> int:
@@ -782,121 +441,3 @@ def _lock_fd(path: Path) -> int:
 
 def _thread_lock(path: Path) -> threading.Lock:
     return _thread_locks.setdefault(path, threading.Lock())
-
-
-def _mkstemp(directory: Path, name: str) -> tuple[int, str]:
-    """A new staging file, locked (``flock``) for as long as it is open.
-
-    A leading dot: a staging file in someone's folder is an upload in
-    progress. pid and a counter make the name unique without tempfile's
-    random names. The lock tells a starting daemon that a writer is alive:
-    every unlocked staging file is a crash's leftover (see
-    :func:`remove_if_abandoned`).
-    """
-    import fcntl
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    while True:
-        path = f"{directory}/.{name[:100]}.{_pid()}.{next(_staging)}"
-        try:
-            fd = os.open(path, flags, 0o640)
-        except FileExistsError:  # left by a crashed process with our pid
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd, path
-
-
-def remove_if_abandoned(path: str) -> bool:
-    """Remove a staging file unless a live writer holds its lock; True if removed."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False  # being written right now
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return True
-    finally:
-        os.close(fd)
-
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_renameat2: Callable[..., int] | Literal[False] | None = None
-
-
-def rename_noreplace(src: str | Path, dest: str | Path) -> None:
-    """Rename ``src`` to ``dest``, failing with :class:`FileExistsError` if ``dest`` exists.
-
-    Uses Linux's ``renameat2(RENAME_NOREPLACE)``, which checks and renames in
-    one step. Where a filesystem lacks it (some NFS, FUSE), falls back to a
-    check then a plain rename: still one rename, so a crash never leaves a
-    job in two places; only a foreign writer racing us could be replaced.
-    """
-    global _renameat2
-    if _renameat2 is None:
-        import ctypes
-
-        _renameat2 = _libc(
-            "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
-        )
-    if _renameat2 is not False:
-        if (
-            _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE)
-            == 0
-        ):
-            return
-        import ctypes
-
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(src), None, str(dest))
-    if os.path.lexists(dest):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dest))
-    os.rename(src, dest)
-
-
-def _libc(name: str, *argtypes: Any) -> Callable[..., int] | Literal[False]:
-    """A C library function by ctypes, loaded on first use; False where libc lacks it."""
-    import ctypes
-
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-    return cast(Callable[..., int], fn)
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-@contextlib.contextmanager
-def os_errors(what: str | Callable[[], str]) -> Iterator[None]:
-    """Turn an OS error into the exit code a sysadmin can act on.
-
-    ``what`` may be a function, for a message too costly to build on every
-    call of a hot path.
-    """
-    try:
-        yield
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        what = what() if callable(what) else what
-        reason = exc.strerror or str(exc)
-        # A failed rename is about its target (filename2): tmp/ names mean nothing to users.
-        where = exc.filename2 or exc.filename
-        where = f" ({where})" if where else ""
-        if exc.errno in _FULL:
-            raise TryLater(f"{what}: {reason}{where}; free some space and try again") from exc
-        if exc.errno in _DENIED:
-            raise Denied(f"{what}: {reason}{where}") from exc
-        raise JobspoolError(f"{what}: {reason}{where}") from exc

@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 
 from jobspool import joblog
-from jobspool.errors import CheckError
+from jobspool.errors import Problem
 from tests.conftest import assert_valid_log, events, kinds
 
 SCHEMA = Path("/srv/schemas/order.xsd")
@@ -17,7 +17,7 @@ SCHEMA = Path("/srv/schemas/order.xsd")
 def test_a_log_of_a_rejected_job_is_valid():
     log = joblog.new("order-1.xml", "orders_in")
     joblog.received(log, "submit")
-    joblog.checked(log, [CheckError(4, 0, "Element 'qty': '-4' is not valid.")], SCHEMA)
+    joblog.checked(log, [Problem(4, 0, "Element 'qty': '-4' is not valid.")], SCHEMA)
     joblog.moved(log, "outside", "joberrors")
     data = assert_valid_log(joblog.to_bytes(log))
     assert kinds(data) == ["received", "checked", "moved"]
@@ -72,7 +72,7 @@ def test_hostile_text_still_gives_a_valid_log():
     joblog.received(
         log, "drop", original_name="a\x00b\x1bc\ndcff\udcff", reason=HOSTILE, ref=HOSTILE
     )
-    joblog.checked(log, [CheckError(1, 1, HOSTILE)], SCHEMA)
+    joblog.checked(log, [Problem(1, 1, HOSTILE)], SCHEMA)
     joblog.note(log, HOSTILE)
     data = assert_valid_log(joblog.to_bytes(log))
     received = events(data)[0]

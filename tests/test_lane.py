@@ -1,36 +1,48 @@
-"""A lane's queue in memory (``worker.Pending``): the order the daemon runs jobs in.
+"""A lane: its queue in memory (``lane.Backlog``) and its group commit of finished jobs.
 
-The daemon tests show the order end to end; these drive the structure itself
-through the paths a daemon reaches only with tens of thousands of jobs (a
-heap folded into the run, a run shortened as it is used), with the limits
-made small, against the rule the SPEC states: acceptance order, by stamp,
-then by name.
+The daemon tests show the order end to end; the first tests here drive the
+backlog itself through the paths a daemon reaches only with tens of
+thousands of jobs (a heap folded into the run, a run shortened as it is
+used), with the limits made small, against the rule of docs/spec.rst
+("Jobs"): acceptance order, by stamp, then by name.
+
+The last ones build a real lane in this process, from a context of its own
+and no daemon, on a real spool, and watch its batched commit: every job in
+``bak/`` with its log, and nothing moved or reported while the spool cannot
+be synced.
 """
 
 from __future__ import annotations
 
 import random
 from array import array
-from typing import Any, cast
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from jobspool import worker
-from jobspool.spool import Listing, ordered
-from jobspool.worker import Pending
+from jobspool import lane as lane_module
+from jobspool import names
+from jobspool.config import DaemonSettings, Interface
+from jobspool.durable import GroupCommit
+from jobspool.lane import Backlog, HeldLogs, Lane, LaneContext
+from jobspool.listing import Listing, ordered
+from jobspool.metrics import Counters
+from jobspool.spool import Spool
+from tests.kit import wait_for
 
 
 @pytest.fixture(autouse=True)
 def _small_limits(monkeypatch):
-    monkeypatch.setattr(worker, "FOLD_FROM", 8)
-    monkeypatch.setattr(worker, "TRIM_FROM", 4)
+    monkeypatch.setattr(lane_module, "FOLD_FROM", 8)
+    monkeypatch.setattr(lane_module, "SHORTEN_FROM", 4)
 
 
 def listing(jobs: list[tuple[int, str]]) -> Listing:
     return ordered(array("q", [s for s, _ in jobs]), [n for _, n in jobs])
 
 
-def drain(pending: Pending) -> list[tuple[int, str]]:
+def drain(pending: Backlog) -> list[tuple[int, str]]:
     out = []
     while pending:
         out.append(pending.pop())
@@ -38,7 +50,7 @@ def drain(pending: Pending) -> list[tuple[int, str]]:
 
 
 def test_a_scan_and_later_offers_come_out_in_stamp_then_name_order():
-    pending = Pending()
+    pending = Backlog()
     scanned = [(30, "c.xml"), (10, "a.xml"), (20, "b.xml"), (20, "a2.xml")]
     assert pending.extend(listing(scanned)) == 4
     for job in [(15, "x.xml"), (5, "first.xml"), (20, "a1.xml"), (99, "last.xml")]:
@@ -46,14 +58,20 @@ def test_a_scan_and_later_offers_come_out_in_stamp_then_name_order():
     assert not pending.offer(1, "b.xml")  # known: an event for a job already queued
     assert len(pending) == 8
     assert drain(pending) == [
-        (5, "first.xml"), (10, "a.xml"), (15, "x.xml"), (20, "a1.xml"),
-        (20, "a2.xml"), (20, "b.xml"), (30, "c.xml"), (99, "last.xml"),
-    ]  # fmt: skip
+        (5, "first.xml"),
+        (10, "a.xml"),
+        (15, "x.xml"),
+        (20, "a1.xml"),
+        (20, "a2.xml"),
+        (20, "b.xml"),
+        (30, "c.xml"),
+        (99, "last.xml"),
+    ]
     assert len(pending.known) == 8  # taken is not done: still known until forgotten
 
 
 def test_a_job_put_back_is_taken_first_again():
-    pending = Pending()
+    pending = Backlog()
     pending.extend(listing([(i, f"job-{i:02d}.xml") for i in range(20)]))
     head = pending.pop()
     assert head == (0, "job-00.xml")
@@ -66,17 +84,17 @@ def test_a_job_put_back_is_taken_first_again():
 
 
 def test_a_lane_shows_the_names_it_knows():
-    lane = worker.Lane(cast(Any, None), cast(Any, None))  # its queue only: never started
-    known = lane.known
-    lane.pending.extend(listing([(1, "a.xml"), (2, "b.xml")]))
-    lane.pending.offer(3, "c.xml")
-    lane.pending.forget("a.xml")
+    lane = Lane(Interface("orders_in", command=("true",)), context(Spool(Path("/none"), [])))
+    known = lane.known  # its queue only: never started
+    lane.backlog.extend(listing([(1, "a.xml"), (2, "b.xml")]))
+    lane.backlog.offer(3, "c.xml")
+    lane.backlog.forget("a.xml")
     assert lane.known is known
     assert known == {"b.xml", "c.xml"}
 
 
 def test_a_refill_adds_only_what_is_not_known():
-    pending = Pending()
+    pending = Backlog()
     pending.extend(listing([(1, "a.xml"), (2, "b.xml")]))
     pending.offer(3, "c.xml")
     assert pending.extend(listing([(1, "a.xml"), (3, "c.xml"), (4, "d.xml")])) == 1
@@ -91,7 +109,7 @@ def test_a_refill_adds_only_what_is_not_known():
 
 def test_any_mix_of_scans_offers_takes_and_put_backs_keeps_the_order():
     rng = random.Random(5)
-    pending = Pending()
+    pending = Backlog()
     model: set[tuple[int, str]] = set()  # what is waiting
     taken: dict[str, int] = {}  # taken, not yet done
     n = 0
@@ -125,3 +143,103 @@ def test_any_mix_of_scans_offers_takes_and_put_backs_keeps_the_order():
         assert len(pending) == len(model)
         assert len(pending.known) == len(model) + len(taken)
     assert drain(pending) == sorted(model)
+
+
+# --- a real lane, built without a daemon ---------------------------------------------------
+
+
+class Lines:
+    """A logger that keeps what it is told, bound fields included: (level, event, fields)."""
+
+    def __init__(self, lines: list[Any] | None = None, **bound: Any) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = [] if lines is None else lines
+        self.bound = bound
+
+    def bind(self, **fields: Any) -> Lines:
+        return Lines(self.lines, **self.bound, **fields)
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.lines.append((level, event, {**self.bound, **kw}))
+
+    def said(self, event: str) -> list[dict[str, Any]]:
+        return [kw for _, e, kw in self.lines if e == event]
+
+
+class FailingSync:
+    """A spool sync that fails its first ``failures`` calls, as a disk in trouble does."""
+
+    def __init__(self, spool: Spool, failures: int) -> None:
+        self.spool, self.failures, self.calls = spool, failures, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(5, "Input/output error")
+        self.spool.sync()
+
+
+def context(spool: Spool, sync: Any = None, logger: Any = None) -> LaneContext:
+    settings = DaemonSettings(backoff_initial=0.01, backoff_max=0.05)
+    logger = logger or Lines()
+    commit = GroupCommit(sync or spool.sync, logger, backoff_max=0.05)
+    return LaneContext(spool, settings, Path.cwd(), logger, commit, HeldLogs(), Counters())
+
+
+def queued_spool(root: Path, count: int) -> tuple[Spool, list[str]]:
+    spool = Spool(root, ["orders_in"])
+    spool.init()
+    jobs = [f"order-{i:03d}.xml" for i in range(count)]
+    for job in jobs:
+        spool.write(spool.dir("queue", "orders_in") / job, [b"<order/>"], stamp_ns=spool.stamp())
+    return spool, jobs
+
+
+def run_lane(lane: Lane, until: Any) -> None:
+    lane.refill()
+    lane.start()
+    try:
+        wait_for(until, "the lane to finish its jobs")
+    finally:
+        lane.stop()
+        lane.join(10)
+
+
+def test_a_lane_built_from_its_context_commits_a_burst_in_batches(tmp_path):
+    spool, jobs = queued_spool(tmp_path / "spool", 150)
+    ctx = context(spool)
+    lane = Lane(Interface("orders_in", command=("true",)), ctx)
+    bak = spool.dir("bak", "orders_in")
+    run_lane(lane, lambda: len(ctx.logger.said("done")) == len(jobs))
+
+    assert sorted(p.name for p in bak.iterdir()) == sorted(
+        [*jobs, *(names.log_name(j) for j in jobs)]
+    )
+    assert list(spool.dir("queue", "orders_in").iterdir()) == []
+    assert [kw["to"] for kw in ctx.logger.said("done")] == ["bak/orders_in"] * len(jobs)
+    assert ctx.counters.snapshot()[("orders_in", "done")] == len(jobs)
+
+
+def test_a_failed_sync_moves_no_job_past_its_log_and_reports_nothing(tmp_path):
+    spool, jobs = queued_spool(tmp_path / "spool", 5)
+    sync = FailingSync(spool, failures=3)
+    ctx = context(spool, sync)
+    lane = Lane(Interface("orders_in", command=("true",)), ctx)
+    queue, bak = spool.dir("queue", "orders_in"), spool.dir("bak", "orders_in")
+    seen: list[tuple[int, int, int]] = []  # (syncs so far, jobs in bak, jobs reported done)
+
+    def finished() -> bool:
+        jobs_in_bak = len([p for p in bak.iterdir() if not p.name.endswith(",log.xml")])
+        seen.append((sync.calls, jobs_in_bak, len(ctx.logger.said("done"))))
+        return len(ctx.logger.said("done")) == len(jobs)
+
+    run_lane(lane, finished)
+
+    # while every sync failed, nothing left the queue and nothing was said done
+    assert all(in_bak == 0 and done == 0 for calls, in_bak, done in seen if calls <= 3)
+    assert sorted(p.name for p in bak.iterdir() if not p.name.endswith(",log.xml")) == jobs
+    assert list(queue.iterdir()) == []
+    assert (
+        len(ctx.logger.said("cannot sync the spool; nothing more is reported until a sync works"))
+        == 1
+    )
+    assert len(ctx.logger.said("the spool syncs again")) == 1

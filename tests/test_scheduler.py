@@ -24,7 +24,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobspool.scheduler import Scheduler, next_run, preview
+from jobspool.scheduler import Scheduler
+from jobspool.timing import next_run, preview
 from tests.schedkit import RecordingLog, Site, at, finish, local, schedule, site_in
 
 BERLIN = "Europe/Berlin"

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from jobspool.handlers import Outcome
 from jobspool.schedules import Context, Result, execute, read_result, validate
 from tests.kit import JOBSPOOL, pid_alive, wait_for
 from tests.schedkit import Site, site_in
@@ -66,7 +67,7 @@ def test_a_command_run_leaves_a_valid_result_with_its_output(site):
     s = store.get("hello")
     result = execute(store, s, "manual")
 
-    assert (result.outcome, result.exit_status) == ("ok", 0)
+    assert (result.outcome, result.run.exit_status) == ("ok", 0)
     [path] = list((site.root / "state/schedules/hello/runs").iterdir())
     assert path.name == f"{int(result.start * 1e9)}.xml"  # START in ns: names sort by time
     [run] = site.runs("hello")
@@ -178,7 +179,8 @@ def test_a_staged_result_appears_only_when_placed_and_after_the_newest(site):
     store = site.store()
     s = store.get("tick")
     first = execute(store, s, "manual")  # recorded durably, as by hand
-    late = Result("tick", "time", "ok", first.start - 3600, first.start - 3600, due=first.start)
+    hour_ago = first.start - 3600
+    late = Result("tick", "time", "ok", Outcome("done", hour_ago, hour_ago), due=first.start)
 
     staged = store.stage(s, late)
     assert [r.time("start") for r in site.runs("tick")] == [pytest.approx(first.start, abs=0.001)]
@@ -192,7 +194,9 @@ def test_a_staged_result_appears_only_when_placed_and_after_the_newest(site):
     assert not os.path.exists(staged.staging)
     assert stems == store.result_stems("tick")  # the list knows the new one
 
-    newer = store.place(store.stage(s, late._replace(start=first.start + 1)), stems)
+    newer = store.place(
+        store.stage(s, late._replace(run=late.run._replace(started=first.start + 1))), stems
+    )
     store.prune("tick", stems)
     assert [r.path for r in site.runs("tick")] == [path, newer]  # the newest 2 kept
 

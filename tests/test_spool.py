@@ -12,9 +12,11 @@ from collections.abc import Iterator
 import pytest
 
 from jobspool import joblog
-from jobspool import spool as spool_module
+from jobspool import durable
+from jobspool import listing as listing_module
 from jobspool.errors import BadRequest, ConfigError, TryLater
-from jobspool.spool import Spool, rename_noreplace
+from jobspool.durable import rename_noreplace
+from jobspool.spool import Spool
 from tests.conftest import INVALID, VALID, assert_valid_log
 
 IFACES = ("orders_in", "orders_out")
@@ -244,7 +246,7 @@ def test_a_listing_shared_among_processes_is_the_same_listing(tree, monkeypatch)
             forks.append(pid)
         return pid
 
-    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)  # a queue this small would not fork
+    monkeypatch.setattr(listing_module, "_FORK_FROM", 10)  # a queue this small would not fork
     monkeypatch.setattr(os, "fork", counted_fork)
     # As in the `queue` command: one thread. (Other tests in this process may
     # have left daemon threads behind, which would rightly stop the fork.)
@@ -263,7 +265,7 @@ def test_a_listing_whose_helper_cannot_be_forked_is_complete(tree, monkeypatch):
     def no_fork() -> int:
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
+    monkeypatch.setattr(listing_module, "_FORK_FROM", 10)
     monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setattr(os, "fork", no_fork)
     assert tree.listing("orders_in", workers=2).names == expected
@@ -271,16 +273,16 @@ def test_a_listing_whose_helper_cannot_be_forked_is_complete(tree, monkeypatch):
 
 def test_a_listing_whose_helper_fails_is_complete(tree, monkeypatch):
     expected = a_mixed_queue(tree)
-    parent, listed = os.getpid(), spool_module._listed
+    parent, listed = os.getpid(), listing_module._listed
 
-    def failing_in_children(fd: int, found: list[str]) -> spool_module.Listing:
+    def failing_in_children(fd: int, found: list[str]) -> listing_module.Listing:
         if os.getpid() != parent:
             raise OSError(errno.EIO, "Input/output error")
         return listed(fd, found)
 
-    monkeypatch.setattr(spool_module, "_FORK_FROM", 10)
+    monkeypatch.setattr(listing_module, "_FORK_FROM", 10)
     monkeypatch.setattr(threading, "active_count", lambda: 1)
-    monkeypatch.setattr(spool_module, "_listed", failing_in_children)
+    monkeypatch.setattr(listing_module, "_listed", failing_in_children)
     assert tree.listing("orders_in", workers=3).names == expected
 
 
@@ -400,7 +402,7 @@ def test_pause_persists_until_resume(tree):
 
 
 def test_threads_that_ask_during_a_sync_share_the_next_one():
-    group = spool_module.SyncGroup()
+    group = durable.SyncGroup()
     started, release = threading.Event(), threading.Event()
     syncs: list[str] = []
 
@@ -435,7 +437,7 @@ def test_threads_that_ask_during_a_sync_share_the_next_one():
 
 
 def test_a_failed_sync_fails_its_callers_and_the_next_call_syncs_again():
-    group = spool_module.SyncGroup()
+    group = durable.SyncGroup()
 
     def failing() -> None:
         raise OSError(errno.EIO, "Input/output error")

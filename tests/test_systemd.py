@@ -122,7 +122,7 @@ def test_unit_stops_after_the_grace_period_and_signals_the_daemon_only() -> None
     service = unit()["Service"]
     assert service["KillSignal"] == "SIGTERM"
     assert service["KillMode"] == "mixed"  # handlers must not get SIGTERM directly
-    grace = config.Daemon().grace
+    grace = config.DaemonSettings().grace
     assert seconds(service["TimeoutStopSec"]) >= grace + 20
 
 
@@ -262,9 +262,9 @@ def test_example_configuration_is_valid_with_the_defaults_spelled_out(etc: Path)
     assert set(cfg.interfaces) == {"orders_in", "orders_out"}
     assert cfg.interfaces["orders_in"].schema == etc.parent / "schemas" / "order.xsd"
     assert cfg.interfaces["orders_out"].outbound
-    assert cfg.daemon == config.Daemon()  # every value the default ...
+    assert cfg.daemon == config.DaemonSettings()  # every value the default ...
     daemon = yaml.safe_load(etc.read_text())["daemon"]
-    assert set(daemon) == set(config.Daemon._fields)  # ... and every key spelled out
+    assert set(daemon) == set(config.DaemonSettings._fields)  # ... and every key spelled out
 
 
 def reload_checks() -> list[list[str]]:

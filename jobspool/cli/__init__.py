@@ -10,53 +10,27 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from jobspool import __version__
+from jobspool.cli.common import (
+    State,
+    fail,
+    iface_arg,
+    json_opt,
+    pass_state,
+    print_json,
+    print_table,
+    warn,
+)
 from jobspool.errors import JobspoolError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    from jobspool.config import Config
-
 EX_SOFTWARE = 70  # an internal error: a bug, reported as one line (traceback with --debug)
-
-
-class State:
-    """What the group's options leave for the commands."""
-
-    def __init__(self, config_path: str | None, debug: bool) -> None:
-        self.config_path = config_path
-        self.debug = debug
-        self._config: Config | None = None
-
-    @property
-    def config(self) -> Config:
-        if self._config is None:
-            from jobspool import config
-
-            self._config = config.load(self.config_path)
-        return self._config
-
-
-pass_state = click.make_pass_decorator(State)
-
-
-def _complete_interface(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    try:
-        from jobspool import config
-
-        path = ctx.find_root().params.get("config_path")
-        return [i for i in config.load(path).interfaces if i.startswith(incomplete)]
-    except Exception:
-        return []
-
-
-iface_arg = click.argument("interface", metavar="IFACE", shell_complete=_complete_interface)
-json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,7 +65,7 @@ def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
     from jobspool.errors import BadRequest
     from jobspool.spool import Spool
 
-    spool = Spool(state.config.spool, state.config.interfaces)
+    spool = Spool.of(state.config)
     spool.require()
     answers: list[tuple[str, str | None]] = []
     for name in jobs:
@@ -100,7 +74,7 @@ def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
         except BadRequest as exc:
             if len(jobs) == 1:
                 raise
-            _warn(str(exc))
+            warn(str(exc))
             answers.append((name, None))
         else:
             answers.append((name, str(found.place)))
@@ -126,7 +100,7 @@ def queue(state: State, interface: str, as_json: bool) -> None:
 
     state.config.interface(interface)
     workers = min(len(os.sched_getaffinity(0)), 4)  # a stat per job: share them among CPUs
-    listing = Spool(state.config.spool, state.config.interfaces).listing(interface, workers=workers)
+    listing = Spool.of(state.config).listing(interface, workers=workers)
     if as_json:
         sys.stdout.write(_queue_json(listing.stamps, listing.names))
     elif listing.names:
@@ -141,7 +115,7 @@ def log(state: State, job: str, as_json: bool) -> None:
     """Print the XML log of JOB (exit 75 while it has none yet)."""
     from jobspool.spool import Spool
 
-    data = Spool(state.config.spool, state.config.interfaces).read_log(job)
+    data = Spool.of(state.config).read_log(job)
     if as_json:
         print_json({"job": job, "log": data.decode("utf-8", "replace")})
     else:
@@ -160,7 +134,7 @@ def interfaces(state: State, as_json: bool) -> None:
     from jobspool.spool import Spool
 
     cfg = state.config
-    overview = Spool(cfg.spool, cfg.interfaces).overview()
+    overview = Spool.of(cfg).overview()
     rows = [
         {"interface": o.interface, "direction": cfg.interfaces[o.interface].direction,
          "queued": o.queued, "oldest_seconds": o.oldest_seconds, "paused": o.paused,
@@ -188,9 +162,9 @@ def interfaces(state: State, as_json: bool) -> None:
 @pass_state
 def init(state: State) -> None:
     """Create the spool tree for the configuration (safe to repeat)."""
-    from jobspool.intake import spool_of
+    from jobspool.spool import Spool
 
-    spool = spool_of(state.config)
+    spool = Spool.of(state.config)
     created = spool.init()
     click.echo(f"spool ready at {spool.root} ({len(created)} directories created)")
 
@@ -246,10 +220,10 @@ def retry(state: State, job: str) -> None:
 @pass_state
 def pause(state: State, interface: str) -> None:
     """Stop processing IFACE (it still accepts jobs); survives restarts."""
-    from jobspool.intake import spool_of
+    from jobspool.spool import Spool
 
     state.config.interface(interface)
-    spool_of(state.config).pause(interface)
+    Spool.of(state.config).pause(interface)
     click.echo(f"{interface} paused")
 
 
@@ -258,10 +232,10 @@ def pause(state: State, interface: str) -> None:
 @pass_state
 def resume(state: State, interface: str) -> None:
     """Process IFACE again after 'jobspool pause'."""
-    from jobspool.intake import spool_of
+    from jobspool.spool import Spool
 
     state.config.interface(interface)
-    spool_of(state.config).resume(interface)
+    Spool.of(state.config).resume(interface)
     click.echo(f"{interface} resumed")
 
 
@@ -309,21 +283,6 @@ def daemon(state: State, once: bool, check: bool) -> None:
 # --- printing ------------------------------------------------------------------
 
 
-def print_table(rows: list[tuple[Any, ...]]) -> None:
-    """Rows as columns aligned for a terminal, two spaces apart (a header first)."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def print_json(value: Any) -> None:
-    """Print ``value`` as indented JSON (every --json but ``queue``'s, which writes the same)."""
-    import json
-
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
-
-
 def _queue_json(stamps: Iterable[int], names: list[str]) -> str:
     """What ``print_json`` prints for the queue's rows, written directly.
 
@@ -367,15 +326,6 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
-def _warn(message: str) -> None:
-    click.echo(f"jobspool: {message}", err=True)
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    _warn(message)
-    sys.exit(code)
-
-
 def _add_schedule_group() -> None:
     # Its module is small; click needs the group object to list it in --help.
     from jobspool.cli.schedule import schedule
@@ -407,17 +357,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
             import traceback
 
             traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.NoArgsIsHelpError:
-        _fail("no command given (see 'jobspool --help')", 2)
+        fail("no command given (see 'jobspool --help')", 2)
     except click.ClickException as exc:
-        _fail(f"{exc.format_message()} (see 'jobspool --help')", exc.exit_code)
+        fail(f"{exc.format_message()} (see 'jobspool --help')", exc.exit_code)
     except click.Abort:
-        _fail("aborted", 130)
+        fail("aborted", 130)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
     except BrokenPipeError:
         # The reader (head, less) went away: nothing left to say to it.
         import os
@@ -427,6 +377,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except Exception as exc:
         if debug:
             raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+        fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
               EX_SOFTWARE)  # fmt: skip
     sys.exit(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from jobspool.cli import State, pass_state, print_json
+from jobspool.cli.common import State, pass_state, print_json
 from jobspool.errors import BadRequest, ConfigError
 from jobspool.http import DEFAULT_COST  # not from .auth: --help must not load bcrypt
 

@@ -7,13 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobspool.cli import State, pass_state, print_json, print_table
+from jobspool.cli.common import State, json_opt, pass_state, print_json, print_table
 
 if TYPE_CHECKING:
     from jobspool.config import Schedule
     from jobspool.schedules import Store
-
-json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 def _store(state: State) -> Store:
@@ -58,7 +56,7 @@ def list_(state: State, as_json: bool) -> None:
     """Every schedule: id, name, owner, enabled, timing, next run, last outcome."""
     import time
 
-    from jobspool.scheduler import next_run
+    from jobspool.timing import next_run
 
     store, now = _store(state), time.time()
     rows = []
@@ -83,7 +81,7 @@ def show(state: State, sid: str, as_json: bool) -> None:
     """Every property, the next five run times, and the last run's result."""
     import time
 
-    from jobspool.scheduler import preview
+    from jobspool.timing import preview
 
     store = _store(state)
     s = store.get(sid)

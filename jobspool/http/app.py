@@ -31,9 +31,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from jobspool import logs, names
 from jobspool.config import Config, Http, Interface
+from jobspool.durable import os_errors
 from jobspool.errors import BadRequest, ConfigError, JobspoolError, Rejected, TryLater
 from jobspool.http.auth import Authenticator, parse_basic
-from jobspool.spool import INCOMING, QUEUE, Found, Place, Spool, os_errors
+from jobspool.spool import INCOMING, QUEUE, Found, Place, Spool
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -148,7 +149,7 @@ class Site:
             raise ConfigError(f"{cfg.path}: no http: section; add one (see docs/http.rst)")
         self.cfg = cfg
         self.http: Http = cfg.http
-        self.spool = Spool(cfg.spool, cfg.interfaces)
+        self.spool = Spool.of(cfg)
         self.stylesheets = {
             (iface.name, name): Stylesheet(path)
             for iface in cfg.interfaces.values()

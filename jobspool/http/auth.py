@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from jobspool.config import USER_NAME
+from jobspool.durable import fsync_dir, os_errors
 from jobspool.errors import BadRequest, ConfigError
 from jobspool.http import DEFAULT_COST
-from jobspool.spool import fsync_dir, os_errors
 
 MIN_COST, MAX_COST = 4, 17
 MAX_PASSWORD = 72  # bytes bcrypt looks at

@@ -89,7 +89,7 @@ def prepare(config_path: str | None, behind_proxy: bool) -> tuple[Config, ssl.SS
     if ctx is None and not http.trusted_proxies:
         raise ConfigError(f"{cfg.path}: --insecure-behind-proxy needs http.trusted_proxies: "
                           "the addresses of the proxy that terminates TLS")  # fmt: skip
-    Spool(cfg.spool, cfg.interfaces).require()
+    Spool.of(cfg).require()
     return cfg, ctx
 
 

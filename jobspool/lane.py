@@ -1,6 +1,6 @@
 """Processing one interface's queue: in acceptance order, one job at a time by default.
 
-A :class:`Lane` holds the interface's queue in memory (:class:`Pending`,
+A :class:`Lane` holds the interface's queue in memory (its :class:`Backlog`,
 in acceptance order), filled by the daemon's scans, its events and its own
 accepts; the directory stays the truth, so a job that vanished is simply
 skipped. Its worker threads take the head, run the handler, and finish the
@@ -17,14 +17,20 @@ lane has nothing else to run, one of its own) makes those renames durable,
 and only then are the jobs reported done. That keeps "the log is durable
 before the job's final rename" at one sync per batch in a burst, two for a
 lone job, instead of six fsyncs per job.
-- try later: the job keeps its place at the head, its log so far is kept in
-  ``state/pending``, and the lane waits, doubling the wait each time (from
+- try later: the job keeps its place at the head, its log so far is kept as
+  its pending log (``state/pending/NAME,log.xml``), and the lane waits,
+  doubling the wait each time (from
   ``backoff_initial`` up to ``backoff_max``). ``state/blocked/IFACE`` says
   which job blocks the lane and since when, for ``jobspool interfaces``.
 
 A handler that the daemon itself interrupts (shutdown after the grace period)
 leaves its job in the queue: it runs again after the restart. Handlers run at
 least once.
+
+A lane is built from what it needs, never from the daemon: the interface and
+a :class:`LaneContext` (the spool, the daemon's settings, a logger, the group
+commit, the logs held in memory, the counters). A reload hands it a new
+interface and a new context (:meth:`Lane.reconfigure`).
 """
 
 from __future__ import annotations
@@ -40,18 +46,17 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple
 
-from jobspool import handlers, joblog, logs, names
-from jobspool.config import Interface
-from jobspool.spool import BAK, JOBERRORS, QUEUE, Listing, Spool, ordered, trim_heap
+from jobspool import handlers, intake, joblog, names
+from jobspool.config import DaemonSettings, Interface
+from jobspool.durable import BATCH, GroupCommit
+from jobspool.errors import JobspoolError
+from jobspool.listing import Listing, ordered, trim_heap
+from jobspool.metrics import Counters
+from jobspool.spool import BAK, JOBERRORS, QUEUE, Spool
 
-if TYPE_CHECKING:
-    from jobspool.daemon import Daemon
-
-
-TRIM_FROM = 100_000  # queued jobs from which a refill hands its scratch memory back
-BATCH = 64  # jobs per group commit (accepts in the daemon, finished jobs in a lane)
+RELEASE_FROM = 100_000  # queued jobs from which a refill hands its scratch memory back
 
 
 class Finished(NamedTuple):
@@ -62,14 +67,51 @@ class Finished(NamedTuple):
     log: joblog.Log
     dest: str
     outcome: handlers.Outcome
-    pending: bool  # state/pending may hold an older copy of its log
+    has_pending_log: bool  # state/pending may hold an older copy of its log
 
 
-FOLD_FROM = 65_536  # jobs in a Pending's heap before they may join its run
-TRIM_FROM = 4_096  # jobs taken from the front of a run before its list may be shortened
+FOLD_FROM = 65_536  # jobs in a backlog's heap before they may join its run
+SHORTEN_FROM = 4_096  # jobs taken from the front of a run before its list may be shortened
 
 
-class Pending:
+class HeldLogs:
+    """Logs of queued jobs that this process holds in memory, by job name.
+
+    An accepted drop's log so far is held from its accept until its lane
+    takes the job; a finished job whose commit failed has its history held
+    for the next try. A job not held here (accepted by an earlier daemon,
+    retried, placed by hand) starts from its pending log on disk.
+    Thread-safe: the main loop holds, the lanes take.
+    """
+
+    def __init__(self) -> None:
+        self._logs: dict[str, tuple[joblog.Log, bool]] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, name: str, log: joblog.Log, has_pending_log: bool = False) -> None:
+        """Hold ``log`` for job ``name``; ``has_pending_log``: an older copy may be on disk."""
+        with self._lock:
+            self._logs[name] = (log, has_pending_log)
+
+    def take(self, name: str) -> tuple[joblog.Log, bool] | None:
+        """The held log of ``name`` and whether a pending log may be on disk; None if none."""
+        with self._lock:
+            return self._logs.pop(name, None)
+
+
+class LaneContext(NamedTuple):
+    """What a lane works with; the daemon makes one, and a new one at each reload."""
+
+    spool: Spool
+    settings: DaemonSettings
+    config_dir: Path  # where a Python handler's module may sit
+    logger: Any
+    commit: GroupCommit
+    held: HeldLogs
+    counters: Counters
+
+
+class Backlog:
     """A lane's queued jobs, in acceptance order (stamp, then name), and every name it knows.
 
     A paused interface can hold a million jobs, all of them here. The bulk
@@ -132,7 +174,7 @@ class Pending:
             first = (self.stamps[head], self.names[head])
             if not self.heap or first < self.heap[0]:
                 self.head = head + 1
-                if self.head >= TRIM_FROM and 2 * self.head >= len(self.names):
+                if self.head >= SHORTEN_FROM and 2 * self.head >= len(self.names):
                     # Taken jobs' names go as the run shortens; amortized, a copy per job.
                     del self.names[: self.head], self.stamps[: self.head]
                     self.head = 0
@@ -155,10 +197,10 @@ class Pending:
 class Lane:
     """One interface's queue and the threads that work through it."""
 
-    def __init__(self, daemon: Daemon, iface: Interface) -> None:
-        self.daemon = daemon
+    def __init__(self, iface: Interface, ctx: LaneContext) -> None:
         self.iface = iface
-        self.pending = Pending()
+        self.ctx = ctx
+        self.backlog = Backlog()
         self.in_flight: set[str] = set()
         self.cond = threading.Condition()
         self.not_before = 0.0  # monotonic time before which the lane waits (try later)
@@ -168,10 +210,16 @@ class Lane:
         self.interrupted: set[str] = set()
         self.stopping = False
         self.threads: list[threading.Thread] = []
+        self._marker_error: str | None = None  # the blocked marker's last write error
 
     @property
     def spool(self) -> Spool:
-        return self.daemon.spool
+        return self.ctx.spool
+
+    def reconfigure(self, iface: Interface, ctx: LaneContext) -> None:
+        """A reload: the next job runs with the new interface settings and context."""
+        with self.cond:
+            self.iface, self.ctx = iface, ctx
 
     @property
     def known(self) -> set[str]:
@@ -181,14 +229,14 @@ class Lane:
         as a hint (the daemon skips the ``stat`` of a queue event for a job
         the lane knows); :meth:`offer` decides under the lock.
         """
-        return self.pending.known
+        return self.backlog.known
 
     # --- the queue in memory -------------------------------------------------------
 
     def offer(self, stamp: int, name: str) -> None:
         """A job is in the queue directory (again); the lane takes note once."""
         with self.cond:
-            if self.pending.offer(stamp, name):
+            if self.backlog.offer(stamp, name):
                 self.cond.notify()
 
     def refill(self) -> None:
@@ -196,17 +244,17 @@ class Lane:
         # The set itself, not a copy (a million names): each membership test
         # is atomic, and a name offered or forgotten meanwhile is sorted out
         # by extend() under the lock, or skipped when its file is gone.
-        listing = self.spool.listing(self.iface.name, known=self.pending.known)
+        listing = self.spool.listing(self.iface.name, known=self.backlog.known)
         with self.cond:
-            if self.pending.extend(listing):
+            if self.backlog.extend(listing):
                 self.cond.notify_all()
         del listing  # a filtered copy's lists, before the scratch memory is given back
-        if len(self.pending.known) >= TRIM_FROM:  # small queues leave little to give back
+        if len(self.backlog.known) >= RELEASE_FROM:  # small queues leave little to give back
             trim_heap()
 
     def depth(self) -> int:
         with self.cond:
-            return len(self.pending.known)
+            return len(self.backlog.known)
 
     def wake(self) -> None:
         with self.cond:
@@ -253,14 +301,14 @@ class Lane:
                 if self.stopping:
                     return None
                 wait = self.not_before - time.monotonic()
-                if self.pending and wait <= 0 and not self.spool.is_paused(self.iface.name):
-                    item = self.pending.pop()
+                if self.backlog and wait <= 0 and not self.spool.is_paused(self.iface.name):
+                    item = self.backlog.pop()
                     self.in_flight.add(item[1])
                     return item
                 if not block:
                     return False
                 # Pause markers are files: look again every second.
-                self.cond.wait(min(max(wait, 0.05), 1.0) if self.pending else 1.0)
+                self.cond.wait(min(max(wait, 0.05), 1.0) if self.backlog else 1.0)
 
     def _work(self) -> None:
         batch: list[Finished] = []
@@ -271,7 +319,7 @@ class Lane:
                 continue
             assert isinstance(item, tuple)
             stamp, name = item
-            bound = logs.get(job=name, interface=self.iface.name)
+            bound = self.ctx.logger.bind(job=name, interface=self.iface.name)
             done = None
             try:
                 done = self.process(stamp, name)
@@ -294,18 +342,19 @@ class Lane:
         """Run the handler; a done or failed job comes back to be committed with its batch."""
         iface, spool = self.iface, self.spool
         path = spool.dir(QUEUE, iface.name) / name
-        bound = logs.get(job=name, interface=iface.name)
+        bound = self.ctx.logger.bind(job=name, interface=iface.name)
         if not path.is_file():
             self._forget(name)  # fetched, or moved by hand: nothing to do
             return None
-        log, pending = self.daemon.take_log(name, stamp, iface.name)
+        held = self.ctx.held.take(name)
+        log, has_pending_log = held or (intake.log_so_far(spool, name, iface.name, stamp), True)
         bound.debug("started", handler=self._describe())  # not a state change
         if iface.command is not None:
             outcome = handlers.run_command(
                 [*iface.command, str(path)],  # the job's path is the last argument
                 handlers.job_environment(name, iface.name, spool.root),
                 iface.timeout,
-                output_limit=self.daemon.cfg.daemon.output_limit,
+                output_limit=self.ctx.settings.output_limit,
                 limits=handlers.Limits(iface.memory_limit, math.ceil(iface.cpu_limit or 0) or None)
                 if iface.memory_limit or iface.cpu_limit
                 else None,
@@ -314,7 +363,7 @@ class Lane:
         else:
             assert iface.handler is not None
             job = handlers.Job(name, iface.name, path)
-            outcome = handlers.run_python(iface.handler, job, beside=self.daemon.cfg.path.parent)
+            outcome = handlers.run_python(iface.handler, job, beside=self.ctx.config_dir)
         with self.cond:
             self.procs.pop(name, None)
             interrupted = name in self.interrupted
@@ -323,14 +372,14 @@ class Lane:
             bound.warning("interrupted by shutdown; it stays queued and runs again")
             return None
         joblog.ran(log, outcome, self._describe())
-        self.daemon.count(iface.name, outcome)
+        self.ctx.counters.count(iface.name, outcome)
         if outcome.result == handlers.LATER:
             spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.info("try later", reason=outcome.reason)
             self._back_off(stamp, name, outcome.reason or "try later")
             return None
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
-        return Finished(stamp, name, log, dest, outcome, pending)
+        return Finished(stamp, name, log, dest, outcome, has_pending_log)
 
     def commit(self, batch: list[Finished], renamed: list[tuple[Finished, str]]) -> None:
         """Group commit: every log in place, one sync, then every job's one rename.
@@ -352,30 +401,30 @@ class Lane:
             try:
                 placed.append((f, *self._place_log(f)))
             except Exception as exc:
-                logs.get(job=f.name, interface=self.iface.name).error(
+                self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(
                     "cannot write the log; the job stays queued", error=str(exc)
                 )
-                self.daemon.keep_log(f.name, f.log)  # its history so far, for the next run
+                self.ctx.held.hold(f.name, f.log, True)  # its history so far, for the next run
                 self._back_off(f.stamp, f.name)
-        if not self._sync():
+        if not self.ctx.commit.sync():
             # The logs may not be on disk: no job may move past them. Those
             # renamed last time wait for a sync that works to be reported.
             for f, *_ in placed:
-                self.daemon.keep_log(f.name, f.log)
+                self.ctx.held.hold(f.name, f.log, True)
                 self._back_off(f.stamp, f.name)
             with self.cond:
                 self.in_flight.difference_update(f.name for f in batch)
             batch.clear()
-            time.sleep(min(self.daemon.cfg.daemon.backoff_initial, 1.0))  # not a hot loop
+            time.sleep(self.ctx.commit.retry_in())  # not a hot loop
             return
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
             try:
-                spool.move(spool.dir(QUEUE, self.iface.name) / f.name, dest_dir,
-                           new_name=new_name, sync=False)  # fmt: skip
+                queued = spool.dir(QUEUE, self.iface.name) / f.name
+                spool.move(queued, dest_dir, new_name=new_name, sync=False)
             except Exception as exc:
-                logs.get(job=f.name, interface=self.iface.name).error(
+                self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(
                     "cannot move the job; it stays queued", error=str(exc)
                 )
                 self._back_off(f.stamp, f.name)
@@ -390,11 +439,11 @@ class Lane:
         """Jobs whose final rename is durable: done (or failed), and forgotten."""
         spool = self.spool
         for f, label in renamed:
-            if f.pending:
+            if f.has_pending_log:
                 with contextlib.suppress(Exception):  # a stale one is cleaned at start
                     spool.remove(spool.pending_log(f.name), sync=False)
             self._forget(f.name)
-            bound = logs.get(job=f.name, interface=self.iface.name)
+            bound = self.ctx.logger.bind(job=f.name, interface=self.iface.name)
             if f.dest == BAK:
                 bound.info(f.outcome.result, to=label)
             else:
@@ -409,10 +458,8 @@ class Lane:
         label = f"{BAK}/{iface.name}" if f.dest == BAK else JOBERRORS
         new_name = f.name
         if (dest_dir / f.name).exists():  # only if someone put a file there by hand
-            from jobspool.intake import safe_name
-
             with spool.names_lock():  # stamps come from one sequence, the intake's too
-                new_name = safe_name(f.name, spool.stamp())
+                new_name = intake.safe_name(f.name, spool.stamp())
             f.log.set("job", new_name)
             joblog.note(f.log, f"{f.name} was already in {label}; this job was renamed {new_name}")
         # The final move is in the file, not in f.log: should this fail, f.log
@@ -425,14 +472,6 @@ class Lane:
         spool.write(dest_dir / names.log_name(new_name), [final], replace=True, sync=False)
         return dest_dir, new_name, label
 
-    def _sync(self) -> bool:
-        try:
-            self.spool.sync()
-        except Exception as exc:
-            self.daemon.log.error("cannot sync the spool", error=str(exc))
-            return False
-        return True
-
     # --- bookkeeping -----------------------------------------------------------------------
 
     def _running(self, name: str, proc: subprocess.Popen[bytes]) -> None:
@@ -441,24 +480,37 @@ class Lane:
 
     def _forget(self, name: str) -> None:
         with self.cond:
-            self.pending.forget(name)
+            self.backlog.forget(name)
             self.attempts.pop(name, None)
-            if self.blocked_since.pop(name, None) is not None:
-                self.daemon.publish_blocked(self.iface.name, None)
+            unblocked = self.blocked_since.pop(name, None) is not None
+        if unblocked:
+            self._publish_blocked(None)
 
     def _back_off(self, stamp: int, name: str, reason: str = "error") -> None:
-        cfg = self.daemon.cfg.daemon
+        cfg = self.ctx.settings
         with self.cond:
             n = self.attempts[name] = self.attempts.get(name, 0) + 1
             delay = min(cfg.backoff_initial * 2 ** (n - 1), cfg.backoff_max)
             self.not_before = time.monotonic() + delay
-            self.pending.put_back(stamp, name)  # it keeps its place at the head
+            self.backlog.put_back(stamp, name)  # it keeps its place at the head
             since = self.blocked_since.setdefault(name, time.time())
-        self.daemon.publish_blocked(
-            self.iface.name,
+        self._publish_blocked(
             f"{name} blocks the queue since {joblog.iso(since)}: {reason} "
-            f"(attempt {n}, next in {delay:g}s)",
+            f"(attempt {n}, next in {delay:g}s)"
         )
+
+    def _publish_blocked(self, why: str | None) -> None:
+        """Say in the spool which job blocks the interface; a failing write is logged once."""
+        try:
+            self.spool.mark_blocked(self.iface.name, why)
+        except JobspoolError as exc:
+            if str(exc) != self._marker_error:  # one line per fault, not one per attempt
+                self._marker_error = str(exc)
+                self.ctx.logger.error(
+                    "cannot record blocked interface", interface=self.iface.name, error=str(exc)
+                )
+        else:
+            self._marker_error = None
 
     def _describe(self) -> str:
         if self.iface.command is not None:

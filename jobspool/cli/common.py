@@ -1,0 +1,76 @@
+"""What the command modules share: the group's state, options, printing, failing.
+
+Only click and the standard library: every command module imports this, and
+the read commands must start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:
+    from jobspool.config import Config
+
+
+class State:
+    """What the group's options leave for the commands."""
+
+    def __init__(self, config_path: str | None, debug: bool) -> None:
+        self.config_path = config_path
+        self.debug = debug
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            from jobspool import config
+
+            self._config = config.load(self.config_path)
+        return self._config
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def complete_interface(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Interface names from the configuration, for shell completion."""
+    try:
+        from jobspool import config
+
+        path = ctx.find_root().params.get("config_path")
+        return [i for i in config.load(path).interfaces if i.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+iface_arg = click.argument("interface", metavar="IFACE", shell_complete=complete_interface)
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def print_table(rows: list[tuple[Any, ...]]) -> None:
+    """Rows as columns aligned for a terminal, two spaces apart (a header first)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON (every --json but ``queue``'s, which writes the same)."""
+    import json
+
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def warn(message: str) -> None:
+    """One line on stderr, as every message of the command starts."""
+    click.echo(f"jobspool: {message}", err=True)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with ``code``."""
+    warn(message)
+    sys.exit(code)
