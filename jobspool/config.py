@@ -1,4 +1,4 @@
-"""The configuration: one YAML file turned into immutable records (SPEC 3).
+"""The configuration: one YAML file turned into immutable records (docs/spec.rst, "Configuration").
 
 Discovery order: ``-c/--config``, ``$JOBSPOOL_CONFIG``, ``./jobspool.yaml``,
 ``/etc/jobspool/jobspool.yaml``. Paths inside the file are relative to the
@@ -61,7 +61,8 @@ class Interface(NamedTuple):
 
 
 class Schedule(NamedTuple):
-    """A scheduled handler (SPEC 6): when it runs, what it runs, and who owns it.
+    """A scheduled handler: when it runs, what it runs, and who owns it (docs/spec.rst).
+
 
     ``timing`` is ``cron``, ``every`` or ``at`` with its text in ``when``;
     ``action`` is ``command`` (``target`` an argv tuple), ``handler``

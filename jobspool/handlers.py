@@ -1,4 +1,4 @@
-"""Running an interface's handler on one job (SPEC 4).
+"""Running an interface's handler on one job (docs/spec.rst, "Handlers").
 
 A *command* gets the job's path as its last argument and the ``JOBSPOOL_*``
 environment. It runs in a process group of its own, so a timeout kills it and

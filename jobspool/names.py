@@ -1,7 +1,7 @@
 """What a job or interface name may be: the only gate from user text to a path.
 
 A name is 1-200 characters of ``A-Z a-z 0-9 . _ -`` and does not start with
-``.`` or ``-`` (SPEC 2). Such a name can never be ``.``/``..``, contain a
+``.`` or ``-`` (docs/spec.rst, "Jobs"). Such a name can never be ``.``/``..``, contain a
 slash, look like an option, or hide from ``ls``; so once a name has passed
 :func:`check_name` it is safe to join onto a spool directory.
 

@@ -5,7 +5,7 @@ truth, and the daemon rescans them fully at start and every ``rescan``
 seconds, so an inotify overflow, a missed event, a dead observer or a network
 filesystem loses nothing; it only delays.
 
-A dropped file is taken when it is whole (SPEC 2):
+A dropped file is taken when it is whole (docs/spec.rst, "Jobs"):
 
 - names of uploads in progress (``.NAME``, ``.part``, ``.filepart``, ``.tmp``,
   ``~``, rsync's ``.NAME.XXXXXX``) are never taken;

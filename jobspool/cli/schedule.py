@@ -1,4 +1,4 @@
-"""``jobspool schedule ...``: see and manage scheduled handlers (SPEC 6)."""
+"""``jobspool schedule ...``: see and manage scheduled handlers (docs/spec.rst, "Schedules")."""
 
 from __future__ import annotations
 
