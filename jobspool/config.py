@@ -63,7 +63,6 @@ class Interface(NamedTuple):
 class Schedule(NamedTuple):
     """A scheduled handler: when it runs, what it runs, and who owns it (docs/spec.rst).
 
-
     ``timing`` is ``cron``, ``every`` or ``at`` with its text in ``when``;
     ``action`` is ``command`` (``target`` an argv tuple), ``handler``
     (``module:function``) or ``template`` (a built-in, with ``settings``).
