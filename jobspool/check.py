@@ -8,15 +8,22 @@ document that declares a DOCTYPE is rejected outright: that closes entity
 expansion (billion laughs) and external entities (XXE) without relying on
 parser flags alone. Then the interface's XSD or RELAX NG schema, compiled
 once per process.
+
+Documents are checked as they stream from their file (:func:`check_file`):
+a gigabyte stock export costs the memory of its deepest element, not of its
+size. libxml2's streaming validator reports schema errors without a line, so
+for a rejected document the line is found by a second pass up to the error.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from lxml import etree
 
@@ -25,15 +32,14 @@ from jobspool.errors import ConfigError, Problem
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of a check: the parsed document, or the reasons it failed."""
+    """The outcome of a check: the problems found (none: the document passed)."""
 
-    errors: list[Problem]
-    tree: etree._ElementTree | None = None
+    problems: list[Problem]
     schema: Path | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return not self.problems
 
 
 class _NothingOutside(etree.Resolver):
@@ -72,26 +78,185 @@ def hardened_parser(remove_blank_text: bool = False) -> etree.XMLParser:
     return parser
 
 
-def check(data: bytes, schema: Path | None) -> Verdict:
-    """Check one document: well-formed, no DOCTYPE, valid against ``schema`` if given."""
-    line = _doctype_in_prolog(data)
+CHUNK = 1 << 20  # bytes fed to the parser at a time
+TREE_LIMIT = 64 << 20  # default: the largest document checked as a whole tree (RELAX NG)
+
+
+def check(data: bytes, schema: Path | None, tree_limit: int = TREE_LIMIT) -> Verdict:
+    """Check one document held in memory (see :func:`check_stream`)."""
+    return check_stream(io.BytesIO(data), schema, len(data), tree_limit)
+
+
+def check_file(
+    path: str | os.PathLike[str], schema: Path | None, tree_limit: int = TREE_LIMIT
+) -> Verdict:
+    """Check a file from disk, never following a link, in bounded memory whatever its size."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return check_stream(f, schema, os.fstat(fd).st_size, tree_limit)
+
+
+def check_stream(
+    f: BinaryIO, schema: Path | None, size: int, tree_limit: int = TREE_LIMIT
+) -> Verdict:
+    """Check a document read from ``f``: well-formed, no DOCTYPE, valid against ``schema``.
+
+    An XSD (or no schema) is checked while the document streams through the
+    parser a chunk at a time, each finished element cleared at once: memory
+    stays bounded by the document's depth, not its size. lxml cannot stream
+    RELAX NG, so such a document is parsed as a whole tree, and refused above
+    ``tree_limit`` bytes with a problem that says so.
+    """
+    head = f.read(CHUNK)
+    line = _doctype_in_prolog(head)
     if line:  # rejected before any parser sees it
-        return Verdict([Problem(line, 1, _NO_DOCTYPE)], schema=schema)
+        return Verdict([Problem(line, 1, _NO_DOCTYPE)], schema)
+    if schema is not None and schema.suffix == ".rng":
+        if size > tree_limit:
+            too_big = (
+                f"the document ({size} bytes) is larger than the {tree_limit} bytes a RELAX NG "
+                "schema can be checked up to (daemon.tree_limit): lxml checks RELAX NG on a "
+                "whole tree in memory; use an XSD for larger documents"
+            )
+            return Verdict([Problem(0, 0, too_big)], schema)
+        return _check_tree(head + f.read(), schema)
+    validator = compiled(schema) if schema is not None else None
+    return _check_streaming(head, f, validator, schema)
+
+
+def _streaming_parser(validator: etree._Validator | None) -> etree.XMLPullParser:
+    parser = etree.XMLPullParser(
+        events=("end",),
+        schema=cast(etree.XMLSchema | None, validator),
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        collect_ids=False,
+    )
+    parser.resolvers.add(_NothingOutside())
+    return parser
+
+
+class _Pass(NamedTuple):
+    """One streaming pass over a document."""
+
+    problems: list[Problem]  # empty: it passed
+    began: int  # where the chunk before the one with the first error began (bytes)
+    doctype: bool = False
+
+
+def _feed(parser: etree.XMLPullParser, chunk: bytes) -> bool:
+    """Feed a chunk and let go of every element it finished; True once the root has ended."""
+    if chunk:
+        parser.feed(chunk)
+    ended = False
+    for _, el in parser.read_events():
+        el.clear(keep_tail=True)
+        parent = el.getparent()
+        if parent is None:
+            ended = True
+            continue
+        while (before := el.getprevious()) is not None:
+            parent.remove(before)
+    return ended
+
+
+def _errors(log: etree._ListErrorLog) -> list[Problem]:
+    return _problems(e for e in log if e.level >= etree.ErrorLevels.ERROR)
+
+
+def _stream(f: BinaryIO, head: bytes, validator: etree._Validator | None) -> _Pass:
+    """Feed the document through the parser a chunk at a time; the problems it finds."""
+    parser = _streaming_parser(validator)
+    chunk, offset, previous, ended = head, 0, 0, False
+    try:
+        while chunk:
+            ended = _feed(parser, chunk) or ended
+            if problems := _errors(parser.feed_error_log):
+                return _Pass(problems, previous)
+            previous, offset = offset, offset + len(chunk)
+            chunk = f.read(CHUNK)
+        root = parser.close()
+        ended = _feed(parser, b"") or ended  # the last events come with the close
+    except etree.XMLSyntaxError as exc:
+        return _Pass(
+            _errors(parser.feed_error_log) or _syntax_errors(exc, parser.error_log), previous
+        )
+    if not ended:
+        # A validating parser that resolves no entities lets an unclosed root
+        # pass (libxml2 2.14): say so without a line, for the plain pass to place.
+        return _Pass(
+            [Problem(0, 0, "premature end of data: the root element is not closed")], previous
+        )
+    doc = root.getroottree().docinfo
+    return _Pass([], previous, doctype=bool(doc.doctype) or doc.internalDTD is not None)
+
+
+def _check_streaming(
+    head: bytes, f: BinaryIO, validator: etree._Validator | None, schema: Path | None
+) -> Verdict:
+    first = _stream(f, head, validator)
+    if first.doctype:
+        return Verdict([Problem(1, 1, _NO_DOCTYPE)], schema)
+    if not first.problems or first.problems[0].line > 0 or validator is None:
+        return Verdict(first.problems, schema)
+    # No line: a schema error (libxml2's streaming validator does not say
+    # where), or a syntax error the validating parser could not place. A
+    # plain pass places a syntax error; a schema error is found by feeding
+    # the document again up to where it was seen, then a line at a time.
+    f.seek(0)
+    plain = _stream(f, f.read(CHUNK), None)
+    if plain.problems:
+        return Verdict(plain.problems, schema)
+    line = _locate(f, first.began, validator)
+    return Verdict([Problem(line, 0, p.message) for p in first.problems], schema)
+
+
+def _locate(f: BinaryIO, begin: int, validator: etree._Validator | None) -> int:
+    """The line on which the streaming validator first finds an error (0: not found)."""
+    parser = _streaming_parser(validator)
+    f.seek(0)
+    line, done = 1, 0
+    try:
+        while done < begin:
+            chunk = f.read(min(CHUNK, begin - done))
+            if not chunk:
+                return 0
+            _feed(parser, chunk)
+            done += len(chunk)
+            line += chunk.count(b"\n")
+        for text in f:
+            _feed(parser, text)
+            if _errors(parser.feed_error_log):
+                return line
+            line += 1
+        parser.close()
+    except etree.XMLSyntaxError:
+        return line
+    return 0
+
+
+def _check_tree(data: bytes, schema: Path) -> Verdict:
+    """The whole-tree check, for RELAX NG: parse, then validate the tree."""
     parser = hardened_parser()
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        return Verdict(_syntax_errors(exc, parser.error_log), schema=schema)
+        return Verdict(_syntax_errors(exc, parser.error_log), schema)
     tree = root.getroottree()
     if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-        return Verdict([Problem(_doctype_line(data), 1, _NO_DOCTYPE)], schema=schema)
-    if schema is None:
-        return Verdict([], tree)
+        return Verdict([Problem(_doctype_line(data), 1, _NO_DOCTYPE)], schema)
     validator = compiled(schema)
     if validator.validate(tree):
-        return Verdict([], tree, schema)
-    errors = [Problem(e.line, e.column, one_line(e.message)) for e in validator.error_log]
-    return Verdict(errors or [Problem(0, 0, "not valid against the schema")], tree, schema)
+        return Verdict([], schema)
+    problems = _problems(validator.error_log)
+    return Verdict(problems or [Problem(0, 0, "not valid against the schema")], schema)
+
+
+def _problems(log: Iterable[etree._LogEntry]) -> list[Problem]:
+    return [Problem(e.line, e.column, one_line(e.message)) for e in log][:20]
 
 
 _compiled: dict[Path, etree._Validator] = {}
@@ -103,6 +268,11 @@ def compiled(schema: Path) -> etree._Validator:
     if validator is None:
         validator = _compiled[schema] = _compile(schema)
     return validator
+
+
+def forget_compiled(schema: Path) -> None:
+    """Compile ``schema`` afresh when next asked (its file changed)."""
+    _compiled.pop(schema, None)
 
 
 def compile_all(schemas: Iterable[Path]) -> dict[Path, etree._Validator]:
@@ -155,12 +325,12 @@ def _doctype_in_prolog(data: bytes) -> int:
     A cheap first guard for the usual encodings; the parser's resolver and
     the check of ``docinfo`` after parsing catch whatever this misses.
     """
-    head = data[:8192]
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2].count(b"\0") == 1:
-        text = head.decode("utf-16", "ignore")
-    else:
-        text = head.decode("utf-8", "ignore")
-    end = _PROLOG_END.search(text)
+    utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:2].count(b"\0") == 1
+    for size in (8192, len(data)):  # a prolog is short: the whole head only when it is not
+        text = data[:size].decode("utf-16" if utf16 else "utf-8", "ignore")
+        end = _PROLOG_END.search(text)
+        if end or size >= len(data):
+            break
     prolog = text[: end.start()] if end else text
     at = prolog.find("<!DOCTYPE")
     return prolog.count("\n", 0, at) + 1 if at >= 0 else 0

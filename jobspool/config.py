@@ -99,6 +99,8 @@ class DaemonSettings(NamedTuple):
     metrics_interval: float = 15.0
     history: int = 50  # results kept per schedule
     schedule_concurrency: int = 8  # scheduled runs at once; more wait for a free run thread
+    check_workers: int = 0  # processes that check drops off the main loop; 0: one per CPU, up to 4
+    tree_limit: int = 64 << 20  # bytes: the largest document a RELAX NG schema is checked on
 
 
 DEFAULT_HTTP_PORT = 8443
@@ -372,6 +374,12 @@ class _Reader:
             output_limit=self.convert(
                 raw.get("output_limit", d.output_limit), "daemon.output_limit", parse_size
             ),
+            check_workers=self.convert(
+                raw.get("check_workers", d.check_workers), "daemon.check_workers", _workers
+            ),
+            tree_limit=self.convert(
+                raw.get("tree_limit", d.tree_limit), "daemon.tree_limit", parse_size
+            ),
             metrics=None if metrics is None else self.relative(metrics, "daemon.metrics"),
             **seconds,
         )
@@ -581,6 +589,12 @@ _TIMING_HELP = {
     "every": "an interval as h:m:s like '1:00:00'",
     "at": "a date and time like '2026-12-24 18:00'",
 }
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ValueError("a whole number from 0 (one per CPU) to 64")
+    return value
 
 
 def parse_every(value: object) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jobspool import check, config, intake, logs, metrics, names, notify, watch
+from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
 from jobspool.durable import BATCH, GroupCommit, os_errors, remove_if_abandoned
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
@@ -65,6 +66,16 @@ class Daemon:
         self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
         self.counters = Counters()
         self.commit = GroupCommit(self.spool.sync, self.logger)
+        self.checks = CheckPool(self.cfg.daemon.check_workers)
+        self.checking: dict[Path, tuple[str, intake.Screened]] = {}  # drop -> its interface
+        # Per interface, drops in the order they were screened: each is settled
+        # only after those before it, so acceptance order is drop order.
+        self.check_order: dict[str, collections.deque[Path]] = collections.defaultdict(
+            collections.deque
+        )
+        self.checked: list[Checked] = []  # read from the workers, not yet looked at
+        self.verdicts: dict[Path, Checked] = {}  # back from a worker, waiting for its turn
+        self.to_check: list[Task] = []  # this turn's screened drops, for the workers
         self.watcher: watch.Watcher | None = None
         self.scheduler: Scheduler | None = None
         self._lock_fd: int | None = None
@@ -78,6 +89,7 @@ class Daemon:
         """Serve the spool until SIGTERM (or, with ``once``, until nothing is left to do)."""
         self.spool.init()
         self.lock()
+        self.checks.start()  # forked while this process has no other thread
         self.clean_up()
         self.install_signals()
         self.start_watching()
@@ -122,7 +134,11 @@ class Daemon:
         poller.register(self.wake_fd, select.POLLIN)
         if self.watcher is not None and self.watcher.fileno() >= 0:
             poller.register(self.watcher.fileno(), select.POLLIN)
-        poller.poll(timeout * 1000)
+        for fd in self.checks.fds():  # a check worker's verdicts
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(timeout * 1000):
+            if fd != self.wake_fd and (self.watcher is None or fd != self.watcher.fileno()):
+                self.checked.extend(self.checks.read(fd))
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wake_fd)
 
@@ -143,6 +159,15 @@ class Daemon:
             if due <= now:
                 self.look_at(path, renamed_in, now)
                 self.keepalive()
+        self.hand_over_checks()
+        for fd in self.checks.fds() if self.checking else ():
+            self.checked.extend(self.checks.read(fd))  # without waiting: a busy loop reads too
+        for checked in self.checked:
+            self.verdicts[checked.key] = checked
+        self.checked.clear()
+        for order in self.check_order.values():
+            while order and order[0] in self.verdicts:
+                self.settle(self.verdicts.pop(order.popleft()), now)
         self.commit_accepted()
         if self.accepted:  # a failed sync: the loop must come back for them
             return now + self.commit.retry_in()
@@ -170,7 +195,7 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing waiting, nothing queued that could run (``--once``)."""
-        if self.waiting or self.hints or not self.watcher:
+        if self.waiting or self.hints or self.checking or not self.watcher:
             return False
         return all(
             lane.depth() == 0 or self.spool.is_paused(name) for name, lane in self.lanes.items()
@@ -185,7 +210,7 @@ class Daemon:
     def look_at(self, path: Path, renamed_in: bool, now: float) -> None:
         """Take a whole drop, note a job placed in a queue; one bad file never stops the loop."""
         where = self._folders.get(path.parent)
-        if where is None:
+        if where is None or path in self.checking:  # (being checked: its verdict will come)
             return
         try:
             self._look_at(path, renamed_in, now, *where)
@@ -228,11 +253,11 @@ class Daemon:
             self.waiting[path] = (ready, renamed_in)
 
     def take(self, path: Path, iface_name: str, now: float) -> None:
-        """Take a whole drop; an accepted one waits in ``accepted`` for the turn's sync."""
+        """Take a whole drop: screened here, checked by a worker (see :meth:`settle`)."""
         iface = self.cfg.interfaces[iface_name]
         bound = logs.get(job=path.name, interface=iface_name)
         try:
-            taken = intake.take_drop(self.spool, iface, path.name, sync=False)
+            screened = intake.screen_drop(self.spool, iface, path.name)
         except Denied as exc:
             key = (path, _mtime(path))
             if key not in self.reported:  # once per version of the file, not every rescan
@@ -243,8 +268,39 @@ class Daemon:
             bound.error("cannot take dropped file now; will try again", error=str(exc))
             self.waiting[path] = (now + 5.0, False)
             return
-        if taken is None:
-            return
+        if isinstance(screened, intake.Screened):
+            self.checking[path] = (iface_name, screened)
+            self.check_order[iface_name].append(path)
+            schema = None if iface.schema is None else str(iface.schema)
+            task = Task(
+                path, iface_name, str(path), schema, iface.max_size, self.cfg.daemon.tree_limit
+            )
+            self.to_check.append(task)
+        elif screened is not None:
+            self.taken(screened, iface_name, path)
+
+    def settle(self, checked: Checked, now: float) -> None:
+        """A drop's verdict is back: into its queue or joberrors, or look at it again."""
+        path = checked.key
+        iface_name, screened = self.checking.pop(path)
+        iface = self.cfg.interfaces.get(iface_name)
+        taken = None
+        if iface is not None and checked.error is None:  # (an interface gone with a reload)
+            try:
+                taken = intake.settle_drop(
+                    self.spool, iface, screened, checked.as_problems(), sync=False
+                )
+            except JobspoolError as exc:
+                logs.get(job=path.name, interface=iface_name).error(
+                    "cannot take dropped file now; will try again", error=str(exc)
+                )
+        if taken is None:  # gone, changed while it was checked, or not checked: look again
+            self.waiting[path] = (now + self.cfg.daemon.settle, False)
+        else:
+            self.taken(taken, iface_name, path)
+
+    def taken(self, taken: intake.Taken, iface_name: str, path: Path) -> None:
+        """A drop went into joberrors (reported now) or its queue (reported once synced)."""
         bound = logs.get(job=taken.name, interface=iface_name)
         if taken.place == JOBERRORS:
             bound.warning("rejected", to=taken.place, reason=taken.reason, dropped_as=path.name)
@@ -253,6 +309,12 @@ class Daemon:
         self.accepted[taken.name] = (iface_name, taken)
         if len(self.accepted) >= BATCH:  # a burst: hand the first ones over early
             self.commit_accepted()
+
+    def hand_over_checks(self) -> None:
+        """Send this turn's screened drops to the check workers, in one go."""
+        if self.to_check:
+            tasks, self.to_check = self.to_check, []
+            self.checks.submit(tasks)
 
     def commit_accepted(self) -> None:
         """Group commit of a turn's accepts: one sync, then they are reported and queued.
@@ -389,6 +451,7 @@ class Daemon:
             if lane.busy():
                 lane.interrupt()
             lane.join(5.0)
+        self.checks.close()  # drops being checked stay in incoming/: taken after the restart
         if self.watcher is not None:
             self.watcher.stop()
         if self.scheduler is not None:

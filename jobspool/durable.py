@@ -92,6 +92,15 @@ def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
     return tmp
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Make a file's data and metadata durable (its name is its directory's business)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

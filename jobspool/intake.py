@@ -1,8 +1,12 @@
 """Taking a job into the spool: name it, check it, then queue it or reject it.
 
-``submit``, ``retry`` and ``check`` live here (the daemon's drop folders will
-too). Each new name enters the spool under the spool's names lock, so two
-submitters can never take one name, and the job file is written durably
+``submit``, ``retry``, ``check``, the HTTP upload and the daemon's drop
+folders all come here. A job is never held in memory: a submitted or
+uploaded file is first staged in ``tmp/`` (written, fsynced), checked there
+as it streams through the parser, and then renamed into its queue or into
+joberrors; a drop is checked where it lies and renamed. Each new name enters
+the spool under the spool's names lock, held only for "is this name free,
+put it there", so two submitters can never take one name; the job is durable
 before the command says it is there.
 
 A queued job has no log of its own yet; what happened to it before the queue
@@ -16,27 +20,46 @@ import os
 import re
 import stat
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from itertools import chain
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from jobspool import check as checking
 from jobspool import joblog, names
 from jobspool.config import Config, Interface
-from jobspool.durable import os_errors
+from jobspool.durable import fsync_file, os_errors, write_staged
 from jobspool.errors import BadRequest, Denied, Problem, Rejected
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
 _CHUNK = 1 << 20
 
 
-def check_file(iface: Interface, source: str) -> checking.Verdict:
-    """Check a file against an interface without touching the spool."""
-    with open_source(source) as f:
-        head = f.read(iface.max_size + 1)
-    return _check(iface, head)
+def check_file(cfg: Config, iface: Interface, source: str) -> checking.Verdict:
+    """Check a file against an interface without touching the spool (stdin: ``-``)."""
+    if source != "-":
+        with os_errors(f"cannot read {source}"):
+            try:
+                size = os.stat(source).st_size
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+                raise BadRequest(f"cannot read {source}: {exc.strerror}") from None
+            return verdict(cfg, iface, source, size)
+    with tempfile.TemporaryFile() as copy:  # a stream to check is read more than once
+        for chunk in _chunks(sys.stdin.buffer):
+            copy.write(chunk)
+        size = copy.tell()
+        copy.seek(0)
+        return _too_big(iface, size) or checking.check_stream(
+            copy, iface.schema, size, cfg.daemon.tree_limit
+        )
+
+
+def verdict(
+    cfg: Config, iface: Interface, path: str | os.PathLike[str], size: int
+) -> checking.Verdict:
+    """Check a file on disk for ``iface``: its size, then the streaming check."""
+    return _too_big(iface, size) or checking.check_file(path, iface.schema, cfg.daemon.tree_limit)
 
 
 def submit(cfg: Config, interface: str, source: str, name: str | None = None) -> str:
@@ -52,10 +75,78 @@ def submit(cfg: Config, interface: str, source: str, name: str | None = None) ->
             raise BadRequest("reading the job from stdin needs --name NAME")
         name = os.path.basename(source)
     names.check_name(name)
-    Spool.of(cfg).require(iface.name)
+    spool = Spool.of(cfg)
+    spool.require(iface.name)
     with open_source(source) as f:
-        head = f.read(iface.max_size + 1)
-        return accept_data(cfg, iface.name, name, head, rest=_rest(f))
+        staged = stage(spool, name, _chunks(f))
+    return accept_staged(cfg, iface.name, name, staged)
+
+
+def stage(spool: Spool, name: str, chunks: Iterable[bytes]) -> str:
+    """Write an incoming job into the spool's ``tmp/``, durably; its staging path.
+
+    Whatever its size, the job streams to disk in chunks and is then checked
+    there: a gigabyte upload costs no memory. The caller renames it into
+    place or removes it (:func:`accept_staged` does either).
+    """
+    staged = write_staged(spool.tmp, name, chunks)
+    try:
+        with os_errors(f"cannot write {name}"):
+            fsync_file(staged)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(staged)
+        raise
+    return staged
+
+
+def accept_staged(
+    cfg: Config,
+    interface: str,
+    name: str,
+    staged: str,
+    *,
+    via: str = "submit",
+    ref: str | None = None,
+) -> str:
+    """Check a staged job and queue it as job ``name`` (``submit``, the HTTP upload).
+
+    The staging file is consumed: renamed into the queue, or into joberrors
+    with its log (then :class:`Rejected` is raised), or removed when the
+    name is in use (:class:`BadRequest`). ``ref`` is the client's own
+    reference, kept in the log.
+    """
+    spool = Spool.of(cfg)
+    try:
+        iface = cfg.interface(interface)
+        names.check_name(name)
+        spool.require(iface.name)
+        # Check outside the lock: a slow check must not hold up the daemon's intake.
+        result = verdict(cfg, iface, staged, os.stat(staged).st_size)
+        with spool.names_lock():
+            found = spool.locate(name)
+            if found is not None:
+                raise BadRequest(
+                    f"job name {name!r} is already in use ({found.place}); "
+                    + ("choose another with --name" if via == "submit" else "choose another name")
+                )
+            log = joblog.new(name, iface.name)
+            joblog.received(log, via, ref=ref)
+            joblog.checked(log, result.problems, result.schema)
+            if result.problems:
+                _reject(spool, name, log, staged, result.problems)
+            joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
+            pending = spool.pending_log(name)
+            spool.write(pending, [joblog.to_bytes(log)], replace=True)
+            try:
+                spool.place(staged, spool.dir(QUEUE, iface.name) / name, stamp_ns=spool.stamp())
+            except BaseException:
+                spool.remove(pending)  # the job is not there: its history must not be either
+                raise
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(staged)  # still there only if it was not placed
+    return name
 
 
 def accept_data(
@@ -64,43 +155,11 @@ def accept_data(
     name: str,
     data: bytes,
     *,
-    rest: Iterable[bytes] = (),
     via: str = "submit",
     ref: str | None = None,
 ) -> str:
-    """Check ``data`` and queue it as job ``name`` (``submit``, the HTTP upload).
-
-    ``rest`` is what follows ``data`` when the input was larger than
-    ``max_size``: it is only read to keep the whole file in joberrors. ``ref``
-    is the client's own reference, kept in the log.
-    """
-    iface = cfg.interface(interface)
-    names.check_name(name)
-    spool = Spool.of(cfg)
-    spool.require(iface.name)
-    # Check outside the lock: a slow client must not hold up the daemon's intake.
-    result = _check(iface, data)
-    with spool.names_lock():
-        found = spool.locate(name)
-        if found is not None:
-            raise BadRequest(
-                f"job name {name!r} is already in use ({found.place}); "
-                + ("choose another with --name" if via == "submit" else "choose another name")
-            )
-        log = joblog.new(name, iface.name)
-        joblog.received(log, via, ref=ref)
-        joblog.checked(log, result.errors, result.schema)
-        if result.errors:
-            _reject(spool, name, log, chain([data], rest), result.errors)
-        joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
-        pending = spool.pending_log(name)
-        spool.write(pending, [joblog.to_bytes(log)], replace=True)
-        try:
-            spool.write(spool.dir(QUEUE, iface.name) / name, [data], stamp_ns=spool.stamp())
-        except BaseException:
-            spool.remove(pending)  # the job is not there: its history must not be either
-            raise
-    return name
+    """:func:`accept_staged` of bytes in memory."""
+    return accept_staged(cfg, interface, name, stage(Spool.of(cfg), name, [data]), via=via, ref=ref)
 
 
 def interface_for(cfg: Config, data: bytes) -> str:
@@ -138,14 +197,13 @@ def retry(cfg: Config, name: str) -> str:
             raise BadRequest(f"the log of {name} names no interface; "
                              "resubmit it with 'jobspool submit IFACE FILE'")  # fmt: skip
         iface = cfg.interface(iface_name)
-        with os_errors(f"cannot read {name}"), open(found.path, "rb") as f:
-            head = f.read(iface.max_size + 1)
-        result = _check(iface, head)
+        with os_errors(f"cannot read {name}"):
+            result = verdict(cfg, iface, found.path, os.lstat(found.path).st_size)
         joblog.event(log, "retried")
-        joblog.checked(log, result.errors, result.schema)
-        if result.errors:
+        joblog.checked(log, result.problems, result.schema)
+        if result.problems:
             spool.write(found.log_path, [joblog.to_bytes(log)], replace=True)
-            raise _rejected(name, result.errors, "again and stays in joberrors")
+            raise _rejected(name, result.problems, "again and stays in joberrors")
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, JOBERRORS, f"{QUEUE}/{iface.name}")
         spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
@@ -169,26 +227,26 @@ def log_so_far(spool: Spool, name: str, interface: str, stamp_ns: int) -> joblog
         return log
 
 
-def _check(iface: Interface, head: bytes) -> checking.Verdict:
-    if len(head) > iface.max_size:
-        too_big = f"the file is larger than max_size ({iface.max_size} bytes) of {iface.name}"
-        return checking.Verdict([Problem(0, 0, too_big)], schema=iface.schema)
-    return checking.check(head, iface.schema)
+def too_big_problem(iface: Interface) -> Problem:
+    """Why a file larger than the interface's ``max_size`` is rejected."""
+    return Problem(
+        0, 0, f"the file is larger than max_size ({iface.max_size} bytes) of {iface.name}"
+    )
 
 
-def _reject(
-    spool: Spool,
-    name: str,
-    log: joblog.Log,
-    content: Iterator[bytes],
-    errors: list[Problem],
-) -> None:
-    """Put a rejected job into joberrors: its log first, then the job."""
+def _too_big(iface: Interface, size: int) -> checking.Verdict | None:
+    if size > iface.max_size:  # unread: its size alone rejects it
+        return checking.Verdict([too_big_problem(iface)], schema=iface.schema)
+    return None
+
+
+def _reject(spool: Spool, name: str, log: joblog.Log, staged: str, errors: list[Problem]) -> None:
+    """Put a rejected staged job into joberrors: its log first, then the job."""
     joblog.moved(log, "outside", JOBERRORS)
     log_path = spool.joberrors / names.log_name(name)
     spool.write(log_path, [joblog.to_bytes(log)], replace=True)
     try:
-        spool.write(spool.joberrors / name, content)
+        spool.place(staged, spool.joberrors / name)
     except BaseException:
         spool.remove(log_path)  # no log without its job
         raise
@@ -228,7 +286,7 @@ def open_source(source: str) -> Iterator[BinaryIO]:
         yield f
 
 
-def _rest(f: BinaryIO) -> Iterator[bytes]:
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
     while chunk := f.read(_CHUNK):
         yield chunk
 
@@ -246,15 +304,42 @@ class Taken(NamedTuple):
     reason: str | None = None  # why it went to joberrors
 
 
-def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = True) -> Taken | None:
-    """Take one whole file from ``incoming/IFACE`` into the queue or joberrors.
+class Screened(NamedTuple):
+    """A whole drop with a usable name, to be checked where it lies."""
 
-    None when the file is gone. An unreadable file raises :class:`Denied`
-    and stays where it is. A name that is invalid or in use sends the file
-    to joberrors under a safe unique name; the log keeps the original.
-    With ``sync=False`` an accepted job's rename into the queue is made
-    durable by the caller's :meth:`Spool.sync` of the batch; rejections are
-    always synced at once (log first, then the job).
+    path: Path
+    st: os.stat_result  # as it was seen before its check: a change means "look again"
+
+
+def take_drop(
+    spool: Spool, iface: Interface, filename: str, *, sync: bool = True, tree_limit: int = 64 << 20
+) -> Taken | None:
+    """Take one whole file from ``incoming/IFACE`` into the queue or joberrors, checked here.
+
+    :func:`screen_drop`, the check, then :func:`settle_drop`; the daemon does
+    the same with the check in a worker process. None when the file is gone
+    (or changed while it was checked: look again).
+    """
+    screened = screen_drop(spool, iface, filename)
+    if not isinstance(screened, Screened):
+        return screened
+    size = screened.st.st_size
+    if size > iface.max_size:
+        problems = [too_big_problem(iface)]
+    else:
+        with os_errors(f"cannot read dropped file {screened.path}"):
+            problems = checking.check_file(screened.path, iface.schema, tree_limit).problems
+    return settle_drop(spool, iface, screened, problems, sync=sync)
+
+
+def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screened | None:
+    """The first look at a whole drop, before its check.
+
+    None when the file is gone. An unreadable file raises :class:`Denied` and
+    stays where it is. A name that is invalid or in use, or something other
+    than a plain file, sends it to joberrors unread, under a safe unique name;
+    the log keeps the original (a :class:`Taken`). Anything else is to be
+    checked (a :class:`Screened`).
     """
     src = spool.dir(INCOMING, iface.name) / filename
     with spool.names_lock():
@@ -262,26 +347,67 @@ def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = Tru
             st = os.lstat(src)
         except FileNotFoundError:
             return None
-        stamp = spool.stamp()
         if not stat.S_ISREG(st.st_mode):
-            return _to_errors(spool, iface, src, stamp, f"not a regular file ({_kind(st)})")
+            return _to_errors(spool, iface, src, spool.stamp(), f"not a regular file ({_kind(st)})")
         if not names.is_valid(filename):
             why = f"invalid job name: {names.why_invalid(filename)}"
-            return _to_errors(spool, iface, src, stamp, why)
+            return _to_errors(spool, iface, src, spool.stamp(), why)
         found = spool.locate(filename, besides=src)
         if found is not None:
+            return _to_errors(spool, iface, src, spool.stamp(), f"job name in use ({found.place})")
+    with os_errors(f"cannot read dropped file {src}"):  # unreadable: reported, left in place
+        os.close(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+    return Screened(src, st)
+
+
+def settle_drop(
+    spool: Spool,
+    iface: Interface,
+    screened: Screened,
+    problems: list[Problem],
+    *,
+    sync: bool = True,
+) -> Taken | None:
+    """After its check: a drop into its queue (no problems) or into joberrors.
+
+    Under the names lock, only for "is the name free, put it there". A drop
+    that changed while it was checked (another size, mtime or inode: a
+    writer came back) is left where it is and None returned: the verdict was
+    about other bytes, so it is looked at again once it has settled. None too
+    when it is gone. With ``sync=False`` an accepted job's rename is made
+    durable by the caller's group commit; rejections are synced at once,
+    the job's own bytes first, then its log, then the move.
+    """
+    src = screened.path
+    filename = src.name
+    with spool.names_lock():
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        before = screened.st
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        ):
+            return None
+        stamp = spool.stamp()
+        found = spool.locate(filename, besides=src)
+        if found is not None:  # taken by a submit while this one was checked
             return _to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
-        data = read_drop(src, iface.max_size, st.st_size)
-        result = _check(iface, data)
         log = joblog.new(filename, iface.name)
         joblog.received(log, "drop")
-        joblog.checked(log, result.errors, result.schema)
-        if result.errors:
+        joblog.checked(log, problems, iface.schema)
+        if problems:
             joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
-            spool.write(spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)],
-                        replace=True)  # fmt: skip
+            with os_errors(f"cannot sync {filename}"):
+                fsync_file(src)  # its bytes are durable before anything says where it went
+            spool.write(
+                spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)], replace=True
+            )
             spool.move(src, spool.joberrors)
-            return Taken(filename, JOBERRORS, stamp, log, str(result.errors[0]))
+            return Taken(filename, JOBERRORS, stamp, log, str(problems[0]))
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
         if iface.outbound:
@@ -296,7 +422,8 @@ def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = Tru
             # set: queue a copy we own instead, then drop the original.
             # Synced at once whatever the caller batches: the original goes,
             # so the copy must be on disk first.
-            spool.write(queue / filename, [data], stamp_ns=stamp)
+            with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
+                spool.write(queue / filename, _chunks(f), stamp_ns=stamp)
             spool.remove(src, sync=sync)
         return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
 
@@ -313,36 +440,6 @@ def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:
             return None
         return _to_errors(spool, iface, src, spool.stamp(), "invalid job name: "
                           + names.why_invalid(filename), f"{QUEUE}/{iface.name}")  # fmt: skip
-
-
-def read_drop(path: Path, max_size: int, size_hint: int = 0) -> bytes:
-    """Read at most ``max_size + 1`` bytes of a dropped file, never following a link."""
-    with os_errors(f"cannot read dropped file {path}"):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            return read_up_to(fd, max_size + 1, size_hint)
-        finally:
-            os.close(fd)
-
-
-def read_up_to(fd: int, limit: int, size_hint: int = 0) -> bytes:
-    """At most ``limit`` bytes of ``fd``; one ``read`` for a file of ``size_hint`` bytes.
-
-    Plain ``read(limit)`` would reserve ``limit`` bytes (max_size, megabytes)
-    for every small job; a file object would add its own system calls.
-    """
-    chunks, total = [], 0
-    want = min(limit, size_hint + 1 if size_hint > 0 else 65536)
-    while total < limit:
-        chunk = os.read(fd, want)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        if total == size_hint and len(chunk) < want:
-            break  # all that stat saw and not a byte more: its end, without one more read
-        want = min(limit - total, 65536)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def safe_name(original: str, stamp: int) -> str:
@@ -364,6 +461,9 @@ def _to_errors(
     via = "queue" if came_from.startswith(QUEUE) else "drop"
     joblog.received(log, via, original_name=original, reason=reason)
     joblog.moved(log, came_from, JOBERRORS)
+    if stat.S_ISREG(os.lstat(src).st_mode):
+        with os_errors(f"cannot sync {src.name}"):
+            fsync_file(src)  # its bytes are durable before its log says where it went
     spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
     spool.move(src, spool.joberrors, new_name=name)
     return Taken(name, JOBERRORS, stamp, log, reason)

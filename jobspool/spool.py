@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from jobspool import listing, names
-from jobspool.durable import SyncGroup, fsync_dir, os_errors, rename_noreplace, syncfs, write_file
+from jobspool.durable import (
+    SyncGroup,
+    fsync_dir,
+    fsync_file,
+    os_errors,
+    rename_noreplace,
+    syncfs,
+    write_file,
+)
 from jobspool.errors import BadRequest, ConfigError, JobspoolError, TryLater
 from jobspool.listing import Listing
 
@@ -360,6 +368,19 @@ class Spool:
                 fsync_dir(dest_dir)
                 fsync_dir(src.parent)
         return dest
+
+    def place(self, staged: str, dest: Path, *, stamp_ns: int | None = None) -> None:
+        """Rename a durably staged file into place (never over another), then sync its folder.
+
+        ``stamp_ns`` sets its mtime first (its place in a queue), made durable
+        with the file before the rename.
+        """
+        with os_errors(lambda: f"cannot place {dest.name} in {dest.parent.relative_to(self.root)}"):
+            if stamp_ns is not None:
+                os.utime(staged, ns=(stamp_ns, stamp_ns))
+                fsync_file(staged)
+            rename_noreplace(staged, dest)
+            fsync_dir(dest.parent)
 
     def remove(self, path: Path, sync: bool = True) -> None:
         """Durably remove a file (a copy's original, a log that moved on)."""

@@ -114,9 +114,14 @@ def test_a_flood_of_drops_is_taken_a_slice_at_a_time(site, monkeypatch):
                 break
             assert due == now, "a turn with drops left must ask for the next at once"
         assert turns >= len(names)  # at least one turn per renamed-in file
+        deadline = time.monotonic() + 20
+        while d.checking and time.monotonic() < deadline:  # checked by worker processes
+            d.sleep(0.1)
+            d.loop(time.time())
         assert sorted(site.ls("queue", "orders_in")) == names
         assert site.ls("incoming", "orders_in") == []
     finally:
+        d.checks.close()
         assert d.watcher is not None
         d.watcher.stop()
 

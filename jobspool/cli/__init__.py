@@ -180,14 +180,16 @@ def check(state: State, interface: str, file: str, as_json: bool) -> None:
     from jobspool.intake import check_file
 
     iface = state.config.interface(interface)
-    result = check_file(iface, file)
+    result = check_file(state.config, iface, file)
     if as_json:
-        errors = [{"line": e.line, "column": e.column, "message": e.message} for e in result.errors]
+        errors = [
+            {"line": e.line, "column": e.column, "message": e.message} for e in result.problems
+        ]
         print_json({"file": file, "interface": interface, "ok": result.ok, "errors": errors})
     elif result.ok:
         click.echo(f"{file}: ok for {interface}")
     else:
-        for e in result.errors:
+        for e in result.problems:
             click.echo(f"{file}:{e.line}:{e.column}: {e.message}", err=True)
     if not result.ok:
         sys.exit(Rejected.exit_code)
