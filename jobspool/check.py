@@ -124,8 +124,17 @@ def check_stream(
     return _check_streaming(head, f, validator, schema)
 
 
-def _streaming_parser(validator: etree._Validator | None) -> etree.XMLPullParser:
+_UTF32 = {b"\xff\xfe\x00\x00": "UTF-32LE", b"\x00\x00\xfe\xff": "UTF-32BE"}
+
+
+def _utf32(head: bytes) -> str | None:
+    """UTF-32 by its byte order mark: libxml2's push parser does not detect it itself."""
+    return _UTF32.get(head[:4])
+
+
+def _streaming_parser(validator: etree._Validator | None, head: bytes) -> etree.XMLPullParser:
     parser = etree.XMLPullParser(
+        encoding=_utf32(head),
         events=("end",),
         schema=cast(etree.XMLSchema | None, validator),
         resolve_entities=False,
@@ -137,6 +146,11 @@ def _streaming_parser(validator: etree._Validator | None) -> etree.XMLPullParser
     )
     parser.resolvers.add(_NothingOutside())
     return parser
+
+
+def _without_mark(chunk: bytes, offset: int) -> bytes:
+    """The first chunk without a UTF-32 mark: with the encoding given, it reads as a character."""
+    return chunk[4:] if offset == 0 and _utf32(chunk) else chunk
 
 
 class _Pass(NamedTuple):
@@ -169,11 +183,13 @@ def _errors(log: etree._ListErrorLog) -> list[Problem]:
 
 def _stream(f: BinaryIO, head: bytes, validator: etree._Validator | None) -> _Pass:
     """Feed the document through the parser a chunk at a time; the problems it finds."""
-    parser = _streaming_parser(validator)
+    if not head:
+        return _Pass([Problem(1, 1, "the document is empty")], 0)
+    parser = _streaming_parser(validator, head)
     chunk, offset, previous, ended = head, 0, 0, False
     try:
         while chunk:
-            ended = _feed(parser, chunk) or ended
+            ended = _feed(parser, _without_mark(chunk, offset)) or ended
             if problems := _errors(parser.feed_error_log):
                 return _Pass(problems, previous)
             previous, offset = offset, offset + len(chunk)
@@ -216,19 +232,22 @@ def _check_streaming(
 
 def _locate(f: BinaryIO, begin: int, validator: etree._Validator | None) -> int:
     """The line on which the streaming validator first finds an error (0: not found)."""
-    parser = _streaming_parser(validator)
     f.seek(0)
+    head = f.read(4)
+    f.seek(0)
+    parser = _streaming_parser(validator, head)
     line, done = 1, 0
     try:
         while done < begin:
             chunk = f.read(min(CHUNK, begin - done))
             if not chunk:
                 return 0
-            _feed(parser, chunk)
+            _feed(parser, _without_mark(chunk, done))
             done += len(chunk)
             line += chunk.count(b"\n")
         for text in f:
-            _feed(parser, text)
+            _feed(parser, _without_mark(text, done))
+            done += len(text)
             if _errors(parser.feed_error_log):
                 return line
             line += 1
@@ -325,9 +344,14 @@ def _doctype_in_prolog(data: bytes) -> int:
     A cheap first guard for the usual encodings; the parser's resolver and
     the check of ``docinfo`` after parsing catch whatever this misses.
     """
-    utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:2].count(b"\0") == 1
+    if _utf32(data) or data[:4] in (b"\0\0\0<", b"<\0\0\0"):
+        encoding = "utf-32" if _utf32(data) else ("utf-32-be" if data[0] == 0 else "utf-32-le")
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:2].count(b"\0") == 1:
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8"
     for size in (8192, len(data)):  # a prolog is short: the whole head only when it is not
-        text = data[:size].decode("utf-16" if utf16 else "utf-8", "ignore")
+        text = data[:size].decode(encoding, "ignore")
         end = _PROLOG_END.search(text)
         if end or size >= len(data):
             break

@@ -210,6 +210,11 @@ class Lane:
         self.interrupted: set[str] = set()
         self.stopping = False
         self.threads: list[threading.Thread] = []
+        self.finished: list[Finished] = []  # handlers ended, not yet committed
+        self.committer: threading.Thread | None = None
+        self.workers_done = False  # joined: no job will finish any more
+        self.committing_fails = False  # the last commit failed: start no new handler
+        self._trouble_seen: str | None = None  # the last commit error logged
         self._marker_error: str | None = None  # the blocked marker's last write error
 
     @property
@@ -267,6 +272,10 @@ class Lane:
             t = threading.Thread(target=self._work, name=f"lane-{self.iface.name}-{i}", daemon=True)
             t.start()
             self.threads.append(t)
+        self.committer = threading.Thread(
+            target=self._commit_finished, name=f"commit-{self.iface.name}", daemon=True
+        )
+        self.committer.start()
 
     def stop(self) -> None:
         """Take no new job; running ones finish (see :meth:`interrupt`)."""
@@ -289,35 +298,32 @@ class Lane:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        with self.cond:
+            self.workers_done = True  # nothing more will finish: commit what has, then end
+            self.cond.notify_all()
+        if self.committer is not None:
+            self.committer.join(max(0.0, deadline - time.monotonic()))
 
-    def _take(self, block: bool) -> tuple[int, str] | bool | None:
-        """The next runnable job, None when stopping, False when none is runnable now.
-
-        False only comes when ``block`` is off: the caller then commits its
-        batch before it waits.
-        """
+    def _take(self) -> tuple[int, str] | None:
+        """The next runnable job; None when stopping."""
         with self.cond:
             while True:
                 if self.stopping:
                     return None
                 wait = self.not_before - time.monotonic()
-                if self.backlog and wait <= 0 and not self.spool.is_paused(self.iface.name):
+                # While finished jobs cannot be committed (a machine fault), no
+                # new handler starts: its outcome could not be kept either.
+                runnable = self.backlog and not self.committing_fails
+                if runnable and wait <= 0 and not self.spool.is_paused(self.iface.name):
                     item = self.backlog.pop()
                     self.in_flight.add(item[1])
                     return item
-                if not block:
-                    return False
                 # Pause markers are files: look again every second.
                 self.cond.wait(min(max(wait, 0.05), 1.0) if self.backlog else 1.0)
 
     def _work(self) -> None:
-        batch: list[Finished] = []
-        renamed: list[tuple[Finished, str]] = []  # this thread's, in bak/joberrors, not synced
-        while (item := self._take(block=not (batch or renamed))) is not None:
-            if item is False:  # nothing more to run now: make the batch durable first
-                self.commit(batch, renamed)
-                continue
-            assert isinstance(item, tuple)
+        """A worker thread: run handlers, one job after another, and hand finished ones over."""
+        while (item := self._take()) is not None:
             stamp, name = item
             bound = self.ctx.logger.bind(job=name, interface=self.iface.name)
             done = None
@@ -326,15 +332,37 @@ class Lane:
             except Exception as exc:  # disk full, permission: the job stays queued
                 bound.error("processing failed; the job stays queued", error=str(exc))
                 self._back_off(stamp, name)
-            if done is None:
-                with self.cond:
+            with self.cond:
+                if done is None:
                     self.in_flight.discard(name)
-            else:
-                batch.append(done)
-                if len(batch) >= BATCH:
-                    self.commit(batch, renamed)
-        self.commit(batch, renamed)
-        self.commit(batch, renamed)  # the last renames, synced and reported
+                else:  # committed by the lane's committer, while this thread runs the next
+                    self.finished.append(done)
+                    self.cond.notify_all()
+
+    def _commit_finished(self) -> None:
+        """The committer thread: finished jobs reach bak/joberrors within a sync or two.
+
+        It takes whatever has finished (up to a batch), commits it, and syncs
+        again at once for the last renames when nothing more has finished, so
+        a job is reported done milliseconds after its handler ended, whatever
+        the next handler does; a burst still costs one sync per batch.
+        """
+        renamed: list[tuple[Finished, str]] = []  # in bak/joberrors, not yet synced
+        while True:
+            with self.cond:
+                while not (self.finished or renamed or self.workers_done):
+                    self.cond.wait()
+                if self.workers_done and not (self.finished or renamed):
+                    return
+                batch, self.finished = self.finished[:BATCH], self.finished[BATCH:]
+            again = self.commit(batch, renamed)
+            with self.cond:
+                self.finished[:0] = again  # first in line when the machine recovers
+                if self.committing_fails and not again:
+                    self.cond.notify_all()  # handlers may start again
+                self.committing_fails = bool(again)
+            if again:
+                time.sleep(self.ctx.commit.retry_in())  # bounded back-off, not a hot loop
 
     # --- one job -------------------------------------------------------------------------
 
@@ -381,59 +409,59 @@ class Lane:
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
         return Finished(stamp, name, log, dest, outcome, has_pending_log)
 
-    def commit(self, batch: list[Finished], renamed: list[tuple[Finished, str]]) -> None:
+    def commit(self, batch: list[Finished], renamed: list[tuple[Finished, str]]) -> list[Finished]:
         """Group commit: every log in place, one sync, then every job's one rename.
 
         The sync makes this batch's logs durable before its jobs' final
         renames (the contract), and the previous batch's renames durable, so
         a burst costs one sync per batch, not two. Only after a job's rename
-        is synced is it reported done: when nothing else is runnable,
-        :meth:`_work` commits an empty batch for that. A crash before that
-        sync leaves some jobs in the queue with their handler run: they run
-        again (at least once). ``renamed`` is the calling thread's list of
-        jobs renamed but not yet synced.
+        is synced is it reported done: the committer commits an empty batch
+        for that when nothing else has finished. A crash before that sync
+        leaves some jobs in the queue with their handler run: they run again
+        (at least once). ``renamed`` is the committer's list of jobs renamed
+        but not yet synced.
+
+        Returns the jobs whose commit failed (a full disk, an I/O error): their
+        outcome is known, so they are committed again later, never run again.
         """
         if not batch and not renamed:
-            return
+            return []
         spool = self.spool
-        placed = []
+        placed, again = [], []
         for f in batch:
             try:
                 placed.append((f, *self._place_log(f)))
             except Exception as exc:
-                self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(
-                    "cannot write the log; the job stays queued", error=str(exc)
-                )
-                self.ctx.held.hold(f.name, f.log, True)  # its history so far, for the next run
-                self._back_off(f.stamp, f.name)
+                self._trouble(f, "cannot write the log; the job waits to be committed", exc)
+                again.append(f)
         if not self.ctx.commit.sync():
             # The logs may not be on disk: no job may move past them. Those
             # renamed last time wait for a sync that works to be reported.
-            for f, *_ in placed:
-                self.ctx.held.hold(f.name, f.log, True)
-                self._back_off(f.stamp, f.name)
-            with self.cond:
-                self.in_flight.difference_update(f.name for f in batch)
-            batch.clear()
-            time.sleep(self.ctx.commit.retry_in())  # not a hot loop
-            return
+            return again + [f for f, *_ in placed]
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
             try:
                 queued = spool.dir(QUEUE, self.iface.name) / f.name
                 spool.move(queued, dest_dir, new_name=new_name, sync=False)
+            except FileNotFoundError:  # moved by hand meanwhile: nothing more to commit
+                with self.cond:
+                    self.in_flight.discard(f.name)
+                continue
             except Exception as exc:
-                self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(
-                    "cannot move the job; it stays queued", error=str(exc)
-                )
-                self._back_off(f.stamp, f.name)
+                self._trouble(f, "cannot move the job; it waits to be committed", exc)
+                again.append(f)
                 continue
             renamed.append((f, label))
-        staying = {f.name for f in batch} - {f.name for f, _ in renamed}
-        with self.cond:
-            self.in_flight.difference_update(staying)
-        batch.clear()
+        if not again:
+            self._trouble_seen = None
+        return again
+
+    def _trouble(self, f: Finished, what: str, exc: Exception) -> None:
+        """Log a failed commit once per kind of fault, not once per job and attempt."""
+        if str(exc) != self._trouble_seen:
+            self._trouble_seen = str(exc)
+            self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(what, error=str(exc))
 
     def _report(self, renamed: list[tuple[Finished, str]]) -> None:
         """Jobs whose final rename is durable: done (or failed), and forgotten."""
