@@ -1,11 +1,12 @@
 """Start-up time of the read commands, measured against ``python -c 'import click'``.
 
 Why this yardstick: ``jobspool status JOB`` is what a sysadmin types and what
-monitoring scripts run in loops, and SPEC 5 says the read commands must not
-import what they do not need. The least any click program can cost is the
-interpreter's start plus ``import click``; the figure that matters is how
-far above that floor ``status``, ``queue`` and ``log`` are (target: a ratio
-of medians of at most 1.5, stretch 1.2).
+monitoring scripts run in loops, and the read commands must not import what
+they do not need (``docs/spec.rst``, "Commands and exit codes"). The least
+any click program can cost is the interpreter's start plus ``import
+click``; the figure that matters is how far above that floor ``status``,
+``queue`` and ``log`` are (target: a ratio of medians of at most 1.5,
+stretch 1.2).
 
 How, and why so:
 
@@ -61,9 +62,10 @@ QUICK_RUNS = 10
 TARGET = 1.5
 STRETCH = 1.2
 
-# What the read path must never import (SPEC 5: "must not import what they do
-# not need"): the XML stack, logging, the daemon's watcher, the scheduler and
-# the YAML parser (the configuration cache exists so that it is not needed).
+# What the read path must never import, since a read command loads nothing it
+# does not need (docs/spec.rst, "Commands and exit codes"): the XML stack,
+# logging, the daemon's watcher, the scheduler and the YAML parser (the
+# configuration cache exists so that it is not needed).
 FORBIDDEN = ("lxml", "structlog", "watchdog", "croniter", "yaml")
 
 # Packages the throwaway venv borrows from the running environment: click for
