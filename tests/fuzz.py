@@ -59,8 +59,7 @@ from lxml import etree
 from jobspool import check as checking
 from jobspool import intake, joblog, names
 from jobspool.errors import BadRequest
-from tests.hostilekit import Bait, Listener
-from tests.kit import ORDER_XSD
+from tests.kit import HOSTILE, ORDER_XSD, Bait, Listener
 
 WITHIN = 2.0  # seconds one check may take
 ALLOWED = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -358,8 +357,6 @@ def atheris_child(target: str, seconds: int, artifacts: Path) -> None:
     seeds = directory / "seeds"
     seeds.mkdir()
     if target == "check":  # a few documents to start from
-        from tests.hostilekit import HOSTILE
-
         for case in HOSTILE:
             data = case.data(ctx.bait, 4096)[:4096]
             (seeds / case.id).write_bytes(bytes([2, 0]) + data)

@@ -14,7 +14,14 @@ import pytest
 
 from jobspool import check as checking
 from jobspool.errors import ConfigError
-from tests.conftest import BROKEN, INVALID, STOCK_INVALID, STOCK_VALID, VALID, assert_fails
+from tests.kit import (
+    BROKEN,
+    INVALID,
+    STOCK_INVALID,
+    STOCK_VALID,
+    VALID,
+    assert_fails,
+)
 
 
 @pytest.fixture

@@ -18,18 +18,18 @@ import pytest
 
 import jobspool
 from jobspool import joblog
-from tests.conftest import (
+from tests.kit import (
     INVALID,
     VALID,
     Site,
     assert_every_log_valid,
     assert_fails,
     assert_ok,
-    assert_valid_log,
     kinds,
     make_site,
     read_table,
     run,
+    valid_log,
 )
 
 
@@ -212,7 +212,7 @@ def test_log_of_a_job_in_joberrors(seen):
 
 def test_log_of_a_job_in_bak(seen):
     data = assert_ok(seen.run("log", "done.xml")).encode()
-    assert_valid_log(data)
+    valid_log(data)
     assert data == (seen.root / "bak" / "orders_out" / "done.xml,log.xml").read_bytes()
 
 
@@ -231,7 +231,7 @@ def test_log_of_an_unknown_job(seen):
 def test_log_json(seen):
     report = json.loads(assert_ok(seen.run("log", "--json", "rejected.xml")))
     assert report["job"] == "rejected.xml"
-    assert_valid_log(report["log"].encode())
+    valid_log(report["log"].encode())
 
 
 # --- interfaces ----------------------------------------------------------------

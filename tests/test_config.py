@@ -8,7 +8,13 @@ import pytest
 
 from jobspool import config
 from jobspool.config import parse_duration, parse_size
-from tests.conftest import CONFIG, assert_fails, assert_ok, read_table, run
+from tests.kit import (
+    CONFIG,
+    assert_fails,
+    assert_ok,
+    read_table,
+    run,
+)
 
 # --- units ---------------------------------------------------------------------
 

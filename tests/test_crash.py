@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.daemonkit import Daemon, Site, log_events, log_root, valid_log
+from tests.kit import (
+    Daemon,
+    Site,
+    log_events,
+    log_root,
+    valid_log,
+)
 
 SEED = 20261122
 JOBS = 1000

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonkit import (
+from tests.kit import (
     Site,
     log_events,
     order,
-    site_fixture,  # noqa: F401 - the `site` fixture
 )
 
 OUTBOUND = ["ship-c.xml", "ship-a.xml", "ship-b.xml"]  # the order they were dropped in

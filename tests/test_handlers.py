@@ -12,8 +12,10 @@ from lxml import etree
 
 from jobspool import handlers
 from jobspool.handlers import DONE, FAILED, LATER, Job, Limits
-from tests.daemonkit import order
-from tests.kit import pid_alive
+from tests.kit import (
+    order,
+    pid_alive,
+)
 
 
 @pytest.fixture

@@ -33,20 +33,25 @@ import pytest
 
 from jobspool import intake, joblog, names
 from jobspool.joblog import escape_name
-from tests.conftest import assert_fails, snapshot
-from tests.daemonkit import Daemon, Site, child, log_events, order
-from tests.hostilekit import (
+from tests.kit import (
     HOSTILE,
     MEMORY_BOUND_KB,
     Bait,
+    Daemon,
     Hostile,
     Listener,
+    Site,
+    assert_fails,
+    child,
+    log_events,
     measured,
+    order,
     reason_ok,
+    snapshot,
     surroundings,
     vm_hwm,
+    wait_for,
 )
-from tests.kit import JOBSPOOL, wait_for
 
 MAX_SIZE = 256_000
 WITHIN = 2.0  # seconds a hostile document may take to be rejected (SPEC: nothing exhausts us)
@@ -67,11 +72,8 @@ class Hostiles:
         self.check_rss = 0  # ru_maxrss of a `check` of a valid job
         self.submit_rss = 0
 
-    def command(self, *args: str) -> list[str]:
-        return [str(JOBSPOOL), "-c", str(self.site.config), *args]
-
     def run(self, *args: str):
-        return measured(self.command(*args), env=self.site.env(), cwd=self.site.dir)
+        return measured(self.site.command(*args), env=self.site.env(), cwd=self.site.dir)
 
     def file(self, name: str, data: bytes) -> Path:
         path = self.site.outside / name
@@ -438,7 +440,7 @@ def argsite(tmp_path_factory) -> Site:
 def run_in(site: Site, argv: list[str]):
     """Run with the working directory deep inside the site, where a relative escape lands."""
     cwd = site.dir / "cwd" / "deeper"
-    return measured([str(JOBSPOOL), "-c", str(site.config), *argv], env=site.env(), cwd=cwd)
+    return measured(site.command(*argv), env=site.env(), cwd=cwd)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -15,7 +15,11 @@ from jobspool import joblog
 from jobspool import spool as spool_module
 from jobspool.errors import BadRequest, ConfigError, TryLater
 from jobspool.spool import Spool, rename_noreplace
-from tests.conftest import INVALID, VALID, assert_valid_log
+from tests.kit import (
+    INVALID,
+    VALID,
+    valid_log,
+)
 
 IFACES = ("orders_in", "orders_out")
 
@@ -144,7 +148,7 @@ def test_read_log_of_a_job_in_joberrors(tree):
     (tree.joberrors / "bad.xml").write_bytes(INVALID)
     (tree.joberrors / "bad.xml,log.xml").write_bytes(data)
     assert tree.read_log("bad.xml") == data
-    assert_valid_log(data)
+    valid_log(data)
 
 
 # --- queue order ---------------------------------------------------------------

@@ -35,8 +35,7 @@ from hypothesis.stateful import (
 )
 
 from jobspool import joblog
-from tests.daemonkit import Daemon, Site, order
-from tests.kit import wait_for
+from tests.kit import BROKEN, Daemon, Site, order, wait_for
 
 HANDLER = """
 import os
@@ -51,7 +50,6 @@ def handle(job):
         raise ValueError("the partner's system says no")
 """
 
-BROKEN = b'<?xml version="1.0"?>\n<order id="b">\n  <sku>HAM-1</sku>\n'
 
 # Where a job of each kind may be seen, and where it ends once the daemon is done.
 MAY_BE = {

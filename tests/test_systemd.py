@@ -17,7 +17,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 
 from jobspool import config
 from jobspool.spool import Spool
+from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, VALID
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "jobspool.service"
@@ -35,10 +35,8 @@ SYSUSERS = ROOT / "systemd" / "jobspool.sysusers"
 TMPFILES = ROOT / "systemd" / "jobspool.tmpfiles"
 EXAMPLE = ROOT / "etc" / "jobspool.yaml"
 DEPLOYMENT = ROOT / "docs" / "deployment.rst"
-JOBSPOOL = Path(sys.executable).parent / "jobspool"
 SPOOL = "/var/spool/jobspool"
 MAX_EXPOSURE = 2.0
-DEADLINE = 20.0  # seconds any wait may take before the test fails
 
 
 def tool(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -239,12 +237,6 @@ def test_tmpfiles_creates_the_spool_tree(tmp_path: Path) -> None:
 
 # --- the example configuration -------------------------------------------------------
 
-ORDER_XSD = """\
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-  <xs:element name="order"/>
-</xs:schema>
-"""
-
 
 @pytest.fixture
 def etc(tmp_path: Path) -> Path:
@@ -323,8 +315,6 @@ daemon:
   rescan: 2s
   grace: 5s
 """
-
-ORDER = b'<?xml version="1.0"?>\n<order id="1"><sku>HAM-1</sku><qty>3</qty></order>\n'
 
 
 class Systemd:
@@ -428,7 +418,7 @@ def test_notify_protocol(
     # A job waits on a paused interface, so the status has a queue to report.
     cli(site, "init")
     cli(site, "pause", "orders_in")
-    (tmp_path / "order-1.xml").write_bytes(ORDER)
+    (tmp_path / "order-1.xml").write_bytes(VALID)
     cli(site, "submit", "orders_in", str(tmp_path / "order-1.xml"))
     daemon = start()
 

@@ -14,8 +14,10 @@ import pytest
 
 from jobspool import watch
 from jobspool.watch import GONE, READY, candidates, readiness, writer_open
-from tests.daemonkit import order
-from tests.kit import wait_for
+from tests.kit import (
+    order,
+    wait_for,
+)
 
 SETTLE = 0.3
 HOUR_AGO = time.time() - 3600
