@@ -193,9 +193,11 @@ def strategies(ctx: Context) -> dict[str, Any]:
     url, secret = ctx.bait.url, ctx.bait.secret
     decl = st.sampled_from(
         ["", '<?xml version="1.0"?>', '<?xml version="1.1"?>', "<?xml?>"]
-        + [f'<?xml version="1.0" encoding="{e}"?>' for e in
-           ("UTF-8", "UTF-16", "UTF-16BE", "UTF-32", "ISO-8859-1", "IBM037", "x-bogus")]
-    )  # fmt: skip
+        + [
+            f'<?xml version="1.0" encoding="{e}"?>'
+            for e in ("UTF-8", "UTF-16", "UTF-16BE", "UTF-32", "ISO-8859-1", "IBM037", "x-bogus")
+        ]
+    )
     subset = st.sampled_from(
         [
             "",
@@ -213,33 +215,58 @@ def strategies(ctx: Context) -> dict[str, Any]:
         ]
     )
     misc = st.lists(
-        st.sampled_from(["\n", " ", "<!-- c -->", "<?pi data?>", "<!-- <!DOCTYPE x> -->",
-                         "<?x <order/> ?>", "\ufeff", "\x00"]),
+        st.sampled_from(
+            [
+                "\n",
+                " ",
+                "<!-- c -->",
+                "<?pi data?>",
+                "<!-- <!DOCTYPE x> -->",
+                "<?x <order/> ?>",
+                "\ufeff",
+                "\x00",
+            ]
+        ),
         max_size=3,
-    ).map("".join)  # fmt: skip
+    ).map("".join)
     leaf = st.sampled_from(
-        ["HAM-1", "3", "&e;", "&lt;", "&#0;", "&#x10FFFF;", "&#xD800;", "&bogus;", "]]>",
-         "<![CDATA[<x/>]]>", "<!-- x -->", "\u2028", "\ufffe",
-         f'<xi:include xmlns:xi="http://www.w3.org/2001/XInclude" href="{secret}" '
-         'parse="text"/>',
-         f'<xi:include xmlns:xi="http://www.w3.org/2001/XInclude" href="{url}/x"/>']
-    )  # fmt: skip
+        [
+            "HAM-1",
+            "3",
+            "&e;",
+            "&lt;",
+            "&#0;",
+            "&#x10FFFF;",
+            "&#xD800;",
+            "&bogus;",
+            "]]>",
+            "<![CDATA[<x/>]]>",
+            "<!-- x -->",
+            "\u2028",
+            "\ufffe",
+            f'<xi:include xmlns:xi="http://www.w3.org/2001/XInclude" href="{secret}" '
+            'parse="text"/>',
+            f'<xi:include xmlns:xi="http://www.w3.org/2001/XInclude" href="{url}/x"/>',
+        ]
+    )
     tag = st.sampled_from(["order", "sku", "qty", "a", "xi:include", "b:c"])
 
     def element(kids: Any) -> Any:
-        return st.builds(lambda t, k, attr: f"<{t}{attr}>{''.join(k)}</{t}>", tag,
-                         st.lists(kids, max_size=4),
-                         st.sampled_from(["", ' id="1"', " id='&e;'", ' id="1" id="2"',
-                                          ' xmlns="urn:x"']))  # fmt: skip
+        return st.builds(
+            lambda t, k, attr: f"<{t}{attr}>{''.join(k)}</{t}>",
+            tag,
+            st.lists(kids, max_size=4),
+            st.sampled_from(["", ' id="1"', " id='&e;'", ' id="1" id="2"', ' xmlns="urn:x"']),
+        )
 
     body = st.recursive(leaf, element, max_leaves=30)
     nested = st.integers(1, 400).map(lambda n: "<a>" * n + "</a>" * n)
     root = st.one_of(element(body), nested, body)
     text = st.builds(lambda a, b, c, d, e: a + b + c + d + e, decl, misc, subset, misc, root)
-    encoding = st.sampled_from(
-        ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
-         "utf-32-be", "latin-1", "cp037"]
-    )  # fmt: skip
+    encodings = (
+        "utf-8 utf-8-sig utf-16 utf-16-le utf-16-be utf-32 utf-32-le utf-32-be latin-1 cp037"
+    )
+    encoding = st.sampled_from(encodings.split())
 
     def encode(t: str, enc: str) -> bytes:
         return t.encode(enc, "surrogatepass" if enc.startswith("utf") else "replace")
@@ -258,8 +285,9 @@ def strategies(ctx: Context) -> dict[str, Any]:
                 del b[at]
         return bytes(b)
 
-    edits = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 1 << 16), st.integers(0, 255)),
-                     max_size=4)  # fmt: skip
+    edits = st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4
+    )
     documents = st.builds(mutate, st.builds(encode, text, encoding), edits)
     document = st.one_of(documents, st.binary(max_size=512))
     any_char = st.characters(codec=None, exclude_categories=())  # surrogates too
@@ -299,8 +327,14 @@ def run_hypothesis(ctx: Context, target: str, seconds: float) -> list[str]:
     end = time.monotonic() + seconds
     rounds = examples = 0
 
-    @settings(max_examples=500, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck), print_blob=True)  # fmt: skip
+    @settings(
+        max_examples=500,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
     @given(strategy)
     def one_round(args: tuple[Any, ...]) -> None:
         nonlocal examples
@@ -318,8 +352,11 @@ def run_hypothesis(ctx: Context, target: str, seconds: float) -> list[str]:
                 print(f"[hypothesis:{target}] FOUND\n{text}\n", flush=True)
             if len(findings) >= 5:
                 break
-    print(f"[hypothesis:{target}] {seconds:.0f}s, {rounds} rounds, {examples} examples, "
-          f"{len(findings)} finding(s)", flush=True)  # fmt: skip
+    print(
+        f"[hypothesis:{target}] {seconds:.0f}s, {rounds} rounds, {examples} examples, "
+        f"{len(findings)} finding(s)",
+        flush=True,
+    )
     return findings
 
 
@@ -349,8 +386,12 @@ def atheris_child(target: str, seconds: int, artifacts: Path) -> None:
         elif target == "names":
             names_property(text(fdp))
         elif target == "safe_name":
-            safe_name_property(text(fdp), fdp.ConsumeIntInRange(0, 2**63), text(fdp),
-                               fdp.ConsumeIntInRange(0, 2**63))  # fmt: skip
+            safe_name_property(
+                text(fdp),
+                fdp.ConsumeIntInRange(0, 2**63),
+                text(fdp),
+                fdp.ConsumeIntInRange(0, 2**63),
+            )
         else:
             escape_name_property(text(fdp))
 
@@ -360,8 +401,8 @@ def atheris_child(target: str, seconds: int, artifacts: Path) -> None:
         for case in HOSTILE:
             data = case.data(ctx.bait, 4096)[:4096]
             (seeds / case.id).write_bytes(bytes([2, 0]) + data)
-    argv = [sys.argv[0], f"-max_total_time={seconds}", f"-artifact_prefix={artifacts}/{target}-",
-            "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", str(seeds)]  # fmt: skip
+    argv = [sys.argv[0], f"-max_total_time={seconds}", f"-artifact_prefix={artifacts}/{target}-"]
+    argv += ["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", str(seeds)]
     atheris.Setup(argv, one)
     atheris.Fuzz()
 
@@ -380,18 +421,21 @@ sys.exit(main(sys.argv[1:]))
 
 def run_atheris(target: str, seconds: float, artifacts: Path) -> list[str]:
     artifacts.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-c", CHILD, "--atheris-child", target,
-            "--seconds", str(max(1, int(seconds))), "--artifacts", str(artifacts)]  # fmt: skip
+    argv = [sys.executable, "-c", CHILD, "--atheris-child", target]
+    argv += ["--seconds", str(max(1, int(seconds))), "--artifacts", str(artifacts)]
     if include_known:
         argv.append("--include-known")
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                          timeout=seconds + 120)  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 120)
     stats = [line for line in proc.stderr.splitlines() if line.startswith("stat::")]
-    runs = next((line.split(":")[-1].strip() for line in stats if "number_of_executed" in line),
-                "?")  # fmt: skip
+    runs = next(
+        (line.split(":")[-1].strip() for line in stats if "number_of_executed" in line), "?"
+    )
     found = sorted(str(p) for p in artifacts.glob(f"{target}-*"))
-    print(f"[atheris:{target}] {seconds:.0f}s, {runs} runs, exit {proc.returncode}, "
-          f"{len(found)} artifact(s)", flush=True)  # fmt: skip
+    print(
+        f"[atheris:{target}] {seconds:.0f}s, {runs} runs, exit {proc.returncode}, "
+        f"{len(found)} artifact(s)",
+        flush=True,
+    )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.splitlines()[-40:])
         print(f"[atheris:{target}] FOUND\n{tail}\n", flush=True)
@@ -429,8 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=TARGETS, action="append", help="(default: all)")
     artifacts = Path(tempfile.gettempdir()) / "jobspool-fuzz-artifacts"
     parser.add_argument("--artifacts", type=Path, default=artifacts)
-    parser.add_argument("--include-known", action="store_true",
-                        help="also check the properties of known bugs (KNOWN)")  # fmt: skip
+    parser.add_argument(
+        "--include-known",
+        action="store_true",
+        help="also check the properties of known bugs (KNOWN)",
+    )
     parser.add_argument("--atheris-child", choices=TARGETS, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=int, default=60, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -460,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
                     found = run_atheris(target, seconds, args.artifacts)
                 if found:
                     findings[f"{engine}:{target}"] = found
-    print(f"fuzzed {time.monotonic() - started:.0f}s with {', '.join(engines)}; "
-          f"findings in: {', '.join(findings) or 'none'}", flush=True)  # fmt: skip
+    print(
+        f"fuzzed {time.monotonic() - started:.0f}s with {', '.join(engines)}; "
+        f"findings in: {', '.join(findings) or 'none'}",
+        flush=True,
+    )
     return 1 if findings else 0
 
 

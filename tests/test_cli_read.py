@@ -278,8 +278,18 @@ def test_version():
 
 def test_help_lists_the_commands():
     out = assert_ok(run("--help"))
-    for command in ["init", "check", "submit", "status", "queue", "log", "retry", "pause",
-                    "resume", "interfaces"]:  # fmt: skip
+    for command in [
+        "init",
+        "check",
+        "submit",
+        "status",
+        "queue",
+        "log",
+        "retry",
+        "pause",
+        "resume",
+        "interfaces",
+    ]:
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), command
 
 

@@ -317,8 +317,9 @@ def test_an_unreadable_drop_is_taken_once_it_becomes_readable(nobody_site):
     os.rename(hidden, incoming / "late.xml")
 
     daemon = s.start(user=NOBODY)
-    s.wait_for(lambda: daemon.said("cannot take dropped file; left in place", job="late.xml"),
-               "the report")  # fmt: skip
+    s.wait_for(
+        lambda: daemon.said("cannot take dropped file; left in place", job="late.xml"), "the report"
+    )
     assert s.where("late.xml") == ["incoming/orders_in"]
     os.chmod(incoming / "late.xml", 0o644)  # the partner fixes it
     s.wait_in("late.xml", "bak/orders_in", timeout=10)  # a rescan (2 s) takes it
@@ -357,8 +358,9 @@ def test_an_inotify_queue_overflow_loses_no_drop(site):
     for name in names:  # all at once: far more events than the queue holds
         os.rename(incoming / f".{name}.upload", incoming / name)
 
-    site.wait_for(lambda: len(site.ls("bak", "orders_in")) == len(names), "every drop in bak",
-                  timeout=120)  # fmt: skip
+    site.wait_for(
+        lambda: len(site.ls("bak", "orders_in")) == len(names), "every drop in bak", timeout=120
+    )
     assert "inotify queue overflow" in daemon.text(), "the queue did not overflow"
     assert site.ls("incoming", "orders_in") == []
     assert site.ls("queue", "orders_in") == []
@@ -371,8 +373,9 @@ def test_an_inotify_queue_overflow_loses_no_drop(site):
 
 
 def test_a_cron_schedule_and_a_clock_a_day_ahead_runs_once_then_keeps_its_times(site):
-    sch, _ = scheduler_for(site, five={"cron": "*/5 * * * *", "timezone": "UTC",
-                                        "command": ["true"]})  # fmt: skip
+    sch, _ = scheduler_for(
+        site, five={"cron": "*/5 * * * *", "timezone": "UTC", "command": ["true"]}
+    )
     assert loop(sch, T + 1) == T + 300
     assert loop(sch, T + 86_400 + 10) == T + 86_400 + 300  # 288 ticks jumped over: one run
     assert [r.time("due") for r in site.runs("five")] == [T + 300]
@@ -381,8 +384,9 @@ def test_a_cron_schedule_and_a_clock_a_day_ahead_runs_once_then_keeps_its_times(
 
 
 def test_a_cron_schedule_and_a_clock_set_back_a_day_neither_fires_nor_waits_a_day(site):
-    sch, log = scheduler_for(site, five={"cron": "*/5 * * * *", "timezone": "UTC",
-                                          "command": ["true"]})  # fmt: skip
+    sch, log = scheduler_for(
+        site, five={"cron": "*/5 * * * *", "timezone": "UTC", "command": ["true"]}
+    )
     loop(sch, T + 1)
     assert loop(sch, T + 300) == T + 600
     back = T + 300 - 86_400 + 10
@@ -405,8 +409,7 @@ def test_a_clock_wobbling_back_less_than_a_second_gives_no_second_run(site):
 
 
 def test_a_restart_after_the_clock_went_back_neither_makes_up_nor_waits(site):
-    sch, _ = scheduler_for(site, tick={"every": "0:0:10", "catchup": "once",
-                                        "command": ["true"]})  # fmt: skip
+    sch, _ = scheduler_for(site, tick={"every": "0:0:10", "catchup": "once", "command": ["true"]})
     loop(sch, T + 1)
     loop(sch, T + 10)  # ran; its tick is remembered; the daemon stops
     restarted = Scheduler(site.store(), RecordingLog())
@@ -529,8 +532,9 @@ def test_the_daemon_keeps_its_schedules_and_its_queue_order_through_clock_jumps(
 
         site.shift(-86_400)  # and back, a day behind the real clock
         back = count()
-        site.wait_for(lambda: count() >= back + 2, "the schedule to go on, not to wait two days",
-                      timeout=6)  # fmt: skip
+        site.wait_for(
+            lambda: count() >= back + 2, "the schedule to go on, not to wait two days", timeout=6
+        )
         accept("e.xml", "f.xml")
         assert daemon.said("the clock went back; computing next runs anew")
 

@@ -211,8 +211,13 @@ def test_a_hostile_drop_is_rejected_and_the_daemon_goes_on(hostiles, case: Hosti
 
     dropped = time.monotonic()
     site.drop("orders_in", name, data)
-    wait_for(lambda: site.where(name) == ["joberrors"], f"{name} in joberrors", timeout=WITHIN,
-             interval=0.01, show=site.describe)  # fmt: skip
+    wait_for(
+        lambda: site.where(name) == ["joberrors"],
+        f"{name} in joberrors",
+        timeout=WITHIN,
+        interval=0.01,
+        show=site.describe,
+    )
     took = time.monotonic() - dropped
     assert took < WITHIN
 
@@ -327,8 +332,12 @@ def test_names_of_uploads_in_progress_are_left_alone(hostiles):
     # A leading dot is an upload in progress (SPEC 2): never taken, never touched.
     site = hostiles.site
     incoming = site.root / "incoming/orders_in"
-    dotted = {".order.xml": order(1), "...": order(2), ".order.xml.123.0": order(3),
-              "..xml": order(4)}  # fmt: skip
+    dotted = {
+        ".order.xml": order(1),
+        "...": order(2),
+        ".order.xml.123.0": order(3),
+        "..xml": order(4),
+    }
     for name, data in dotted.items():
         (incoming / name).write_bytes(data)
     before = site.places()

@@ -124,8 +124,12 @@ def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> Non
     with hfront.client() as c:
         c.get("/xml/jobqueue", params={"Interfacename": "orders_in"})  # TLS and login first
         start = time.monotonic()
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=data,
-                   headers={"Content-Type": "text/xml"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=data,
+            headers={"Content-Type": "text/xml"},
+        )
         took = time.monotonic() - start
 
     assert took < WITHIN, took
@@ -171,8 +175,12 @@ def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> Non
 def test_a_valid_upload_still_gets_201(hfront: HostileFront) -> None:
     data = order("after-the-hostiles")
     with hfront.client() as c:
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=data,
-                   headers={"Content-Type": "text/xml"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=data,
+            headers={"Content-Type": "text/xml"},
+        )
     assert r.status_code == 201, r.text
     assert (hfront.site.root / "queue" / "orders_in" / r.text).read_bytes() == data
     assert hfront.server.proc is not None and hfront.server.proc.poll() is None

@@ -168,8 +168,12 @@ def same_answer(a: httpx.Response, b: httpx.Response, a_name: str, b_name: str) 
 
 def test_upload_queues_the_job_and_answers_201_with_its_name(front: Front) -> None:
     with front.client() as c:
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in", "RefName": "PO 4711/a"},
-                   content=VALID, headers={"Content-Type": "text/xml"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in", "RefName": "PO 4711/a"},
+            content=VALID,
+            headers={"Content-Type": "text/xml"},
+        )
     assert r.status_code == 201, r.text
     assert r.headers["content-type"].startswith("text/plain")
     name = r.text
@@ -195,8 +199,12 @@ def test_upload_finds_the_interface_from_the_root_element(front: Front) -> None:
 
 def test_a_rejected_upload_is_400_with_the_errors_and_lands_in_joberrors(front: Front) -> None:
     with front.client() as c:
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=INVALID,
-                   headers={"Content-Type": "application/xml; charset=utf-8"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=INVALID,
+            headers={"Content-Type": "application/xml; charset=utf-8"},
+        )
         assert r.status_code == 400
         assert r.headers["content-type"].startswith("text/plain")
         headline, *errors = r.text.splitlines()
@@ -216,10 +224,13 @@ def test_upload_refuses_what_is_not_an_xml_job(front: Front) -> None:
     with front.client() as c:
         empty = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=b"")
         form = c.post("/xml/upload", params={"Interfacename": "orders_in"}, data={"a": "b"})
-        ref = c.post("/xml/upload", params={"Interfacename": "orders_in", "RefName": "a\tb"},
-                     content=VALID)  # fmt: skip
-    assert (empty.status_code, empty.text) == (400, "the body is empty: send the job as the "
-                                                    "request body\n")  # fmt: skip
+        ref = c.post(
+            "/xml/upload", params={"Interfacename": "orders_in", "RefName": "a\tb"}, content=VALID
+        )
+    assert (empty.status_code, empty.text) == (
+        400,
+        "the body is empty: send the job as the request body\n",
+    )
     assert form.status_code == 400 and "Content-Type must be text/xml" in form.text
     assert ref.status_code == 400 and "RefName" in ref.text
 
@@ -229,8 +240,11 @@ def test_an_oversized_body_is_413_and_nothing_is_kept(front: Front) -> None:
     big = VALID.replace(b"<sku>", b"<sku>" + b"x" * 2000)  # orders_in takes 1KB
     with front.client() as c:
         declared = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=big)
-        streamed = c.post("/xml/upload", params={"Interfacename": "orders_in"},
-                          content=chunks(big[:500], big[500:]))  # fmt: skip
+        streamed = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=chunks(big[:500], big[500:]),
+        )
         # Without Interfacename= the largest max_size applies first, then the chosen one's.
         detected = c.post("/xml/upload", content=big)
     for r in (declared, streamed, detected):
@@ -407,16 +421,22 @@ def test_a_job_on_an_interface_not_granted_looks_like_an_unknown_job(front: Fron
 
 def test_an_interface_not_granted_looks_like_an_unknown_interface(front: Front) -> None:
     with front.client("bob") as c:
-        for method, path in [("GET", "/xml/jobqueue"), ("GET", "/xml/job"),
-                             ("POST", "/xml/upload")]:  # fmt: skip
+        for method, path in [
+            ("GET", "/xml/jobqueue"),
+            ("GET", "/xml/job"),
+            ("POST", "/xml/upload"),
+        ]:
             theirs = c.request(method, path, params={"Interfacename": "orders_in"}, content=VALID)
             none = c.request(method, path, params={"Interfacename": "nowhere"}, content=VALID)
             same_answer(theirs, none, "orders_in", "nowhere")
             assert "(yours: orders_out)" in theirs.text  # and never anyone else's
         # A document whose root only an interface of someone else accepts.
-        same_answer(c.post("/xml/upload", content=VALID),
-                    c.post("/xml/upload", content=VALID.replace(b"order", b"stuff")),
-                    "order", "stuff")  # fmt: skip
+        same_answer(
+            c.post("/xml/upload", content=VALID),
+            c.post("/xml/upload", content=VALID.replace(b"order", b"stuff")),
+            "order",
+            "stuff",
+        )
 
 
 def test_wrong_method_is_405_and_unknown_path_404(front: Front) -> None:
@@ -442,8 +462,10 @@ def test_wrong_method_is_405_and_unknown_path_404(front: Front) -> None:
 
 def test_plain_http_to_the_tls_port_gets_no_answer(front: Front) -> None:
     with httpx.Client(timeout=DEADLINE) as c, pytest.raises(httpx.HTTPError):
-        c.get(f"http://127.0.0.1:{front.server.port}/xml/jobstatus?Jobname=x.xml",
-              headers={"Authorization": basic("alice", PASSWORDS["alice"])})  # fmt: skip
+        c.get(
+            f"http://127.0.0.1:{front.server.port}/xml/jobstatus?Jobname=x.xml",
+            headers={"Authorization": basic("alice", PASSWORDS["alice"])},
+        )
 
 
 def test_serve_refuses_to_run_without_tls_unless_behind_a_trusted_proxy(front: Front) -> None:
@@ -464,16 +486,24 @@ def test_behind_a_proxy_plain_http_is_403_unless_the_proxy_says_https(front: Fro
     try:
         with server.client("alice", PASSWORDS["alice"]) as c:
             direct = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"})
-            proxied = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"},
-                            headers={"X-Forwarded-Proto": "https",
-                                     "X-Forwarded-For": "198.51.100.7"})  # fmt: skip
-            said_http = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"},
-                              headers={"X-Forwarded-Proto": "http"})  # fmt: skip
+            proxied = c.get(
+                "/xml/jobqueue",
+                params={"Interfacename": "orders_out"},
+                headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"},
+            )
+            said_http = c.get(
+                "/xml/jobqueue",
+                params={"Interfacename": "orders_out"},
+                headers={"X-Forwarded-Proto": "http"},
+            )
         # 127.0.0.2 is loopback too, but not the trusted proxy.
         stranger = httpx.HTTPTransport(local_address="127.0.0.2")
         with server.client("alice", PASSWORDS["alice"], transport=stranger) as c:
-            spoofed = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"},
-                            headers={"X-Forwarded-Proto": "https"})  # fmt: skip
+            spoofed = c.get(
+                "/xml/jobqueue",
+                params={"Interfacename": "orders_out"},
+                headers={"X-Forwarded-Proto": "https"},
+            )
         for r in (direct, said_http, spoofed):
             assert r.status_code == 403, r.text
             assert r.text == "plain http is refused: use https\n"
@@ -555,15 +585,21 @@ def test_curl_uploads_and_downloads(front: Front) -> None:
     curl = shutil.which("curl") or "/usr/bin/curl"
     job = front.site.dir / "curl-order.xml"
     job.write_bytes(VALID)
-    base = [curl, "-sS", "--cacert", str(front.server.ca),
-            "-u", f"alice:{PASSWORDS['alice']}", "-w", "\n%{http_code}"]  # fmt: skip
-    up = subprocess.run([*base, "-H", "Content-Type: text/xml", "--data-binary", f"@{job}",
-                         f"{front.server.url}/xml/upload?Interfacename=orders_out&RefName=curl"],
-                        capture_output=True, text=True, timeout=DEADLINE, check=True)  # fmt: skip
+    base = [curl, "-sS", "--cacert", str(front.server.ca), "-u", f"alice:{PASSWORDS['alice']}"]
+    base += ["-w", "\n%{http_code}"]
+    upload = f"{front.server.url}/xml/upload?Interfacename=orders_out&RefName=curl"
+    post = ["-H", "Content-Type: text/xml", "--data-binary", f"@{job}", upload]
+    up = subprocess.run(
+        [*base, *post], capture_output=True, text=True, timeout=DEADLINE, check=True
+    )
     name, code = up.stdout.rsplit("\n", 1)
     assert code == "201" and name.startswith("orders_out-")
-    down = subprocess.run([*base, f"{front.server.url}/xml/job?Jobname={name}"],
-                          capture_output=True, timeout=DEADLINE, check=True)  # fmt: skip
+    down = subprocess.run(
+        [*base, f"{front.server.url}/xml/job?Jobname={name}"],
+        capture_output=True,
+        timeout=DEADLINE,
+        check=True,
+    )
     assert down.stdout == VALID + b"\n200"
     assert (front.site.root / "bak" / "orders_out" / name).is_file()
 
@@ -576,8 +612,10 @@ def test_every_request_leaves_one_json_access_line_and_no_password(front: Front)
         c.get("/xml/jobstatus", params={"Jobname": "logged.xml"}, headers={"X-Probe": "1"})
     with front.server.client() as c:
         c.get("/xml/jobstatus", headers={"Authorization": basic("alice", "Wrong-Guess-77")})
-    wait_for(lambda: any(line.get("query") == "Jobname=logged.xml"
-                      for line in front.server.requests()), "the access line")  # fmt: skip
+    wait_for(
+        lambda: any(line.get("query") == "Jobname=logged.xml" for line in front.server.requests()),
+        "the access line",
+    )
     lines = front.server.requests()
     (line,) = [x for x in lines if x.get("query") == "Jobname=logged.xml"]
     assert {"user", "method", "path", "status", "bytes", "duration_ms", "client"} <= set(line)
@@ -588,8 +626,9 @@ def test_every_request_leaves_one_json_access_line_and_no_password(front: Front)
         400,
     )
     assert line["bytes"] == len("unknown job 'logged.xml'\n")
-    assert any(x.get("tried") == "alice" and x["status"] == 401 and x["user"] is None
-               for x in lines)  # fmt: skip
+    assert any(
+        x.get("tried") == "alice" and x["status"] == 401 and x["user"] is None for x in lines
+    )
     text = front.server.stderr.read_text()
     for secret in [*PASSWORDS.values(), "Wrong-Guess-77", basic("alice", PASSWORDS["alice"])]:
         assert secret not in text
@@ -610,8 +649,10 @@ def test_load_50_concurrent_clients_asking_jobstatus(
     """
     name = front.upload()
     total, clients, budget = 2000, 50, 20.0
-    request = (f"GET /xml/jobstatus?Jobname={name} HTTP/1.1\r\nHost: localhost\r\n"
-               f"Authorization: {basic('alice', PASSWORDS['alice'])}\r\n\r\n").encode()  # fmt: skip
+    request = (
+        f"GET /xml/jobstatus?Jobname={name} HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: {basic('alice', PASSWORDS['alice'])}\r\n\r\n"
+    ).encode()
     latencies: list[float] = []
     failures: list[bytes] = []
 
@@ -622,9 +663,11 @@ def test_load_50_concurrent_clients_asking_jobstatus(
         async def one_client() -> None:
             nonlocal sent
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", front.server.port, ssl=front.server.ssl_context(),
+                "127.0.0.1",
+                front.server.port,
+                ssl=front.server.ssl_context(),
                 server_hostname="localhost",
-            )  # fmt: skip
+            )
             while sent < total and time.monotonic() - start < budget:
                 sent += 1
                 t = time.monotonic()
@@ -642,10 +685,12 @@ def test_load_50_concurrent_clients_asking_jobstatus(
 
     elapsed = asyncio.run(load())
     p99 = statistics.quantiles(latencies, n=100)[98]
-    summary = (f"jobstatus: {len(latencies)} requests from {clients} concurrent clients "
-               f"in {elapsed:.1f} s: {len(latencies) / elapsed:.0f} requests/s, "
-               f"p50 {statistics.median(latencies) * 1000:.0f} ms, "
-               f"p99 {p99 * 1000:.0f} ms")  # fmt: skip
+    summary = (
+        f"jobstatus: {len(latencies)} requests from {clients} concurrent clients "
+        f"in {elapsed:.1f} s: {len(latencies) / elapsed:.0f} requests/s, "
+        f"p50 {statistics.median(latencies) * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms"
+    )
     with capsys.disabled():
         print(f"\n{summary}")
     (front.site.dir / "load.txt").write_text(summary + "\n")
@@ -680,8 +725,11 @@ def test_user_commands_manage_the_htpasswd_file_and_the_server_follows(front: Fr
         r = c.get("/xml/jobqueue", params={"Interfacename": "orders_in"})
     assert (r.status_code, r.text) == (400, "unknown interface 'orders_in' (yours: none)\n")
 
-    assert_ok(front.site.run("user", "passwd", "erin", "--password-stdin", "--cost", "4",
-                        input="Erin-Pw-2\n"))  # fmt: skip
+    assert_ok(
+        front.site.run(
+            "user", "passwd", "erin", "--password-stdin", "--cost", "4", input="Erin-Pw-2\n"
+        )
+    )
     with front.client("erin", "Erin-Pw-1") as old, front.client("erin", "Erin-Pw-2") as new:
         assert old.get("/xml/jobstatus", params={"Jobname": "a.xml"}).status_code == 401
         assert new.get("/xml/jobstatus", params={"Jobname": "a.xml"}).status_code == 400
@@ -736,8 +784,10 @@ def test_an_interfaces_xslt_must_exist(tmp_path: Path) -> None:
 def test_serve_check_validates_what_serve_needs(front: Front, tmp_path: Path) -> None:
     assert_ok(front.site.run("serve", "--check"))
     broken = front.site.dir / "xslt" / "broken.xsl"
-    broken.write_text("<xsl:stylesheet version='1.0' xmlns:xsl='http://www.w3.org/1999/XSL"
-                      "/Transform'><xsl:bogus/></xsl:stylesheet>")  # fmt: skip
+    broken.write_text(
+        "<xsl:stylesheet version='1.0' xmlns:xsl='http://www.w3.org/1999/XSL"
+        "/Transform'><xsl:bogus/></xsl:stylesheet>"
+    )
     config = front.site.dir / "broken-xslt.yaml"
     config.write_text(front.site.config.read_text().replace("failing.xsl", "broken.xsl"))
     line = assert_fails(run("-c", str(config), "serve", "--check", env=front.site.env()), 78)
@@ -754,19 +804,28 @@ def make_other_key() -> bytes:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    )  # fmt: skip
+    )
 
 
 def test_serve_without_the_http_extra_says_so_in_one_line(front: Front) -> None:
     # As if uvicorn were not installed: find_spec() sees None in sys.modules.
-    code = ("import sys; sys.modules['uvicorn'] = None\n"
-            "from jobspool.cli import main\n"
-            f"main(['-c', {str(front.site.config)!r}, 'serve'])")  # fmt: skip
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "from jobspool.cli import main\n"
+        f"main(['-c', {str(front.site.config)!r}, 'serve'])"
+    )
     env = front.site.env()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=DEADLINE, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=DEADLINE,
+        check=False,
+    )
     assert result.returncode == 78
     assert result.stderr == (
         "jobspool: 'jobspool serve' needs the http extra: pip install 'jobspool[http]' "
@@ -792,13 +851,16 @@ def test_sighup_reloads_grants_a_broken_file_is_refused_and_500_hides_details(
             )
             assert server.proc is not None
             server.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: any(x["event"] == "configuration reloaded" for x in server.log()),
-                  "the reload")  # fmt: skip
+            wait_for(
+                lambda: any(x["event"] == "configuration reloaded" for x in server.log()),
+                "the reload",
+            )
             assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "queue/orders_in"
             config.write_text(config.read_text() + "  nonsense: 1\n")
             server.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: any("reload refused" in x["event"] for x in server.log()),
-                  "the refusal")  # fmt: skip
+            wait_for(
+                lambda: any("reload refused" in x["event"] for x in server.log()), "the refusal"
+            )
             assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "queue/orders_in"
             # A users file the server cannot read is its own trouble: 500, details in its log.
             users = site.dir / "htpasswd"
@@ -830,30 +892,50 @@ def test_the_core_exceptions_map_to_status_codes_in_one_place() -> None:
     )
     from jobspool.http.app import error_response, status_of
 
-    cases = [(BadRequest("x"), 400), (Rejected("x"), 400), (TryLater("x"), 503),
-             (Denied("x"), 500), (ConfigError("x"), 500), (JobspoolError("x"), 500),
-             (KeyError("bug"), 500)]  # fmt: skip
+    cases = [
+        (BadRequest("x"), 400),
+        (Rejected("x"), 400),
+        (TryLater("x"), 503),
+        (Denied("x"), 500),
+        (ConfigError("x"), 500),
+        (JobspoolError("x"), 500),
+        (KeyError("bug"), 500),
+    ]
     assert [status_of(exc) for exc, _ in cases] == [status for _, status in cases]
     secret = Denied("cannot write /var/spool/jobspool/queue/a/x.xml: Permission denied")
     response = error_response(secret, Path("/var/spool/jobspool"), "ab12cd34")
     assert response.status_code == 500
     assert bytes(response.body) == b"internal error: see the server's log for request ab12cd34\n"
-    full = error_response(TryLater("cannot write x: No space left on device "
-                                   "(/var/spool/jobspool/queue/a/x)"),
-                          Path("/var/spool/jobspool"), "x")  # fmt: skip
+    full = error_response(
+        TryLater("cannot write x: No space left on device (/var/spool/jobspool/queue/a/x)"),
+        Path("/var/spool/jobspool"),
+        "x",
+    )
     assert bytes(full.body) == b"cannot write x: No space left on device (queue/a/x)\n"
 
 
 def test_the_unit_is_sandboxed_and_its_exposure_documented() -> None:
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)],
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
-    figure = float(result.stdout.split("Overall exposure level for jobspool-http.service: ")[1]
-                   .split()[0])  # fmt: skip
+    figure = float(
+        result.stdout.split("Overall exposure level for jobspool-http.service: ")[1].split()[0]
+    )
     assert figure <= 2.0
     assert f"exposure level of {figure:.1f}" in " ".join(DOC.read_text().split())
     text = UNIT.read_text()
-    for line in ("ExecStart=/usr/bin/jobspool serve", "ReadWritePaths=/var/spool/jobspool",
-                 "User=jobspool", "Group=jobspool", "PrivateNetwork=no",
-                 "RestartPreventExitStatus=78", "Type=notify"):  # fmt: skip
+    for line in (
+        "ExecStart=/usr/bin/jobspool serve",
+        "ReadWritePaths=/var/spool/jobspool",
+        "User=jobspool",
+        "Group=jobspool",
+        "PrivateNetwork=no",
+        "RestartPreventExitStatus=78",
+        "Type=notify",
+    ):
         assert f"\n{line}\n" in text, line

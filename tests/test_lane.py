@@ -46,9 +46,15 @@ def test_a_scan_and_later_offers_come_out_in_stamp_then_name_order():
     assert not pending.offer(1, "b.xml")  # known: an event for a job already queued
     assert len(pending) == 8
     assert drain(pending) == [
-        (5, "first.xml"), (10, "a.xml"), (15, "x.xml"), (20, "a1.xml"),
-        (20, "a2.xml"), (20, "b.xml"), (30, "c.xml"), (99, "last.xml"),
-    ]  # fmt: skip
+        (5, "first.xml"),
+        (10, "a.xml"),
+        (15, "x.xml"),
+        (20, "a1.xml"),
+        (20, "a2.xml"),
+        (20, "b.xml"),
+        (30, "c.xml"),
+        (99, "last.xml"),
+    ]
     assert len(pending.known) == 8  # taken is not done: still known until forgotten
 
 

@@ -204,8 +204,14 @@ def test_jobs_accepted_in_the_same_second_and_across_restarts_keep_their_order(t
 
 def test_jobs_with_the_same_stamp_are_in_name_order(tree):
     t = time.time_ns() - 10**9
-    for name, stamp in [("c.xml", t), ("b.xml", t + 5), ("z.xml", t), ("a.xml", t + 5),
-                        ("m.xml", t - 1), ("y.xml", t)]:  # fmt: skip
+    for name, stamp in [
+        ("c.xml", t),
+        ("b.xml", t + 5),
+        ("z.xml", t),
+        ("a.xml", t + 5),
+        ("m.xml", t - 1),
+        ("y.xml", t),
+    ]:
         placed(tree, name, stamp)
     assert names_in(tree) == ["m.xml", "c.xml", "y.xml", "z.xml", "a.xml", "b.xml"]
 

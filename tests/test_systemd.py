@@ -175,14 +175,14 @@ def test_sysusers_creates_the_jobspool_user_and_group(tmp_path: Path) -> None:
     assert shell.endswith("nologin")
 
 
+EXAMPLE_INTERFACES = ("orders_in", "orders_out")  # those of etc/jobspool.yaml
+
+
 def _tree() -> dict[str, tuple[int, str]]:
     """What jobspool.tmpfiles promises: path under the spool -> (mode, owner); group jobspool."""
-    group_dirs = [
-        "", "incoming", "queue", "bak", "joberrors", "tmp", "state",
-        "state/paused", "state/pending", "state/blocked", "state/schedules",
-        *(f"{state}/{iface}" for state in ("incoming", "queue", "bak")
-          for iface in ("orders_in", "orders_out")),
-    ]  # fmt: skip
+    group_dirs = ["", "incoming", "queue", "bak", "joberrors", "tmp", "state"]
+    group_dirs += ["state/paused", "state/pending", "state/blocked", "state/schedules"]
+    group_dirs += [f"{s}/{i}" for s in ("incoming", "queue", "bak") for i in EXAMPLE_INTERFACES]
     tree = {d: (0o2770, "root") for d in group_dirs}
     tree[""] = (0o2750, "root")
     tree["state/names.lock"] = (0o660, "jobspool")
@@ -387,12 +387,15 @@ def start(
         )
         with open(tmp_path / "daemon.log", "ab") as log:
             # WATCHDOG_PID is the pid systemd started; "exec" keeps it for the daemon.
+            shell = ["/bin/sh", "-c", f'WATCHDOG_PID={watchdog_pid} exec "$@"', "sh"]
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", f'WATCHDOG_PID={watchdog_pid} exec "$@"', "sh",
-                 str(JOBSPOOL), "-c", str(site), "daemon"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [*shell, str(JOBSPOOL), "-c", str(site), "daemon"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         procs.append(proc)
         return proc
 
@@ -407,8 +410,12 @@ def cli(site: Path, *args: str) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(site.parent / "cache")}
     result = subprocess.run(
         [str(JOBSPOOL), "-c", str(site), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result
 
 
