@@ -17,15 +17,15 @@ It fuzzes, with properties rather than just "does not crash":
   checked before, reports at most 20 errors of one printable line each,
   never shows the secret, never connects to the listener, and what it
   accepts has no DTD.
-- ``names``: :mod:`jobspool.names` against an independent reading of SPEC 2
-  (1-200 of ``A-Z a-z 0-9 . _ -``, not starting with ``.`` or ``-``); a valid
-  name joined to a folder stays in it; the error for an invalid one is one
-  printable line.
+- ``names``: :mod:`jobspool.names` against an independent reading of
+  ``docs/spec.rst`` ("Jobs": 1-200 of ``A-Z a-z 0-9 . _ -``, not starting
+  with ``.`` or ``-``); a valid name joined to a folder stays in it; the
+  error for an invalid one is one printable line.
 - ``safe_name``: :func:`jobspool.intake.safe_name` gives a valid, unique name for
   any file name the kernel can hand over (bytes through ``os.fsdecode``).
 - ``escape_name``: :func:`jobspool.joblog.escape_name` gives printable text a
-  log can hold, from which the original name can be told (SPEC 2: "its log
-  records the original name"); a log carrying any name and reason validates.
+  log can hold, from which the original name can be told (a renamed job's
+  log records the original name); a log carrying any name and reason validates.
 
 Engines: hypothesis (always) and atheris (libFuzzer, coverage-guided over the
 instrumented jobspool modules; ``pip install atheris``). Each atheris target runs
@@ -111,7 +111,7 @@ def check_property(ctx: Context, data: bytes, before: bytes | None = None) -> No
 
 
 def valid_by_spec(name: str) -> bool:
-    """SPEC 2, read independently of jobspool.names."""
+    """The rule for job names in ``docs/spec.rst`` ("Jobs"), read without jobspool.names."""
     return 1 <= len(name) <= 200 and name[0] not in ".-" and all(c in ALLOWED for c in name)
 
 

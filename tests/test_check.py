@@ -1,7 +1,9 @@
-"""The check every job passes (SPEC 2): well-formed, no DOCTYPE, valid against its schema.
+"""The check every job passes: well-formed, no DOCTYPE, valid against its schema.
 
 Partner XML is untrusted: no check may read a file or open a connection, and a
 hostile document is rejected without exhausting the machine.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs").
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""The read commands and the command line itself (SPEC 5): status, queue, log, interfaces.
+"""The read commands and the command line itself: status, queue, log, interfaces.
 
 Every command runs as a sysadmin would type it, through the installed script.
+
+The promises tested here are in ``docs/spec.rst`` ("Commands and exit codes").
 """
 
 from __future__ import annotations
@@ -332,7 +334,8 @@ main()
     ids=["status", "queue", "log"],
 )
 def test_read_commands_do_not_load_the_xml_machinery(seen, tmp_path, args):
-    """SPEC 5: read commands must not import what they do not need."""
+    """Read commands import nothing they do not need (``docs/spec.rst``, "Commands and
+    exit codes"); tests/test_layout.py checks the same on the import graph."""
     out = tmp_path / "modules"
     command = [sys.executable, "-c", PROBE, "-c", str(seen.config), *args]
     env = {"PROBE_OUT": str(out)}

@@ -1,6 +1,8 @@
-"""The commands that change the spool (SPEC 5): init, check, submit, retry, pause, resume.
+"""The commands that change the spool: init, check, submit, retry, pause, resume.
 
 Every command runs as a sysadmin would type it, through the installed script.
+
+The promises tested here are in ``docs/spec.rst`` ("Commands and exit codes").
 """
 
 from __future__ import annotations

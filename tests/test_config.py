@@ -1,4 +1,7 @@
-"""The configuration (SPEC 3): discovery, relative paths, units, defaults, errors, cache."""
+"""The configuration: discovery, relative paths, units, defaults, errors, cache.
+
+The promises tested here are in ``docs/spec.rst`` ("Configuration").
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults (SPEC 2, 5, 6): full disks, read-only spools, unreadable drops, lost events, clocks.
+"""Faults: full disks, read-only spools, unreadable drops, lost events, clocks.
 
 Disks fill up, file systems go read-only, partners upload what the daemon may
 not read, inotify drops events, and clocks are stepped. Each test makes one of
@@ -13,6 +13,8 @@ end of its test, whatever happened.
 The promises: nothing is lost, nothing half-written becomes visible, the
 commands say what is wrong in one line with the contract's exit code, and
 the daemon survives and resumes once the fault is gone.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs", "Commands and exit codes", "Schedules").
 """
 
 from __future__ import annotations

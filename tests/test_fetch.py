@@ -1,4 +1,7 @@
-"""``jobspool fetch IFACE --to DIR [JOB...]``: an outbound interface's jobs handed over (SPEC 5)."""
+"""``jobspool fetch IFACE --to DIR [JOB...]``: an outbound interface's jobs handed over.
+
+The promises tested here are in ``docs/spec.rst`` ("Commands and exit codes").
+"""
 
 from __future__ import annotations
 

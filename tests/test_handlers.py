@@ -1,4 +1,7 @@
-"""Handlers in-process (SPEC 4): exit codes, environment, bounded output, timeouts, limits."""
+"""Handlers in-process: exit codes, environment, bounded output, timeouts, limits.
+
+The promises tested here are in ``docs/spec.rst`` ("Handlers").
+"""
 
 from __future__ import annotations
 

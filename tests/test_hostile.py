@@ -1,4 +1,4 @@
-"""Hostile partners (SPEC 2, 5): hostile XML and hostile names on every way into the spool.
+"""Hostile partners: hostile XML and hostile names on every way into the spool.
 
 **Hostile XML.** One table of documents (:data:`tests.hostilekit.HOSTILE`) is
 sent down all three ways a job comes in: ``jobspool check``, ``jobspool
@@ -18,6 +18,8 @@ is overwritten, nothing is lost.
 What ``tests/test_check.py`` and ``tests/test_daemon.py`` already cover (the
 parser's defences in-process, a few hostile drop names, symlinks, FIFOs) is
 not repeated here.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs", "Commands and exit codes").
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from tests.kit import (
 )
 
 MAX_SIZE = 256_000
-WITHIN = 2.0  # seconds a hostile document may take to be rejected (SPEC: nothing exhausts us)
+WITHIN = 2.0  # seconds a hostile document may take to be rejected: none may exhaust us
 LEDGER = 'echo "$JOBSPOOL_JOB" >> "$T/ledger"'
 
 CASES = [pytest.param(case, id=case.id) for case in HOSTILE]
@@ -329,7 +331,7 @@ def test_a_hostile_drop_name_goes_to_joberrors_under_a_safe_name(hostiles, bad: 
 
 
 def test_names_of_uploads_in_progress_are_left_alone(hostiles):
-    # A leading dot is an upload in progress (SPEC 2): never taken, never touched.
+    # A leading dot is an upload in progress: never taken, never touched.
     site = hostiles.site
     incoming = site.root / "incoming/orders_in"
     dotted = {

@@ -3,8 +3,8 @@
 The daemon tests show the order end to end; these drive the structure itself
 through the paths a daemon reaches only with tens of thousands of jobs (a
 heap folded into the run, a run shortened as it is used), with the limits
-made small, against the rule the SPEC states: acceptance order, by stamp,
-then by name.
+made small, against the rule ``docs/spec.rst`` ("Jobs") states: acceptance
+order, by stamp, then by name.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The real daemon runs the schedules (SPEC 6), with every-second timings.
+"""The real daemon runs the schedules, with every-second timings.
 
 Each test starts ``jobspool -c CONFIG daemon`` as a subprocess, changes
 schedules with the real ``jobspool schedule`` commands while it runs, and
@@ -6,6 +6,8 @@ reads the XML results in ``state/schedules/ID/runs/`` (each checked against
 ``result.xsd``). Lateness bounds are functional ("ran within 1.5 s of its
 tick"), generous for a loaded machine; nothing measures speed. Every daemon
 is killed at the end of its test.
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations

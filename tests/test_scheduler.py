@@ -1,4 +1,4 @@
-"""When schedules run (SPEC 6): ``next_run`` with fixed clocks, and the Scheduler with a fake one.
+"""When schedules run: ``next_run`` with fixed clocks, and the Scheduler with a fake one.
 
 The timing rules pinned here are the ones ``docs/scheduling.rst`` promises:
 ``cron:`` on the schedule's local wall clock, where a time that happens twice
@@ -10,6 +10,8 @@ epoch; ``at:`` once. The 2026 change days are Europe/Berlin 29 March and
 The :class:`Scheduler` tests drive the daemon's loop in-process: the clock is
 whatever ``loop(now)`` is given, the store is a real spool under
 ``tmp_path``, and the commands run are quick real ones.
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations

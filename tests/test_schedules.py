@@ -1,10 +1,12 @@
-"""Running a schedule, its results, and the ``jobspool schedule`` commands (SPEC 6).
+"""Running a schedule, its results, and the ``jobspool schedule`` commands.
 
 Runs are made with :func:`jobspool.schedules.execute` on a real spool, or
 with the real ``jobspool schedule ...`` command as a subprocess; either way
 the test reads the XML result under ``state/schedules/ID/runs/``, checked
 against ``result.xsd`` first. No daemon runs here (see
 ``test_schedule_daemon.py``).
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The spool tree (SPEC 1, 2): its directories, where a job is, queue order, safe writes."""
+"""The spool tree: its directories, where a job is, queue order, safe writes.
+
+The promises tested here are in ``docs/spec.rst`` ("The spool tree", "Jobs").
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""The built-in templates do their work on a real spool (SPEC 6).
+"""The built-in templates do their work on a real spool.
 
 Jobs get into ``bak`` and ``joberrors`` the way they do in production
 (``jobspool submit``, then ``jobspool daemon --once``), and are then aged
 with ``os.utime``. Each template runs through ``jobspool schedule run``, so
 the exit status (0 ok, 1 failed) and the recorded result are what a
 sysadmin would see.
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""When a dropped file is whole (SPEC 2), and which files a rescan looks at."""
+"""When a dropped file is whole, and which files a rescan looks at.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs").
+"""
 
 from __future__ import annotations
 
