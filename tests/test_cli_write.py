@@ -17,7 +17,6 @@ from lxml import etree
 
 from tests.kit import (
     BROKEN,
-    COMMAND,
     INVALID,
     SPOOL_DIRS,
     STOCK_INVALID,
@@ -268,7 +267,7 @@ def test_a_name_in_use_changes_nothing(spool, first, second):
 
 def test_concurrent_submits_of_one_name_queue_it_once(spool):
     job = spool.file("race.xml")
-    command = [*COMMAND, "-c", str(spool.config), "submit", "orders_in", str(job)]
+    command = spool.command("submit", "orders_in", str(job))
     racers = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(6)

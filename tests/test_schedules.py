@@ -23,7 +23,6 @@ import pytest
 
 from jobspool.schedules import Context, Result, execute, read_result, validate
 from tests.kit import (
-    JOBSPOOL,
     Site,
     pid_alive,
     wait_for,
@@ -346,7 +345,7 @@ def test_run_by_hand_while_it_is_running_exits_75(site):
     site.configure(schedules={"slow": {**QUICK, "command": ["sh", "-c", wait]}})
     site.ok("init")
     first = subprocess.Popen(
-        [str(JOBSPOOL), "-c", str(site.config), "schedule", "run", "slow"],
+        site.command("schedule", "run", "slow"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

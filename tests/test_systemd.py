@@ -27,7 +27,7 @@ import yaml
 
 from jobspool import config
 from jobspool.spool import Spool
-from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, VALID
+from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, VALID, run
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "jobspool.service"
@@ -365,7 +365,7 @@ def systemd(tmp_path: Path) -> Iterator[Systemd]:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Path:
+def conf(tmp_path: Path) -> Path:
     conf = tmp_path / "jobspool.yaml"
     conf.write_text(CONFIG)
     return conf
@@ -373,7 +373,7 @@ def site(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start(
-    tmp_path: Path, systemd: Systemd, site: Path
+    tmp_path: Path, systemd: Systemd, conf: Path
 ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start the real daemon as systemd would: $NOTIFY_SOCKET, $WATCHDOG_USEC, $WATCHDOG_PID."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -389,7 +389,7 @@ def start(
             # WATCHDOG_PID is the pid systemd started; "exec" keeps it for the daemon.
             shell = ["/bin/sh", "-c", f'WATCHDOG_PID={watchdog_pid} exec "$@"', "sh"]
             proc = subprocess.Popen(
-                [*shell, str(JOBSPOOL), "-c", str(site), "daemon"],
+                [*shell, str(JOBSPOOL), "-c", str(conf), "daemon"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -406,27 +406,19 @@ def start(
             proc.wait(10)
 
 
-def cli(site: Path, *args: str) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(site.parent / "cache")}
-    result = subprocess.run(
-        [str(JOBSPOOL), "-c", str(site), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def cli(conf: Path, *args: str) -> None:
+    result = run("-c", str(conf), *args, env={"XDG_CACHE_HOME": str(conf.parent / "cache")})
     assert result.returncode == 0, result
 
 
 def test_notify_protocol(
-    start: Callable[..., subprocess.Popen[bytes]], systemd: Systemd, site: Path, tmp_path: Path
+    start: Callable[..., subprocess.Popen[bytes]], systemd: Systemd, conf: Path, tmp_path: Path
 ) -> None:
     # A job waits on a paused interface, so the status has a queue to report.
-    cli(site, "init")
-    cli(site, "pause", "orders_in")
+    cli(conf, "init")
+    cli(conf, "pause", "orders_in")
     (tmp_path / "order-1.xml").write_bytes(VALID)
-    cli(site, "submit", "orders_in", str(tmp_path / "order-1.xml"))
+    cli(conf, "submit", "orders_in", str(tmp_path / "order-1.xml"))
     daemon = start()
 
     ready = systemd.wait_for(lambda m: m.get("READY") == "1", "READY=1")
@@ -446,8 +438,8 @@ def test_notify_protocol(
     systemd.wait_for(lambda m: m.get("READY") == "1", "READY=1 after the reload")
 
     # A broken configuration on SIGHUP: refused, the daemon goes on with the old one.
-    good = site.read_text()
-    site.write_text(good.replace("rescan: 2s", "rescan: often"))
+    good = conf.read_text()
+    conf.write_text(good.replace("rescan: 2s", "rescan: often"))
     daemon.send_signal(signal.SIGHUP)
     systemd.wait_for(lambda m: m.get("RELOADING") == "1", "RELOADING=1 (broken)")
     systemd.wait_for(lambda m: m.get("READY") == "1", "READY=1 after a refused reload")
