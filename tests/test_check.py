@@ -1,7 +1,9 @@
-"""The check every job passes (SPEC 2): well-formed, no DOCTYPE, valid against its schema.
+"""The check every job passes: well-formed, no DOCTYPE, valid against its schema.
 
 Partner XML is untrusted: no check may read a file or open a connection, and a
 hostile document is rejected without exhausting the machine.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs").
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import pytest
 
 from jobspool import check as checking
 from jobspool.errors import ConfigError
-from tests.conftest import BROKEN, INVALID, STOCK_INVALID, STOCK_VALID, VALID, assert_fails
+from tests.kit import (
+    BROKEN,
+    INVALID,
+    STOCK_INVALID,
+    STOCK_VALID,
+    VALID,
+    assert_fails,
+)
 
 
 @pytest.fixture
@@ -30,25 +39,24 @@ def stock_rng(configured):
 def test_a_valid_document_passes(order_xsd):
     result = checking.check(VALID, order_xsd)
     assert result.ok
-    assert result.errors == []
-    assert result.tree is not None
-    assert result.tree.getroot().get("id") == "1"
+    assert result.problems == []
+    assert checking.parse(VALID).getroot().get("id") == "1"  # what a Python handler reads
 
 
 def test_a_schema_violation_is_reported_with_its_line(order_xsd):
     result = checking.check(INVALID, order_xsd)
     assert not result.ok
-    assert result.errors[0].line == 4
-    assert "qty" in result.errors[0].message
-    assert "-4" in result.errors[0].message
+    assert result.problems[0].line == 4
+    assert "qty" in result.problems[0].message
+    assert "-4" in result.problems[0].message
 
 
 def test_a_syntax_error_is_reported_with_line_and_column(order_xsd):
     result = checking.check(BROKEN, order_xsd)
     assert not result.ok
-    assert result.errors[0].line == 5
-    assert result.errors[0].column > 0
-    assert "orders" in result.errors[0].message
+    assert result.problems[0].line == 5
+    assert result.problems[0].column > 0
+    assert "orders" in result.problems[0].message
 
 
 def test_without_a_schema_only_well_formedness_counts():
@@ -60,8 +68,8 @@ def test_relax_ng(stock_rng):
     assert checking.check(STOCK_VALID, stock_rng).ok
     result = checking.check(STOCK_INVALID, stock_rng)
     assert not result.ok
-    assert result.errors[0].line == 2
-    assert "many" in result.errors[0].message
+    assert result.problems[0].line == 2
+    assert "many" in result.problems[0].message
 
 
 def test_a_schema_is_compiled_once_per_process(order_xsd, stock_rng):
@@ -95,8 +103,8 @@ def test_an_unusable_schema_is_a_configuration_error(tmp_path):
 def test_garbage_is_rejected_with_a_position(data):
     result = checking.check(data, None)
     assert not result.ok
-    assert all(e.line >= 1 for e in result.errors)
-    assert all(e.message for e in result.errors)
+    assert all(e.line >= 1 for e in result.problems)
+    assert all(e.message for e in result.problems)
 
 
 def test_deep_nesting_is_rejected():
@@ -109,8 +117,8 @@ def test_a_doctype_is_rejected(order_xsd):
     data = b'<?xml version="1.0"?>\n<!DOCTYPE order>\n' + VALID.split(b"\n", 1)[1]
     result = checking.check(data, order_xsd)
     assert not result.ok
-    assert result.errors[0].line == 2
-    assert "DOCTYPE" in result.errors[0].message
+    assert result.problems[0].line == 2
+    assert "DOCTYPE" in result.problems[0].message
 
 
 def doctype_with(kind: str, target: str) -> bytes:
@@ -166,7 +174,7 @@ def test_a_doctype_never_makes_the_check_open_a_file(tmp_path, kind, form):
             os.close(reader)
     assert out.strip() == "after the check"
     assert not result.ok
-    assert "DOCTYPE" in result.errors[0].message
+    assert "DOCTYPE" in result.problems[0].message
 
 
 @pytest.mark.parametrize("kind", ["external-entity", "external-subset", "parameter-entity"])
@@ -177,7 +185,7 @@ def test_an_external_entity_never_leaks_the_file(spool, tmp_path, kind):
 
     result = checking.check(job.read_bytes(), None)
     assert not result.ok
-    assert not any("TOPSECRET" in e.message for e in result.errors)
+    assert not any("TOPSECRET" in e.message for e in result.problems)
 
     checked = spool.run("check", "orders_in", str(job))
     assert checked.returncode == 65

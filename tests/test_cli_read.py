@@ -1,6 +1,8 @@
-"""The read commands and the command line itself (SPEC 5): status, queue, log, interfaces.
+"""The read commands and the command line itself: status, queue, log, interfaces.
 
 Every command runs as a sysadmin would type it, through the installed script.
+
+The promises tested here are in ``docs/spec.rst`` ("Commands and exit codes").
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ import pytest
 
 import jobspool
 from jobspool import joblog
-from tests.conftest import (
+from tests.kit import (
     INVALID,
     VALID,
     Site,
     assert_every_log_valid,
     assert_fails,
     assert_ok,
-    assert_valid_log,
     kinds,
     make_site,
     read_table,
     run,
+    valid_log,
 )
 
 
@@ -212,7 +214,7 @@ def test_log_of_a_job_in_joberrors(seen):
 
 def test_log_of_a_job_in_bak(seen):
     data = assert_ok(seen.run("log", "done.xml")).encode()
-    assert_valid_log(data)
+    valid_log(data)
     assert data == (seen.root / "bak" / "orders_out" / "done.xml,log.xml").read_bytes()
 
 
@@ -231,7 +233,7 @@ def test_log_of_an_unknown_job(seen):
 def test_log_json(seen):
     report = json.loads(assert_ok(seen.run("log", "--json", "rejected.xml")))
     assert report["job"] == "rejected.xml"
-    assert_valid_log(report["log"].encode())
+    valid_log(report["log"].encode())
 
 
 # --- interfaces ----------------------------------------------------------------
@@ -278,8 +280,18 @@ def test_version():
 
 def test_help_lists_the_commands():
     out = assert_ok(run("--help"))
-    for command in ["init", "check", "submit", "status", "queue", "log", "retry", "pause",
-                    "resume", "interfaces"]:  # fmt: skip
+    for command in [
+        "init",
+        "check",
+        "submit",
+        "status",
+        "queue",
+        "log",
+        "retry",
+        "pause",
+        "resume",
+        "interfaces",
+    ]:
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), command
 
 
@@ -322,7 +334,8 @@ main()
     ids=["status", "queue", "log"],
 )
 def test_read_commands_do_not_load_the_xml_machinery(seen, tmp_path, args):
-    """SPEC 5: read commands must not import what they do not need."""
+    """Read commands import nothing they do not need (``docs/spec.rst``, "Commands and
+    exit codes"); tests/test_layout.py checks the same on the import graph."""
     out = tmp_path / "modules"
     command = [sys.executable, "-c", PROBE, "-c", str(seen.config), *args]
     env = {"PROBE_OUT": str(out)}

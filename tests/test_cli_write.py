@@ -1,6 +1,8 @@
-"""The commands that change the spool (SPEC 5): init, check, submit, retry, pause, resume.
+"""The commands that change the spool: init, check, submit, retry, pause, resume.
 
 Every command runs as a sysadmin would type it, through the installed script.
+
+The promises tested here are in ``docs/spec.rst`` ("Commands and exit codes").
 """
 
 from __future__ import annotations
@@ -13,18 +15,17 @@ import subprocess
 import pytest
 from lxml import etree
 
-from tests.conftest import (
+from tests.kit import (
     BROKEN,
-    COMMAND,
     INVALID,
-    SPEC_DIRS,
+    SPOOL_DIRS,
     STOCK_INVALID,
     STOCK_VALID,
     VALID,
     assert_fails,
     assert_ok,
-    events,
     kinds,
+    log_events,
     read_table,
     snapshot,
 )
@@ -35,7 +36,7 @@ from tests.conftest import (
 def test_init_creates_the_spool_tree(configured):
     out = assert_ok(configured.run("init"))
     assert str(configured.root) in out
-    for rel in SPEC_DIRS:
+    for rel in SPOOL_DIRS:
         assert (configured.root / rel).is_dir(), rel
 
 
@@ -205,7 +206,7 @@ def test_submit_an_invalid_job_puts_it_into_joberrors(spool):
     assert (spool.root / "joberrors" / "order-2.xml").read_bytes() == INVALID
     log = spool.root / "joberrors" / "order-2.xml,log.xml"
     assert kinds(log) == ["received", "checked", "moved"]
-    received, checked, moved = events(log)
+    received, checked, moved = log_events(log)
     assert received.get("via") == "submit"
     assert checked.get("outcome") == "rejected"
     assert checked.get("schema") == str(spool.dir / "schemas" / "order.xsd")
@@ -221,7 +222,7 @@ def test_submit_an_invalid_job_puts_it_into_joberrors(spool):
 
 def test_submit_a_broken_job_logs_line_and_column(spool):
     assert_fails(spool.submit("order-3.xml", BROKEN), 65)
-    (error,) = events(spool.root / "joberrors" / "order-3.xml,log.xml")[1]
+    (error,) = log_events(spool.root / "joberrors" / "order-3.xml,log.xml")[1]
     assert error.get("line") == "5"
     assert int(error.get("column") or 0) > 0
     assert "orders" in (error.text or "")
@@ -242,7 +243,7 @@ def test_submit_a_file_over_max_size(spool):
     assert "max_size" in line
     # Nothing of it is lost: the whole file is in joberrors.
     assert (spool.root / "joberrors" / "big.xml").read_bytes() == data
-    (error,) = events(spool.root / "joberrors" / "big.xml,log.xml")[1]
+    (error,) = log_events(spool.root / "joberrors" / "big.xml,log.xml")[1]
     assert "max_size" in (error.text or "")
 
 
@@ -266,7 +267,7 @@ def test_a_name_in_use_changes_nothing(spool, first, second):
 
 def test_concurrent_submits_of_one_name_queue_it_once(spool):
     job = spool.file("race.xml")
-    command = [*COMMAND, "-c", str(spool.config), "submit", "orders_in", str(job)]
+    command = spool.command("submit", "orders_in", str(job))
     racers = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(6)
@@ -369,7 +370,7 @@ def test_retry_a_fixed_job_queues_it_at_the_end(spool):
     # Its history goes on, in state/pending until the job is done.
     pending = spool.root / "state" / "pending" / "fix-me.xml,log.xml"
     assert kinds(pending) == ["received", "checked", "moved", "retried", "checked", "moved"]
-    log = events(pending)
+    log = log_events(pending)
     assert [e.get("outcome") for e in log if etree.QName(e).localname == "checked"] == [
         "rejected",
         "accepted",
@@ -387,7 +388,7 @@ def test_retry_a_job_still_invalid(spool):
     assert (spool.root / "joberrors" / "still-bad.xml").read_bytes() == INVALID
     log = spool.root / "joberrors" / "still-bad.xml,log.xml"
     assert kinds(log) == ["received", "checked", "moved", "retried", "checked"]
-    second = events(log)[-1]
+    second = log_events(log)[-1]
     assert second.get("outcome") == "rejected"
     assert second[0].get("line") == "4"
     assert spool.queue() == []

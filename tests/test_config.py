@@ -1,4 +1,7 @@
-"""The configuration (SPEC 3): discovery, relative paths, units, defaults, errors, cache."""
+"""The configuration: discovery, relative paths, units, defaults, errors, cache.
+
+The promises tested here are in ``docs/spec.rst`` ("Configuration").
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,13 @@ import pytest
 
 from jobspool import config
 from jobspool.config import parse_duration, parse_size
-from tests.conftest import CONFIG, assert_fails, assert_ok, read_table, run
+from tests.kit import (
+    CONFIG,
+    assert_fails,
+    assert_ok,
+    read_table,
+    run,
+)
 
 # --- units ---------------------------------------------------------------------
 
@@ -90,9 +99,13 @@ def test_configured_values_and_defaults(configured):
 
 @pytest.mark.parametrize(
     ("timeout", "max_size", "seconds", "size"),
-    [("30s", "10MB", 30, 10_000_000), ("5m", "1MiB", 300, 1_048_576), ("1d", 4096, 86400, 4096),
-     (300, "64KB", 300, 64_000)],
-)  # fmt: skip
+    [
+        ("30s", "10MB", 30, 10_000_000),
+        ("5m", "1MiB", 300, 1_048_576),
+        ("1d", 4096, 86400, 4096),
+        (300, "64KB", 300, 64_000),
+    ],
+)
 def test_units_in_the_file(configured, timeout, max_size, seconds, size):
     configured.config.write_text(
         "interfaces:\n"
@@ -122,33 +135,72 @@ interfaces:
 
 BROKEN_CONFIGS = [
     pytest.param(BASE + "colour: red\n", "colour", "unknown key", id="unknown-top-level-key"),
-    pytest.param(BASE + "    colour: red\n", "interfaces.orders_in.colour", "unknown key",
-                 id="unknown-interface-key"),
-    pytest.param(BASE + "    timeout: abc\n", "interfaces.orders_in.timeout", "duration",
-                 id="timeout-abc"),
-    pytest.param(BASE + "    timeout: 0\n", "interfaces.orders_in.timeout", "above zero",
-                 id="timeout-zero"),
-    pytest.param(BASE + "    max_size: lots\n", "interfaces.orders_in.max_size", "size",
-                 id="max-size-lots"),
-    pytest.param(BASE.replace("order.xsd", "missing.xsd"), "interfaces.orders_in.schema",
-                 "existing schema file", id="missing-schema"),
-    pytest.param(BASE.replace("order.xsd", "order.dtd"), "interfaces.orders_in.schema",
-                 ".rng", id="schema-not-xsd-or-rng"),
-    pytest.param(BASE.replace("orders_in:", '"orders in":'), "interfaces.orders in", "name",
-                 id="interface-name-with-space"),
-    pytest.param(BASE.replace("orders_in:", "../orders:"), "interfaces.../orders", "name",
-                 id="interface-name-dot-dot"),
-    pytest.param(BASE.replace("orders_in:", "orders/in:"), "interfaces.orders/in", "name",
-                 id="interface-name-slash"),
-    pytest.param(BASE.replace("    command: [/bin/true]\n", ""), "interfaces.orders_in",
-                 "command", id="inbound-without-handler"),
-    pytest.param(BASE + "  orders_out:\n    command: [/bin/true]\n", "interfaces.orders_out",
-                 "fetched", id="outbound-with-command"),
+    pytest.param(
+        BASE + "    colour: red\n",
+        "interfaces.orders_in.colour",
+        "unknown key",
+        id="unknown-interface-key",
+    ),
+    pytest.param(
+        BASE + "    timeout: abc\n", "interfaces.orders_in.timeout", "duration", id="timeout-abc"
+    ),
+    pytest.param(
+        BASE + "    timeout: 0\n", "interfaces.orders_in.timeout", "above zero", id="timeout-zero"
+    ),
+    pytest.param(
+        BASE + "    max_size: lots\n", "interfaces.orders_in.max_size", "size", id="max-size-lots"
+    ),
+    pytest.param(
+        BASE.replace("order.xsd", "missing.xsd"),
+        "interfaces.orders_in.schema",
+        "existing schema file",
+        id="missing-schema",
+    ),
+    pytest.param(
+        BASE.replace("order.xsd", "order.dtd"),
+        "interfaces.orders_in.schema",
+        ".rng",
+        id="schema-not-xsd-or-rng",
+    ),
+    pytest.param(
+        BASE.replace("orders_in:", '"orders in":'),
+        "interfaces.orders in",
+        "name",
+        id="interface-name-with-space",
+    ),
+    pytest.param(
+        BASE.replace("orders_in:", "../orders:"),
+        "interfaces.../orders",
+        "name",
+        id="interface-name-dot-dot",
+    ),
+    pytest.param(
+        BASE.replace("orders_in:", "orders/in:"),
+        "interfaces.orders/in",
+        "name",
+        id="interface-name-slash",
+    ),
+    pytest.param(
+        BASE.replace("    command: [/bin/true]\n", ""),
+        "interfaces.orders_in",
+        "command",
+        id="inbound-without-handler",
+    ),
+    pytest.param(
+        BASE + "  orders_out:\n    command: [/bin/true]\n",
+        "interfaces.orders_out",
+        "fetched",
+        id="outbound-with-command",
+    ),
     pytest.param("spool: spool\n", "interfaces", "at least one", id="no-interfaces"),
     pytest.param(BASE.replace("spool: spool", "spool: 5"), "spool", "path", id="spool-not-a-path"),
-    pytest.param(BASE + "daemon:\n  schedule_concurrency: 0\n", "daemon.schedule_concurrency",
-                 "whole number", id="schedule-concurrency-zero"),
-]  # fmt: skip
+    pytest.param(
+        BASE + "daemon:\n  schedule_concurrency: 0\n",
+        "daemon.schedule_concurrency",
+        "whole number",
+        id="schedule-concurrency-zero",
+    ),
+]
 
 
 @pytest.mark.parametrize(("text", "key", "expected"), BROKEN_CONFIGS)

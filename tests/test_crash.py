@@ -1,4 +1,4 @@
-"""Crash safety (SPEC 2): SIGKILL at random moments loses no job and leaves none in two places.
+"""Crash safety: SIGKILL at random moments loses no job and leaves none in two places.
 
 One scenario, run once for the module: 1,000 jobs are renamed into a drop
 folder in five bursts while a daemon is started and killed with SIGKILL again
@@ -7,6 +7,8 @@ reproduces with the same seed), some of them aimed at a write in progress in
 ``tmp/``. The handler appends its ``$JOBSPOOL_JOB`` to a ledger (O_APPEND).
 A last ``daemon --once`` finishes the work. The tests then look at the spool
 as a sysadmin would.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs").
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.daemonkit import Daemon, Site, log_events, log_root, valid_log
+from tests.kit import (
+    Daemon,
+    Site,
+    log_events,
+    log_root,
+    valid_log,
+)
 
 SEED = 20261122
 JOBS = 1000

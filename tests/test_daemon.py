@@ -15,26 +15,15 @@ import random
 import shutil
 import signal
 import stat
-import tempfile
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lxml import etree
 
 from jobspool.joblog import escape_name
 from jobspool.names import is_valid
-from tests.daemonkit import (  # noqa: F401 - site_fixture is the `site` fixture
-    Site,
-    child,
-    log_events,
-    order,
-    outputs,
-    site_fixture,
-)
-from tests.kit import JOBSPOOL, pid_alive, reachable_by_others
+from tests.kit import NOBODY, Site, child, kinds, log_events, order, outputs, pid_alive
 
 LEDGER = 'echo "$JOBSPOOL_JOB" >> "$T/ledger"'
 
@@ -52,16 +41,11 @@ def orders_in(s: Site, body: str = LEDGER, **settings) -> dict[str, object]:
     return {"schema": "schemas/order.xsd", "command": [s.script("handler", body)], **settings}
 
 
-def started(s: Site, body: str = LEDGER, daemon: dict[str, str] | None = None, **settings):
+def started(s: Site, body: str = LEDGER, daemon: dict[str, Any] | None = None, **settings):
     """orders_in with this handler body (and interface settings), its spool, a running daemon."""
     s.configure({"orders_in": orders_in(s, body, **settings)}, **(daemon or {}))
     s.init()
     return s.start()
-
-
-def kinds(log: Path) -> list[str]:
-    """The kinds of a log's events (received, checked, ran, moved, ...), oldest first."""
-    return [etree.QName(e).localname for e in log_events(log)]
 
 
 def ran(s: Site, name: str, iface: str | None = "orders_in") -> list[Any]:
@@ -815,24 +799,6 @@ def test_a_document_with_a_doctype_is_rejected_without_reading_its_entities(site
     assert "DOCTYPE" in child(checked, "error").text
     assert ledger(site) == []
     _nowhere(site, marker)
-
-
-NOBODY = 65534
-
-
-@pytest.fixture
-def nobody_site():
-    """A site outside root's private tmp_path (mode 700), owned by nobody, for a daemon
-    that runs as nobody: the only way to meet an unreadable file while we are root."""
-    base = tempfile.mkdtemp(prefix="jobspool-nobody-", dir="/tmp")
-    os.chmod(base, 0o755)
-    s = Site(Path(base))
-    try:
-        with reachable_by_others(JOBSPOOL):
-            yield s
-    finally:
-        s.kill_all()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_an_unreadable_drop_is_reported_and_left_in_place(nobody_site):

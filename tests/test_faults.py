@@ -1,4 +1,4 @@
-"""Faults (SPEC 2, 5, 6): full disks, read-only spools, unreadable drops, lost events, clocks.
+"""Faults: full disks, read-only spools, unreadable drops, lost events, clocks.
 
 Disks fill up, file systems go read-only, partners upload what the daemon may
 not read, inotify drops events, and clocks are stepped. Each test makes one of
@@ -13,6 +13,8 @@ end of its test, whatever happened.
 The promises: nothing is lost, nothing half-written becomes visible, the
 commands say what is wrong in one line with the contract's exit code, and
 the daemon survives and resumes once the fault is gone.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs", "Commands and exit codes", "Schedules").
 """
 
 from __future__ import annotations
@@ -24,15 +26,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from jobspool.scheduler import Scheduler
-from tests.conftest import assert_fails, snapshot
-from tests.daemonkit import FAST, Site, log_events, order, site_fixture  # noqa: F401
-from tests.hostilekit import fill, free_pages, remount, sysctl, tmpfs
-from tests.schedkit import RecordingLog, site_in
-from tests.test_daemon import NOBODY, nobody_site  # noqa: F401 - the `nobody_site` fixture
-from tests.test_scheduler import T, change, loop, scheduler_for
+from tests.kit import (
+    NOBODY,
+    RecordingLog,
+    Site,
+    T,
+    assert_fails,
+    change,
+    fill,
+    free_pages,
+    log_events,
+    loop,
+    order,
+    remount,
+    scheduler_for,
+    snapshot,
+    sysctl,
+    tmpfs,
+)
 
 LEDGER = 'echo "$JOBSPOOL_JOB" >> "$T/ledger"'
 
@@ -290,7 +303,7 @@ def test_the_daemon_on_a_read_only_spool_exits_77_in_one_line(read_only):
 # --- a dropped file the daemon may not read -----------------------------------------------------
 
 
-def test_an_unreadable_drop_is_taken_once_it_becomes_readable(nobody_site):  # noqa: F811
+def test_an_unreadable_drop_is_taken_once_it_becomes_readable(nobody_site):
     # tests/test_daemon.py shows it is reported and left in place; here the
     # partner fixes its mode, and a later rescan takes it, all of it.
     s = nobody_site
@@ -306,8 +319,9 @@ def test_an_unreadable_drop_is_taken_once_it_becomes_readable(nobody_site):  # n
     os.rename(hidden, incoming / "late.xml")
 
     daemon = s.start(user=NOBODY)
-    s.wait_for(lambda: daemon.said("cannot take dropped file; left in place", job="late.xml"),
-               "the report")  # fmt: skip
+    s.wait_for(
+        lambda: daemon.said("cannot take dropped file; left in place", job="late.xml"), "the report"
+    )
     assert s.where("late.xml") == ["incoming/orders_in"]
     os.chmod(incoming / "late.xml", 0o644)  # the partner fixes it
     s.wait_in("late.xml", "bak/orders_in", timeout=10)  # a rescan (2 s) takes it
@@ -346,8 +360,9 @@ def test_an_inotify_queue_overflow_loses_no_drop(site):
     for name in names:  # all at once: far more events than the queue holds
         os.rename(incoming / f".{name}.upload", incoming / name)
 
-    site.wait_for(lambda: len(site.ls("bak", "orders_in")) == len(names), "every drop in bak",
-                  timeout=120)  # fmt: skip
+    site.wait_for(
+        lambda: len(site.ls("bak", "orders_in")) == len(names), "every drop in bak", timeout=120
+    )
     assert "inotify queue overflow" in daemon.text(), "the queue did not overflow"
     assert site.ls("incoming", "orders_in") == []
     assert site.ls("queue", "orders_in") == []
@@ -359,82 +374,77 @@ def test_an_inotify_queue_overflow_loses_no_drop(site):
 # --- the wall clock jumps: the Scheduler, in-process --------------------------------------------
 
 
-@pytest.fixture
-def sched(tmp_path) -> Iterator[Any]:
-    with site_in(tmp_path) as s:
-        yield s
-
-
-def test_a_cron_schedule_and_a_clock_a_day_ahead_runs_once_then_keeps_its_times(sched):
-    sch, _ = scheduler_for(sched, five={"cron": "*/5 * * * *", "timezone": "UTC",
-                                        "command": ["true"]})  # fmt: skip
+def test_a_cron_schedule_and_a_clock_a_day_ahead_runs_once_then_keeps_its_times(site):
+    sch, _ = scheduler_for(
+        site, five={"cron": "*/5 * * * *", "timezone": "UTC", "command": ["true"]}
+    )
     assert loop(sch, T + 1) == T + 300
     assert loop(sch, T + 86_400 + 10) == T + 86_400 + 300  # 288 ticks jumped over: one run
-    assert [r.time("due") for r in sched.runs("five")] == [T + 300]
+    assert [r.time("due") for r in site.runs("five")] == [T + 300]
     loop(sch, T + 86_400 + 300)
-    assert len(sched.runs("five")) == 2
+    assert len(site.runs("five")) == 2
 
 
-def test_a_cron_schedule_and_a_clock_set_back_a_day_neither_fires_nor_waits_a_day(sched):
-    sch, log = scheduler_for(sched, five={"cron": "*/5 * * * *", "timezone": "UTC",
-                                          "command": ["true"]})  # fmt: skip
+def test_a_cron_schedule_and_a_clock_set_back_a_day_neither_fires_nor_waits_a_day(site):
+    sch, log = scheduler_for(
+        site, five={"cron": "*/5 * * * *", "timezone": "UTC", "command": ["true"]}
+    )
     loop(sch, T + 1)
     assert loop(sch, T + 300) == T + 600
     back = T + 300 - 86_400 + 10
     assert loop(sch, back) == T + 600 - 86_400  # the next tick of the new time, not T + 600
-    assert len(sched.runs("five")) == 1
+    assert len(site.runs("five")) == 1
     assert any("clock went back" in event for _, event, _ in log.lines)
     loop(sch, T + 600 - 86_400)
-    assert len(sched.runs("five")) == 2
+    assert len(site.runs("five")) == 2
 
 
-def test_a_clock_wobbling_back_less_than_a_second_gives_no_second_run(sched):
+def test_a_clock_wobbling_back_less_than_a_second_gives_no_second_run(site):
     # NTP slews, but a small step back must not repeat the tick just run.
-    sch, log = scheduler_for(sched, tick={"every": "0:0:10", "command": ["true"]})
+    sch, log = scheduler_for(site, tick={"every": "0:0:10", "command": ["true"]})
     loop(sch, T + 1)
     loop(sch, T + 10)
     assert loop(sch, T + 9.4) == T + 20
     assert loop(sch, T + 10) == T + 20
-    assert len(sched.runs("tick")) == 1
+    assert len(site.runs("tick")) == 1
     assert not any("clock went back" in event for _, event, _ in log.lines)
 
 
-def test_a_restart_after_the_clock_went_back_neither_makes_up_nor_waits(sched):
-    sch, _ = scheduler_for(sched, tick={"every": "0:0:10", "catchup": "once",
-                                        "command": ["true"]})  # fmt: skip
+def test_a_restart_after_the_clock_went_back_neither_makes_up_nor_waits(site):
+    sch, _ = scheduler_for(site, tick={"every": "0:0:10", "catchup": "once", "command": ["true"]})
     loop(sch, T + 1)
     loop(sch, T + 10)  # ran; its tick is remembered; the daemon stops
-    restarted = Scheduler(sched.store(), RecordingLog())
+    restarted = Scheduler(site.store(), RecordingLog())
     # The clock was an hour ahead and has been corrected while the daemon was down.
     assert loop(restarted, T - 3600 + 5) == T - 3600 + 10
-    assert [r.trigger for r in sched.runs("tick")] == ["time"]
+    assert [r.trigger for r in site.runs("tick")] == ["time"]
     loop(restarted, T - 3600 + 10)
-    assert len(sched.runs("tick")) == 2
+    assert len(site.runs("tick")) == 2
 
 
-def test_a_disabled_schedule_stays_quiet_through_clock_jumps(sched):
-    sch, _ = scheduler_for(sched, tick={"every": "0:0:10", "command": ["true"]})
+def test_a_disabled_schedule_stays_quiet_through_clock_jumps(site):
+    sch, _ = scheduler_for(site, tick={"every": "0:0:10", "command": ["true"]})
     loop(sch, T + 1)
     change(sch, "tick", enabled=False)
     for now in (T + 86_400, T - 86_400, T + 10, T + 3 * 86_400):
         loop(sch, now)
-    assert sched.runs("tick") == []
+    assert site.runs("tick") == []
 
 
-def test_results_of_runs_after_the_clock_went_back_are_kept(sched, monkeypatch):
+def test_results_of_runs_after_the_clock_went_back_are_kept(site, monkeypatch):
     now = [T]
     monkeypatch.setattr(time, "time", lambda: now[0])  # what the runs record as their start
-    sched.configure({"tick": {"every": "0:0:10", "command": ["true"]}}, history=3)
-    sch = Scheduler(sched.store(), RecordingLog())
+    site.configure(schedules={"tick": {"every": "0:0:10", "command": ["true"]}}, history=3)
+    sch = Scheduler(site.store(), RecordingLog())
     for t in (T + 1, T + 10, T + 20, T + 30, T + 40):
         now[0] = t
         loop(sch, t)
-    assert len(sched.runs("tick")) == 3
+    assert len(site.runs("tick")) == 3
     for t in (T - 86_400 + 1, T - 86_400 + 10):  # the clock was a day fast; now it is right
         now[0] = t
         loop(sch, t)
     # `jobspool schedule history` lists the newest first; the last run must be there.
-    dues = [r.time("due") for r in sched.runs("tick")]
+    dues = [r.time("due") for r in site.runs("tick")]
     assert T - 86_400 + 10 in dues, [d - T for d in dues]
 
 
@@ -490,19 +500,14 @@ class ShiftedSite(Site):
         env["JOBSPOOL_TEST_CLOCK"] = str(self.clock)
         return env
 
-    def configure_with(self, interfaces: dict[str, Any], schedules: dict[str, Any]) -> None:
-        data = {"spool": "spool", "interfaces": interfaces, "daemon": FAST,
-                "schedules": schedules}  # fmt: skip
-        self.config.write_text(yaml.safe_dump(data, sort_keys=False))
-
 
 def test_the_daemon_keeps_its_schedules_and_its_queue_order_through_clock_jumps(tmp_path):
     (tmp_path / "site").mkdir()
     site = ShiftedSite(tmp_path / "site")
     ticks = site.dir / "ticks"
-    site.configure_with(
+    site.configure(
         orders(site),
-        {"tick": {"every": "0:0:1", "command": ["sh", "-c", f'echo tick >> "{ticks}"']}},
+        schedules={"tick": {"every": "0:0:1", "command": ["sh", "-c", f'echo tick >> "{ticks}"']}},
     )
     site.init()
     try:
@@ -529,8 +534,9 @@ def test_the_daemon_keeps_its_schedules_and_its_queue_order_through_clock_jumps(
 
         site.shift(-86_400)  # and back, a day behind the real clock
         back = count()
-        site.wait_for(lambda: count() >= back + 2, "the schedule to go on, not to wait two days",
-                      timeout=6)  # fmt: skip
+        site.wait_for(
+            lambda: count() >= back + 2, "the schedule to go on, not to wait two days", timeout=6
+        )
         accept("e.xml", "f.xml")
         assert daemon.said("the clock went back; computing next runs anew")
 

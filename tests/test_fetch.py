@@ -1,4 +1,7 @@
-"""``jobspool fetch IFACE --to DIR [JOB...]``: an outbound interface's jobs handed over (SPEC 5)."""
+"""``jobspool fetch IFACE --to DIR [JOB...]``: an outbound interface's jobs handed over.
+
+The promises tested here are in ``docs/spec.rst`` ("Commands and exit codes").
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemonkit import (
+from tests.kit import (
     Site,
     log_events,
     order,
-    site_fixture,  # noqa: F401 - the `site` fixture
 )
 
 OUTBOUND = ["ship-c.xml", "ship-a.xml", "ship-b.xml"]  # the order they were dropped in

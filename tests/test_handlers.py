@@ -1,4 +1,7 @@
-"""Handlers in-process (SPEC 4): exit codes, environment, bounded output, timeouts, limits."""
+"""Handlers in-process: exit codes, environment, bounded output, timeouts, limits.
+
+The promises tested here are in ``docs/spec.rst`` ("Handlers").
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from lxml import etree
 
 from jobspool import handlers
 from jobspool.handlers import DONE, FAILED, LATER, Job, Limits
-from tests.daemonkit import order
-from tests.kit import pid_alive
+from tests.kit import (
+    order,
+    pid_alive,
+)
 
 
 @pytest.fixture

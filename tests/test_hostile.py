@@ -1,4 +1,4 @@
-"""Hostile partners (SPEC 2, 5): hostile XML and hostile names on every way into the spool.
+"""Hostile partners: hostile XML and hostile names on every way into the spool.
 
 **Hostile XML.** One table of documents (:data:`tests.hostilekit.HOSTILE`) is
 sent down all three ways a job comes in: ``jobspool check``, ``jobspool
@@ -18,6 +18,8 @@ is overwritten, nothing is lost.
 What ``tests/test_check.py`` and ``tests/test_daemon.py`` already cover (the
 parser's defences in-process, a few hostile drop names, symlinks, FIFOs) is
 not repeated here.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs", "Commands and exit codes").
 """
 
 from __future__ import annotations
@@ -33,23 +35,28 @@ import pytest
 
 from jobspool import intake, joblog, names
 from jobspool.joblog import escape_name
-from tests.conftest import assert_fails, snapshot
-from tests.daemonkit import Daemon, Site, child, log_events, order
-from tests.hostilekit import (
+from tests.kit import (
     HOSTILE,
     MEMORY_BOUND_KB,
     Bait,
+    Daemon,
     Hostile,
     Listener,
+    Site,
+    assert_fails,
+    child,
+    log_events,
     measured,
+    order,
     reason_ok,
+    snapshot,
     surroundings,
     vm_hwm,
+    wait_for,
 )
-from tests.kit import JOBSPOOL, wait_for
 
 MAX_SIZE = 256_000
-WITHIN = 2.0  # seconds a hostile document may take to be rejected (SPEC: nothing exhausts us)
+WITHIN = 2.0  # seconds a hostile document may take to be rejected: none may exhaust us
 LEDGER = 'echo "$JOBSPOOL_JOB" >> "$T/ledger"'
 
 CASES = [pytest.param(case, id=case.id) for case in HOSTILE]
@@ -67,11 +74,8 @@ class Hostiles:
         self.check_rss = 0  # ru_maxrss of a `check` of a valid job
         self.submit_rss = 0
 
-    def command(self, *args: str) -> list[str]:
-        return [str(JOBSPOOL), "-c", str(self.site.config), *args]
-
     def run(self, *args: str):
-        return measured(self.command(*args), env=self.site.env(), cwd=self.site.dir)
+        return measured(self.site.command(*args), env=self.site.env(), cwd=self.site.dir)
 
     def file(self, name: str, data: bytes) -> Path:
         path = self.site.outside / name
@@ -209,8 +213,13 @@ def test_a_hostile_drop_is_rejected_and_the_daemon_goes_on(hostiles, case: Hosti
 
     dropped = time.monotonic()
     site.drop("orders_in", name, data)
-    wait_for(lambda: site.where(name) == ["joberrors"], f"{name} in joberrors", timeout=WITHIN,
-             interval=0.01, show=site.describe)  # fmt: skip
+    wait_for(
+        lambda: site.where(name) == ["joberrors"],
+        f"{name} in joberrors",
+        timeout=WITHIN,
+        interval=0.01,
+        show=site.describe,
+    )
     took = time.monotonic() - dropped
     assert took < WITHIN
 
@@ -322,11 +331,15 @@ def test_a_hostile_drop_name_goes_to_joberrors_under_a_safe_name(hostiles, bad: 
 
 
 def test_names_of_uploads_in_progress_are_left_alone(hostiles):
-    # A leading dot is an upload in progress (SPEC 2): never taken, never touched.
+    # A leading dot is an upload in progress: never taken, never touched.
     site = hostiles.site
     incoming = site.root / "incoming/orders_in"
-    dotted = {".order.xml": order(1), "...": order(2), ".order.xml.123.0": order(3),
-              "..xml": order(4)}  # fmt: skip
+    dotted = {
+        ".order.xml": order(1),
+        "...": order(2),
+        ".order.xml.123.0": order(3),
+        "..xml": order(4),
+    }
     for name, data in dotted.items():
         (incoming / name).write_bytes(data)
     before = site.places()
@@ -438,7 +451,7 @@ def argsite(tmp_path_factory) -> Site:
 def run_in(site: Site, argv: list[str]):
     """Run with the working directory deep inside the site, where a relative escape lands."""
     cwd = site.dir / "cwd" / "deeper"
-    return measured([str(JOBSPOOL), "-c", str(site.config), *argv], env=site.env(), cwd=cwd)
+    return measured(site.command(*argv), env=site.env(), cwd=cwd)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

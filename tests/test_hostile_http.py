@@ -15,15 +15,27 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import assert_every_log_valid, assert_ok, kinds, make_site, run, snapshot
-from tests.daemonkit import order
-from tests.hostilekit import HOSTILE, Bait, Hostile, Listener, reason_ok
-from tests.httpkit import Server, free_port, make_certificates
+from tests.kit import (
+    HOSTILE,
+    Bait,
+    Hostile,
+    Listener,
+    Server,
+    Site,
+    assert_every_log_valid,
+    assert_ok,
+    free_port,
+    kinds,
+    make_certificates,
+    make_site,
+    order,
+    reason_ok,
+    snapshot,
+)
 
 MAX_SIZE = 256_000
 WITHIN = 2.0  # seconds a hostile upload may take to be answered
@@ -57,9 +69,7 @@ CASES = [pytest.param(case, id=case.id) for case in HOSTILE]
 
 @dataclass
 class HostileFront:
-    dir: Path
-    spool: Path
-    env: dict[str, str]
+    site: Site
     server: Server
     listener: Listener
     bait: Bait
@@ -71,7 +81,7 @@ class HostileFront:
         marker = self.bait.marker
         for text in texts:
             assert marker not in text
-        for path in self.spool.rglob("*"):
+        for path in self.site.root.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 assert marker.encode() not in path.read_bytes(), f"the secret leaked into {path}"
         assert marker not in self.server.stderr.read_text(errors="replace")
@@ -83,20 +93,17 @@ class HostileFront:
 
 @pytest.fixture(scope="module")
 def hfront(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileFront]:
-    directory = tmp_path_factory.mktemp("hostile-http")
-    make_site(directory)
-    make_certificates(directory)
-    env = {"XDG_CACHE_HOME": str(directory / "xdg-cache")}
+    site = make_site(tmp_path_factory.mktemp("hostile-http"))
+    make_certificates(site.dir)
     port = free_port()
-    config = directory / "jobspool.yaml"
-    config.write_text(CONFIG.format(port=port))
-    assert_ok(run("-c", str(config), "init", env=env))
-    assert_ok(run("-c", str(config), "user", "add", USER, "--password-stdin", "--cost", "4",
-                  input=PASSWORD + "\n", env=env))  # fmt: skip
+    site.config.write_text(CONFIG.format(port=port))
+    assert_ok(site.run("init"))
+    add = ["user", "add", USER, "--password-stdin", "--cost", "4"]
+    assert_ok(site.run(*add, input=PASSWORD + "\n"))
     listener = Listener()
-    bait = Bait.make(directory, listener.url)
-    server = Server(config, port, directory / "ca.pem", env).start()
-    front = HostileFront(directory, directory / "spool", env, server, listener, bait)
+    bait = Bait.make(site.dir, listener.url)
+    server = Server(site.config, port, site.dir / "ca.pem", site.env()).start()
+    front = HostileFront(site, server, listener, bait)
     try:
         yield front
         front.nothing_leaked()
@@ -105,20 +112,24 @@ def hfront(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileFront]:
         status = server.stop()
         listener.close()
     assert status == 0, server.stderr.read_text()[-3000:]
-    assert_every_log_valid(directory)
+    assert_every_log_valid(site.dir)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> None:
     data = case.data(hfront.bait, MAX_SIZE)
-    before = snapshot(hfront.spool)
-    errors_before = set((hfront.spool / "joberrors").iterdir())
+    before = snapshot(hfront.site.root)
+    errors_before = set((hfront.site.root / "joberrors").iterdir())
 
     with hfront.client() as c:
         c.get("/xml/jobqueue", params={"Interfacename": "orders_in"})  # TLS and login first
         start = time.monotonic()
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=data,
-                   headers={"Content-Type": "text/xml"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=data,
+            headers={"Content-Type": "text/xml"},
+        )
         took = time.monotonic() - start
 
     assert took < WITHIN, took
@@ -134,13 +145,13 @@ def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> Non
         assert f"larger than max_size ({MAX_SIZE} bytes)" in r.text
         assert r.headers["connection"] == "close"
         assert reason_ok(case, r.text), r.text
-        assert snapshot(hfront.spool) == before  # nothing stored
+        assert snapshot(hfront.site.root) == before  # nothing stored
         return
     assert r.status_code == 400, r.text
     if case.id in EMPTY:
         assert r.text == "the body is empty: send the job as the request body\n"
         assert reason_ok(case, r.text), r.text
-        assert snapshot(hfront.spool) == before  # nothing stored
+        assert snapshot(hfront.site.root) == before  # nothing stored
         return
 
     headline, *errors = r.text.splitlines()
@@ -150,24 +161,28 @@ def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> Non
     assert errors, r.text
     assert reason_ok(case, errors[0]), errors[0]
     # In joberrors with its log, all of it; queued nowhere.
-    assert set((hfront.spool / "joberrors").iterdir()) - errors_before == {
-        hfront.spool / "joberrors" / name,
-        hfront.spool / "joberrors" / f"{name},log.xml",
+    assert set((hfront.site.root / "joberrors").iterdir()) - errors_before == {
+        hfront.site.root / "joberrors" / name,
+        hfront.site.root / "joberrors" / f"{name},log.xml",
     }
-    assert (hfront.spool / "joberrors" / name).read_bytes() == data
-    log = (hfront.spool / "joberrors" / f"{name},log.xml").read_bytes()
+    assert (hfront.site.root / "joberrors" / name).read_bytes() == data
+    log = (hfront.site.root / "joberrors" / f"{name},log.xml").read_bytes()
     assert kinds(log) == ["received", "checked", "moved"]
     assert b'via="upload"' in log
-    assert not (hfront.spool / "queue" / "orders_in" / name).exists()
+    assert not (hfront.site.root / "queue" / "orders_in" / name).exists()
 
 
 def test_a_valid_upload_still_gets_201(hfront: HostileFront) -> None:
     data = order("after-the-hostiles")
     with hfront.client() as c:
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=data,
-                   headers={"Content-Type": "text/xml"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=data,
+            headers={"Content-Type": "text/xml"},
+        )
     assert r.status_code == 201, r.text
-    assert (hfront.spool / "queue" / "orders_in" / r.text).read_bytes() == data
+    assert (hfront.site.root / "queue" / "orders_in" / r.text).read_bytes() == data
     assert hfront.server.proc is not None and hfront.server.proc.poll() is None
     hfront.nothing_leaked(r.text)
     hfront.no_connection()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -23,31 +22,29 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import (
+from tests.kit import (
+    DEADLINE,
     INVALID,
     STOCK_VALID,
     VALID,
+    Server,
+    Site,
     assert_every_log_valid,
     assert_fails,
     assert_ok,
-    kinds,
-    make_site,
-    run,
-)
-from tests.httpkit import (
-    DEADLINE,
-    Server,
     basic,
     chunks,
     free_port,
+    kinds,
     make_certificates,
+    make_site,
     read_response,
-    until,
+    run,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,22 +102,19 @@ TIMEOUT = 2.0  # http.timeout above
 
 @dataclass
 class Front:
-    dir: Path
-    config: Path
-    spool: Path
-    env: dict[str, str]
-    server: Server
+    """The module's site and its running server."""
 
-    def run(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return run("-c", str(self.config), *args, env=self.env, **kw)
+    site: Site
+    server: Server
 
     def client(self, user: str = "alice", password: str | None = None) -> httpx.Client:
         return self.server.client(user, password or PASSWORDS.get(user, "x"))
 
     def upload(self, data: bytes = VALID, user: str = "alice", **query: str) -> str:
         with self.client(user) as c:
-            r = c.post("/xml/upload", params=query, content=data,
-                       headers={"Content-Type": "text/xml"})  # fmt: skip
+            r = c.post(
+                "/xml/upload", params=query, content=data, headers={"Content-Type": "text/xml"}
+            )
         assert r.status_code == 201, r.text
         return r.text
 
@@ -131,36 +125,35 @@ def write_config(directory: Path, http: str, name: str = "jobspool.yaml") -> Pat
     return path
 
 
-def add_user(config: Path, env: dict[str, str], user: str, password: str, cost: int = 4) -> None:
-    assert_ok(run("-c", str(config), "user", "add", user, "--password-stdin", "--cost", str(cost),
-                  input=password + "\n", env=env))  # fmt: skip
+def add_user(site: Site, user: str, password: str, cost: int = 4) -> None:
+    add = ["user", "add", user, "--password-stdin", "--cost", str(cost)]
+    assert_ok(site.run(*add, input=password + "\n"))
 
 
-def prepare_site(directory: Path) -> tuple[Path, dict[str, str]]:
-    """Schemas, stylesheets, certificates, users and an initialised spool in ``directory``."""
-    make_site(directory)
+def prepare_site(directory: Path, http: str) -> Site:
+    """Schemas, stylesheets, certificates, this ``http:`` section and an initialised spool."""
+    site = make_site(directory)
     (directory / "xslt").mkdir()
     (directory / "xslt" / "summary.xsl").write_text(SUMMARY_XSL)
     (directory / "xslt" / "failing.xsl").write_text(FAILING_XSL)
     make_certificates(directory)
-    env = {"XDG_CACHE_HOME": str(directory / "xdg-cache")}
-    return directory, env
+    write_config(directory, http)
+    assert_ok(site.run("init"))
+    return site
 
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
-    directory, env = prepare_site(tmp_path_factory.mktemp("http"))
     port = free_port()
-    config = write_config(directory, TLS.format(port=port))
-    assert_ok(run("-c", str(config), "init", env=env))
+    site = prepare_site(tmp_path_factory.mktemp("http"), TLS.format(port=port))
     for user in ("alice", "bob"):
-        add_user(config, env, user, PASSWORDS[user])
-    with open(directory / "htpasswd", "a") as f:
+        add_user(site, user, PASSWORDS[user])
+    with open(site.dir / "htpasswd", "a") as f:
         f.write(CAROL + "\n")
-    server = Server(config, port, directory / "ca.pem", env).start()
-    yield Front(directory, config, directory / "spool", env, server)
+    server = Server(site.config, port, site.dir / "ca.pem", site.env()).start()
+    yield Front(site, server)
     assert server.stop() == 0, server.stderr.read_text()[-3000:]
-    assert_every_log_valid(directory)
+    assert_every_log_valid(site.dir)
 
 
 def same_answer(a: httpx.Response, b: httpx.Response, a_name: str, b_name: str) -> None:
@@ -175,25 +168,29 @@ def same_answer(a: httpx.Response, b: httpx.Response, a_name: str, b_name: str) 
 
 def test_upload_queues_the_job_and_answers_201_with_its_name(front: Front) -> None:
     with front.client() as c:
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in", "RefName": "PO 4711/a"},
-                   content=VALID, headers={"Content-Type": "text/xml"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in", "RefName": "PO 4711/a"},
+            content=VALID,
+            headers={"Content-Type": "text/xml"},
+        )
     assert r.status_code == 201, r.text
     assert r.headers["content-type"].startswith("text/plain")
     name = r.text
     assert name.startswith("orders_in-") and name.endswith(".xml") and "\n" not in name
     assert r.headers["location"] == f"/xml/job?Jobname={name}"
-    assert (front.spool / "queue" / "orders_in" / name).read_bytes() == VALID
-    assert front.run("status", name).stdout == "queue/orders_in\n"
+    assert (front.site.root / "queue" / "orders_in" / name).read_bytes() == VALID
+    assert front.site.run("status", name).stdout == "queue/orders_in\n"
     # The queued job's history: received by upload, with the client's reference.
-    pending = front.spool / "state" / "pending" / f"{name},log.xml"
+    pending = front.site.root / "state" / "pending" / f"{name},log.xml"
     assert kinds(pending) == ["received", "checked", "moved"]
     assert b'via="upload"' in pending.read_bytes()
     assert b'ref="PO 4711/a"' in pending.read_bytes()
 
 
 def test_upload_finds_the_interface_from_the_root_element(front: Front) -> None:
-    assert (front.spool / "queue" / "stock_in" / front.upload(STOCK_VALID)).is_file()
-    assert (front.spool / "queue" / "orders_in" / front.upload(VALID)).is_file()
+    assert (front.site.root / "queue" / "stock_in" / front.upload(STOCK_VALID)).is_file()
+    assert (front.site.root / "queue" / "orders_in" / front.upload(VALID)).is_file()
     with front.client() as c:
         r = c.post("/xml/upload", content=b"<invoice/>", headers={"Content-Type": "text/xml"})
     assert r.status_code == 400
@@ -202,8 +199,12 @@ def test_upload_finds_the_interface_from_the_root_element(front: Front) -> None:
 
 def test_a_rejected_upload_is_400_with_the_errors_and_lands_in_joberrors(front: Front) -> None:
     with front.client() as c:
-        r = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=INVALID,
-                   headers={"Content-Type": "application/xml; charset=utf-8"})  # fmt: skip
+        r = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=INVALID,
+            headers={"Content-Type": "application/xml; charset=utf-8"},
+        )
         assert r.status_code == 400
         assert r.headers["content-type"].startswith("text/plain")
         headline, *errors = r.text.splitlines()
@@ -211,11 +212,11 @@ def test_a_rejected_upload_is_400_with_the_errors_and_lands_in_joberrors(front: 
         assert "rejected into joberrors" in headline
         assert errors and errors[0].startswith("line 4, column")
         assert "qty" in errors[0]
-        assert (front.spool / "joberrors" / name).read_bytes() == INVALID
+        assert (front.site.root / "joberrors" / name).read_bytes() == INVALID
         assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "joberrors"
         log = c.get("/xml/joblog", params={"Jobname": name})
     assert log.status_code == 200 and log.headers["content-type"] == "application/xml"
-    assert log.content == (front.spool / "joberrors" / f"{name},log.xml").read_bytes()
+    assert log.content == (front.site.root / "joberrors" / f"{name},log.xml").read_bytes()
     assert kinds(log.content) == ["received", "checked", "moved"]
 
 
@@ -223,28 +224,34 @@ def test_upload_refuses_what_is_not_an_xml_job(front: Front) -> None:
     with front.client() as c:
         empty = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=b"")
         form = c.post("/xml/upload", params={"Interfacename": "orders_in"}, data={"a": "b"})
-        ref = c.post("/xml/upload", params={"Interfacename": "orders_in", "RefName": "a\tb"},
-                     content=VALID)  # fmt: skip
-    assert (empty.status_code, empty.text) == (400, "the body is empty: send the job as the "
-                                                    "request body\n")  # fmt: skip
+        ref = c.post(
+            "/xml/upload", params={"Interfacename": "orders_in", "RefName": "a\tb"}, content=VALID
+        )
+    assert (empty.status_code, empty.text) == (
+        400,
+        "the body is empty: send the job as the request body\n",
+    )
     assert form.status_code == 400 and "Content-Type must be text/xml" in form.text
     assert ref.status_code == 400 and "RefName" in ref.text
 
 
 def test_an_oversized_body_is_413_and_nothing_is_kept(front: Front) -> None:
-    before = sorted(p.name for p in front.spool.rglob("*"))
+    before = sorted(p.name for p in front.site.root.rglob("*"))
     big = VALID.replace(b"<sku>", b"<sku>" + b"x" * 2000)  # orders_in takes 1KB
     with front.client() as c:
         declared = c.post("/xml/upload", params={"Interfacename": "orders_in"}, content=big)
-        streamed = c.post("/xml/upload", params={"Interfacename": "orders_in"},
-                          content=chunks(big[:500], big[500:]))  # fmt: skip
+        streamed = c.post(
+            "/xml/upload",
+            params={"Interfacename": "orders_in"},
+            content=chunks(big[:500], big[500:]),
+        )
         # Without Interfacename= the largest max_size applies first, then the chosen one's.
         detected = c.post("/xml/upload", content=big)
     for r in (declared, streamed, detected):
         assert r.status_code == 413, r.text
         assert "larger than max_size (1000 bytes)" in r.text
         assert r.headers["connection"] == "close"
-    assert sorted(p.name for p in front.spool.rglob("*")) == before
+    assert sorted(p.name for p in front.site.root.rglob("*")) == before
 
 
 # --- jobqueue, jobstatus, joblog -----------------------------------------------------------
@@ -258,7 +265,7 @@ def test_jobqueue_lists_the_queue_in_processing_order(front: Front) -> None:
     listed = r.text.splitlines()
     assert [n for n in listed if n in names] == names
     assert r.text.endswith("\n")
-    assert listed == front.run("queue", "stock_in").stdout.splitlines()
+    assert listed == front.site.run("queue", "stock_in").stdout.splitlines()
 
 
 def test_jobstatus_answers_the_status_string(front: Front) -> None:
@@ -307,10 +314,10 @@ def test_the_first_download_of_an_out_job_moves_it_to_bak(front: Front) -> None:
         assert r.headers["content-type"] == "application/xml"
         assert r.headers["content-disposition"] == f'attachment; filename="{name}"'
         assert r.content == VALID
-        bak = front.spool / "bak" / "orders_out"
+        bak = front.site.root / "bak" / "orders_out"
         assert (bak / name).read_bytes() == VALID
-        assert not (front.spool / "queue" / "orders_out" / name).exists()
-        assert not (front.spool / "state" / "pending" / f"{name},log.xml").exists()
+        assert not (front.site.root / "queue" / "orders_out" / name).exists()
+        assert not (front.site.root / "state" / "pending" / f"{name},log.xml").exists()
         assert name not in c.get("/xml/jobqueue", params={"Interfacename": "orders_out"}).text
         assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "bak/orders_out"
         # Its log tells the whole story, the client's reference and the download included.
@@ -337,7 +344,7 @@ def test_download_by_interface_takes_the_head_of_the_queue(front: Front) -> None
     assert b.headers["content-disposition"] == f'attachment; filename="{second}"'
     assert b'id="2"' in b.content
     assert (empty.status_code, empty.text) == (400, "no job queued on orders_out\n")
-    assert front.run("queue", "orders_out").stdout == ""
+    assert front.site.run("queue", "orders_out").stdout == ""
 
 
 def test_xslt_transforms_the_download(front: Front) -> None:
@@ -354,7 +361,7 @@ def test_xslt_transforms_the_download(front: Front) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
     assert r.text == "order 1: 3 x HAM-1"
-    assert (front.spool / "bak" / "orders_out" / name).read_bytes() == VALID
+    assert (front.site.root / "bak" / "orders_out" / name).read_bytes() == VALID
 
 
 # --- authentication and grants -----------------------------------------------------------------
@@ -385,7 +392,7 @@ def test_every_method_needs_good_credentials(front: Front, method: str, path: st
         assert r.headers["content-type"].startswith("text/plain")
     # A wrong password and an unknown user get the same answer.
     assert answers["wrong password"].text == answers["unknown user"].text
-    assert not (front.spool / "queue" / "orders_out").joinpath("x.xml").exists()
+    assert not (front.site.root / "queue" / "orders_out").joinpath("x.xml").exists()
 
 
 def test_a_good_user_is_let_in_and_htpasswd_hashes_work(front: Front) -> None:
@@ -409,21 +416,27 @@ def test_a_job_on_an_interface_not_granted_looks_like_an_unknown_job(front: Fron
                     name,
                     "no-such.xml",
                 )
-    assert front.run("status", queued).stdout == "queue/orders_in\n"  # untouched
+    assert front.site.run("status", queued).stdout == "queue/orders_in\n"  # untouched
 
 
 def test_an_interface_not_granted_looks_like_an_unknown_interface(front: Front) -> None:
     with front.client("bob") as c:
-        for method, path in [("GET", "/xml/jobqueue"), ("GET", "/xml/job"),
-                             ("POST", "/xml/upload")]:  # fmt: skip
+        for method, path in [
+            ("GET", "/xml/jobqueue"),
+            ("GET", "/xml/job"),
+            ("POST", "/xml/upload"),
+        ]:
             theirs = c.request(method, path, params={"Interfacename": "orders_in"}, content=VALID)
             none = c.request(method, path, params={"Interfacename": "nowhere"}, content=VALID)
             same_answer(theirs, none, "orders_in", "nowhere")
             assert "(yours: orders_out)" in theirs.text  # and never anyone else's
         # A document whose root only an interface of someone else accepts.
-        same_answer(c.post("/xml/upload", content=VALID),
-                    c.post("/xml/upload", content=VALID.replace(b"order", b"stuff")),
-                    "order", "stuff")  # fmt: skip
+        same_answer(
+            c.post("/xml/upload", content=VALID),
+            c.post("/xml/upload", content=VALID.replace(b"order", b"stuff")),
+            "order",
+            "stuff",
+        )
 
 
 def test_wrong_method_is_405_and_unknown_path_404(front: Front) -> None:
@@ -435,7 +448,7 @@ def test_wrong_method_is_405_and_unknown_path_404(front: Front) -> None:
         nothing = c.get("/xml/nothing")
         assert c.head("/xml/jobstatus", params={"Jobname": name}).status_code == 200
     assert head.status_code == 405 and head.headers["allow"] == "GET"
-    assert front.run("status", name).stdout == "queue/orders_out\n"
+    assert front.site.run("status", name).stdout == "queue/orders_out\n"
     with front.server.client() as anonymous:
         hidden = anonymous.get("/xml/nothing")
     assert post.status_code == 405 and "GET" in post.headers["allow"]
@@ -449,38 +462,48 @@ def test_wrong_method_is_405_and_unknown_path_404(front: Front) -> None:
 
 def test_plain_http_to_the_tls_port_gets_no_answer(front: Front) -> None:
     with httpx.Client(timeout=DEADLINE) as c, pytest.raises(httpx.HTTPError):
-        c.get(f"http://127.0.0.1:{front.server.port}/xml/jobstatus?Jobname=x.xml",
-              headers={"Authorization": basic("alice", PASSWORDS["alice"])})  # fmt: skip
+        c.get(
+            f"http://127.0.0.1:{front.server.port}/xml/jobstatus?Jobname=x.xml",
+            headers={"Authorization": basic("alice", PASSWORDS["alice"])},
+        )
 
 
 def test_serve_refuses_to_run_without_tls_unless_behind_a_trusted_proxy(front: Front) -> None:
-    plain = write_config(front.dir, f"  listen: 127.0.0.1:{free_port()}", "plain.yaml")
-    line = assert_fails(run("-c", str(plain), "serve", env=front.env), 78)
+    plain = write_config(front.site.dir, f"  listen: 127.0.0.1:{free_port()}", "plain.yaml")
+    line = assert_fails(run("-c", str(plain), "serve", env=front.site.env()), 78)
     assert "http: needs cert: and key:" in line and "--insecure-behind-proxy" in line
-    line = assert_fails(run("-c", str(plain), "serve", "--insecure-behind-proxy", env=front.env),
-                        78)  # fmt: skip
+    proxied = run("-c", str(plain), "serve", "--insecure-behind-proxy", env=front.site.env())
+    line = assert_fails(proxied, 78)
     assert "needs http.trusted_proxies" in line
-    line = assert_fails(front.run("serve", "--insecure-behind-proxy"), 2)
+    line = assert_fails(front.site.run("serve", "--insecure-behind-proxy"), 2)
     assert "without cert: and key:" in line
 
 
 def test_behind_a_proxy_plain_http_is_403_unless_the_proxy_says_https(front: Front) -> None:
     port = free_port()
-    config = write_config(front.dir, BEHIND_PROXY.format(port=port), "proxied.yaml")
-    server = Server(config, port, None, front.env, ("--insecure-behind-proxy",)).start()
+    config = write_config(front.site.dir, BEHIND_PROXY.format(port=port), "proxied.yaml")
+    server = Server(config, port, None, front.site.env(), ("--insecure-behind-proxy",)).start()
     try:
         with server.client("alice", PASSWORDS["alice"]) as c:
             direct = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"})
-            proxied = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"},
-                            headers={"X-Forwarded-Proto": "https",
-                                     "X-Forwarded-For": "198.51.100.7"})  # fmt: skip
-            said_http = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"},
-                              headers={"X-Forwarded-Proto": "http"})  # fmt: skip
+            proxied = c.get(
+                "/xml/jobqueue",
+                params={"Interfacename": "orders_out"},
+                headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"},
+            )
+            said_http = c.get(
+                "/xml/jobqueue",
+                params={"Interfacename": "orders_out"},
+                headers={"X-Forwarded-Proto": "http"},
+            )
         # 127.0.0.2 is loopback too, but not the trusted proxy.
         stranger = httpx.HTTPTransport(local_address="127.0.0.2")
         with server.client("alice", PASSWORDS["alice"], transport=stranger) as c:
-            spoofed = c.get("/xml/jobqueue", params={"Interfacename": "orders_out"},
-                            headers={"X-Forwarded-Proto": "https"})  # fmt: skip
+            spoofed = c.get(
+                "/xml/jobqueue",
+                params={"Interfacename": "orders_out"},
+                headers={"X-Forwarded-Proto": "https"},
+            )
         for r in (direct, said_http, spoofed):
             assert r.status_code == 403, r.text
             assert r.text == "plain http is refused: use https\n"
@@ -560,19 +583,25 @@ def test_a_client_trickling_its_headers_is_cut_off(front: Front) -> None:
 
 def test_curl_uploads_and_downloads(front: Front) -> None:
     curl = shutil.which("curl") or "/usr/bin/curl"
-    job = front.dir / "curl-order.xml"
+    job = front.site.dir / "curl-order.xml"
     job.write_bytes(VALID)
-    base = [curl, "-sS", "--cacert", str(front.server.ca),
-            "-u", f"alice:{PASSWORDS['alice']}", "-w", "\n%{http_code}"]  # fmt: skip
-    up = subprocess.run([*base, "-H", "Content-Type: text/xml", "--data-binary", f"@{job}",
-                         f"{front.server.url}/xml/upload?Interfacename=orders_out&RefName=curl"],
-                        capture_output=True, text=True, timeout=DEADLINE, check=True)  # fmt: skip
+    base = [curl, "-sS", "--cacert", str(front.server.ca), "-u", f"alice:{PASSWORDS['alice']}"]
+    base += ["-w", "\n%{http_code}"]
+    upload = f"{front.server.url}/xml/upload?Interfacename=orders_out&RefName=curl"
+    post = ["-H", "Content-Type: text/xml", "--data-binary", f"@{job}", upload]
+    up = subprocess.run(
+        [*base, *post], capture_output=True, text=True, timeout=DEADLINE, check=True
+    )
     name, code = up.stdout.rsplit("\n", 1)
     assert code == "201" and name.startswith("orders_out-")
-    down = subprocess.run([*base, f"{front.server.url}/xml/job?Jobname={name}"],
-                          capture_output=True, timeout=DEADLINE, check=True)  # fmt: skip
+    down = subprocess.run(
+        [*base, f"{front.server.url}/xml/job?Jobname={name}"],
+        capture_output=True,
+        timeout=DEADLINE,
+        check=True,
+    )
     assert down.stdout == VALID + b"\n200"
-    assert (front.spool / "bak" / "orders_out" / name).is_file()
+    assert (front.site.root / "bak" / "orders_out" / name).is_file()
 
 
 # --- the access log -------------------------------------------------------------------------------
@@ -583,8 +612,10 @@ def test_every_request_leaves_one_json_access_line_and_no_password(front: Front)
         c.get("/xml/jobstatus", params={"Jobname": "logged.xml"}, headers={"X-Probe": "1"})
     with front.server.client() as c:
         c.get("/xml/jobstatus", headers={"Authorization": basic("alice", "Wrong-Guess-77")})
-    until(lambda: any(line.get("query") == "Jobname=logged.xml"
-                      for line in front.server.requests()), "the access line")  # fmt: skip
+    wait_for(
+        lambda: any(line.get("query") == "Jobname=logged.xml" for line in front.server.requests()),
+        "the access line",
+    )
     lines = front.server.requests()
     (line,) = [x for x in lines if x.get("query") == "Jobname=logged.xml"]
     assert {"user", "method", "path", "status", "bytes", "duration_ms", "client"} <= set(line)
@@ -595,8 +626,9 @@ def test_every_request_leaves_one_json_access_line_and_no_password(front: Front)
         400,
     )
     assert line["bytes"] == len("unknown job 'logged.xml'\n")
-    assert any(x.get("tried") == "alice" and x["status"] == 401 and x["user"] is None
-               for x in lines)  # fmt: skip
+    assert any(
+        x.get("tried") == "alice" and x["status"] == 401 and x["user"] is None for x in lines
+    )
     text = front.server.stderr.read_text()
     for secret in [*PASSWORDS.values(), "Wrong-Guess-77", basic("alice", PASSWORDS["alice"])]:
         assert secret not in text
@@ -617,8 +649,10 @@ def test_load_50_concurrent_clients_asking_jobstatus(
     """
     name = front.upload()
     total, clients, budget = 2000, 50, 20.0
-    request = (f"GET /xml/jobstatus?Jobname={name} HTTP/1.1\r\nHost: localhost\r\n"
-               f"Authorization: {basic('alice', PASSWORDS['alice'])}\r\n\r\n").encode()  # fmt: skip
+    request = (
+        f"GET /xml/jobstatus?Jobname={name} HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: {basic('alice', PASSWORDS['alice'])}\r\n\r\n"
+    ).encode()
     latencies: list[float] = []
     failures: list[bytes] = []
 
@@ -629,9 +663,11 @@ def test_load_50_concurrent_clients_asking_jobstatus(
         async def one_client() -> None:
             nonlocal sent
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", front.server.port, ssl=front.server.ssl_context(),
+                "127.0.0.1",
+                front.server.port,
+                ssl=front.server.ssl_context(),
                 server_hostname="localhost",
-            )  # fmt: skip
+            )
             while sent < total and time.monotonic() - start < budget:
                 sent += 1
                 t = time.monotonic()
@@ -649,13 +685,15 @@ def test_load_50_concurrent_clients_asking_jobstatus(
 
     elapsed = asyncio.run(load())
     p99 = statistics.quantiles(latencies, n=100)[98]
-    summary = (f"jobstatus: {len(latencies)} requests from {clients} concurrent clients "
-               f"in {elapsed:.1f} s: {len(latencies) / elapsed:.0f} requests/s, "
-               f"p50 {statistics.median(latencies) * 1000:.0f} ms, "
-               f"p99 {p99 * 1000:.0f} ms")  # fmt: skip
+    summary = (
+        f"jobstatus: {len(latencies)} requests from {clients} concurrent clients "
+        f"in {elapsed:.1f} s: {len(latencies) / elapsed:.0f} requests/s, "
+        f"p50 {statistics.median(latencies) * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms"
+    )
     with capsys.disabled():
         print(f"\n{summary}")
-    (front.dir / "load.txt").write_text(summary + "\n")
+    (front.site.dir / "load.txt").write_text(summary + "\n")
     assert failures == []
     assert len(latencies) >= 100
 
@@ -664,40 +702,45 @@ def test_load_50_concurrent_clients_asking_jobstatus(
 
 
 def test_user_commands_manage_the_htpasswd_file_and_the_server_follows(front: Front) -> None:
-    htpasswd = front.dir / "htpasswd"
+    htpasswd = front.site.dir / "htpasswd"
     # Passwords never come from the command line.
-    assert front.run("user", "add", "erin", "Erin-Pw-1").returncode == 2
-    line = assert_fails(front.run("user", "add", "erin"), 2)
+    assert front.site.run("user", "add", "erin", "Erin-Pw-1").returncode == 2
+    line = assert_fails(front.site.run("user", "add", "erin"), 2)
     assert "--password-stdin" in line
-    assert_fails(front.run("user", "add", "erin", "--password-stdin", input="x" * 73 + "\n"), 2)
-    assert_fails(front.run("user", "add", "bad:name", "--password-stdin", input="pw\n"), 2)
-    added = front.run("user", "add", "erin", "--password-stdin", input="Erin-Pw-1\n")
+    assert_fails(
+        front.site.run("user", "add", "erin", "--password-stdin", input="x" * 73 + "\n"), 2
+    )
+    assert_fails(front.site.run("user", "add", "bad:name", "--password-stdin", input="pw\n"), 2)
+    added = front.site.run("user", "add", "erin", "--password-stdin", input="Erin-Pw-1\n")
     assert added.returncode == 0 and "user erin added" in added.stdout
     assert (
         added.stderr == f"jobspool: note: no interface is granted to erin yet "
-        f"(http.grants in {front.config})\n"
+        f"(http.grants in {front.site.config})\n"
     )
     entry = next(x for x in htpasswd.read_text().splitlines() if x.startswith("erin:"))
     assert entry.startswith("erin:$2y$10$") and len(entry) == len("erin:") + 60
     assert oct(htpasswd.stat().st_mode & 0o777) == "0o640"
-    assert_fails(front.run("user", "add", "erin", "--password-stdin", input="x\n"), 2)
+    assert_fails(front.site.run("user", "add", "erin", "--password-stdin", input="x\n"), 2)
     with front.client("erin", "Erin-Pw-1") as c:
         r = c.get("/xml/jobqueue", params={"Interfacename": "orders_in"})
     assert (r.status_code, r.text) == (400, "unknown interface 'orders_in' (yours: none)\n")
 
-    assert_ok(front.run("user", "passwd", "erin", "--password-stdin", "--cost", "4",
-                        input="Erin-Pw-2\n"))  # fmt: skip
+    assert_ok(
+        front.site.run(
+            "user", "passwd", "erin", "--password-stdin", "--cost", "4", input="Erin-Pw-2\n"
+        )
+    )
     with front.client("erin", "Erin-Pw-1") as old, front.client("erin", "Erin-Pw-2") as new:
         assert old.get("/xml/jobstatus", params={"Jobname": "a.xml"}).status_code == 401
         assert new.get("/xml/jobstatus", params={"Jobname": "a.xml"}).status_code == 400
-    listed = json.loads(assert_ok(front.run("user", "list", "--json")))
+    listed = json.loads(assert_ok(front.site.run("user", "list", "--json")))
     assert {"user": "bob", "bcrypt": True, "interfaces": ["orders_out"]} in listed
     assert [u["user"] for u in listed] == ["alice", "bob", "carol", "erin"]
-    assert "alice  orders_in, orders_out, stock_in" in assert_ok(front.run("user", "list"))
+    assert "alice  orders_in, orders_out, stock_in" in assert_ok(front.site.run("user", "list"))
 
-    assert_ok(front.run("user", "remove", "erin"))
-    assert_fails(front.run("user", "remove", "erin"), 2)
-    assert_fails(front.run("user", "passwd", "erin", "--password-stdin", input="x\n"), 2)
+    assert_ok(front.site.run("user", "remove", "erin"))
+    assert_fails(front.site.run("user", "remove", "erin"), 2)
+    assert_fails(front.site.run("user", "passwd", "erin", "--password-stdin", input="x\n"), 2)
     with front.client("erin", "Erin-Pw-2") as c:
         assert c.get("/xml/jobstatus", params={"Jobname": "a.xml"}).status_code == 401
 
@@ -739,18 +782,20 @@ def test_an_interfaces_xslt_must_exist(tmp_path: Path) -> None:
 
 
 def test_serve_check_validates_what_serve_needs(front: Front, tmp_path: Path) -> None:
-    assert_ok(front.run("serve", "--check"))
-    broken = front.dir / "xslt" / "broken.xsl"
-    broken.write_text("<xsl:stylesheet version='1.0' xmlns:xsl='http://www.w3.org/1999/XSL"
-                      "/Transform'><xsl:bogus/></xsl:stylesheet>")  # fmt: skip
-    config = front.dir / "broken-xslt.yaml"
-    config.write_text(front.config.read_text().replace("failing.xsl", "broken.xsl"))
-    line = assert_fails(run("-c", str(config), "serve", "--check", env=front.env), 78)
+    assert_ok(front.site.run("serve", "--check"))
+    broken = front.site.dir / "xslt" / "broken.xsl"
+    broken.write_text(
+        "<xsl:stylesheet version='1.0' xmlns:xsl='http://www.w3.org/1999/XSL"
+        "/Transform'><xsl:bogus/></xsl:stylesheet>"
+    )
+    config = front.site.dir / "broken-xslt.yaml"
+    config.write_text(front.site.config.read_text().replace("failing.xsl", "broken.xsl"))
+    line = assert_fails(run("-c", str(config), "serve", "--check", env=front.site.env()), 78)
     assert "broken.xsl: not a usable XSLT stylesheet" in line
-    wrong_key = front.dir / "wrong-key.yaml"
-    (front.dir / "other-key.pem").write_bytes(make_other_key())
-    wrong_key.write_text(front.config.read_text().replace("key.pem", "other-key.pem"))
-    line = assert_fails(run("-c", str(wrong_key), "serve", "--check", env=front.env), 78)
+    wrong_key = front.site.dir / "wrong-key.yaml"
+    (front.site.dir / "other-key.pem").write_bytes(make_other_key())
+    wrong_key.write_text(front.site.config.read_text().replace("key.pem", "other-key.pem"))
+    line = assert_fails(run("-c", str(wrong_key), "serve", "--check", env=front.site.env()), 78)
     assert "cannot use them as certificate and key" in line
 
 
@@ -759,19 +804,28 @@ def make_other_key() -> bytes:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    )  # fmt: skip
+    )
 
 
 def test_serve_without_the_http_extra_says_so_in_one_line(front: Front) -> None:
     # As if uvicorn were not installed: find_spec() sees None in sys.modules.
-    code = ("import sys; sys.modules['uvicorn'] = None\n"
-            "from jobspool.cli import main\n"
-            f"main(['-c', {str(front.config)!r}, 'serve'])")  # fmt: skip
-    env = {**os.environ, **front.env}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=DEADLINE, check=False)  # fmt: skip
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "from jobspool.cli import main\n"
+        f"main(['-c', {str(front.site.config)!r}, 'serve'])"
+    )
+    env = front.site.env()
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=DEADLINE,
+        check=False,
+    )
     assert result.returncode == 78
     assert result.stderr == (
         "jobspool: 'jobspool serve' needs the http extra: pip install 'jobspool[http]' "
@@ -782,16 +836,14 @@ def test_serve_without_the_http_extra_says_so_in_one_line(front: Front) -> None:
 def test_sighup_reloads_grants_a_broken_file_is_refused_and_500_hides_details(
     tmp_path: Path,
 ) -> None:
-    directory, env = prepare_site(tmp_path)
     port = free_port()
-    config = write_config(directory, TLS.format(port=port))
-    assert_ok(run("-c", str(config), "init", env=env))
-    add_user(config, env, "bob", PASSWORDS["bob"])
-    server = Server(config, port, directory / "ca.pem", env).start()
+    site = prepare_site(tmp_path, TLS.format(port=port))
+    config = site.config
+    add_user(site, "bob", PASSWORDS["bob"])
+    server = Server(config, port, site.dir / "ca.pem", site.env()).start()
     try:
         name = "reload-me.xml"
-        (directory / name).write_bytes(VALID)
-        assert_ok(run("-c", str(config), "submit", "orders_in", str(directory / name), env=env))
+        assert_ok(site.submit(name))
         with server.client("bob", PASSWORDS["bob"]) as c:
             assert c.get("/xml/jobstatus", params={"Jobname": name}).status_code == 400
             config.write_text(
@@ -799,16 +851,19 @@ def test_sighup_reloads_grants_a_broken_file_is_refused_and_500_hides_details(
             )
             assert server.proc is not None
             server.proc.send_signal(signal.SIGHUP)
-            until(lambda: any(x["event"] == "configuration reloaded" for x in server.log()),
-                  "the reload")  # fmt: skip
+            wait_for(
+                lambda: any(x["event"] == "configuration reloaded" for x in server.log()),
+                "the reload",
+            )
             assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "queue/orders_in"
             config.write_text(config.read_text() + "  nonsense: 1\n")
             server.proc.send_signal(signal.SIGHUP)
-            until(lambda: any("reload refused" in x["event"] for x in server.log()),
-                  "the refusal")  # fmt: skip
+            wait_for(
+                lambda: any("reload refused" in x["event"] for x in server.log()), "the refusal"
+            )
             assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "queue/orders_in"
             # A users file the server cannot read is its own trouble: 500, details in its log.
-            users = directory / "htpasswd"
+            users = site.dir / "htpasswd"
             good = users.read_text()
             users.write_text(good + "garbage without a colon\n")
             broken = c.get("/xml/jobstatus", params={"Jobname": name})
@@ -837,30 +892,50 @@ def test_the_core_exceptions_map_to_status_codes_in_one_place() -> None:
     )
     from jobspool.http.app import error_response, status_of
 
-    cases = [(BadRequest("x"), 400), (Rejected("x"), 400), (TryLater("x"), 503),
-             (Denied("x"), 500), (ConfigError("x"), 500), (JobspoolError("x"), 500),
-             (KeyError("bug"), 500)]  # fmt: skip
+    cases = [
+        (BadRequest("x"), 400),
+        (Rejected("x"), 400),
+        (TryLater("x"), 503),
+        (Denied("x"), 500),
+        (ConfigError("x"), 500),
+        (JobspoolError("x"), 500),
+        (KeyError("bug"), 500),
+    ]
     assert [status_of(exc) for exc, _ in cases] == [status for _, status in cases]
     secret = Denied("cannot write /var/spool/jobspool/queue/a/x.xml: Permission denied")
     response = error_response(secret, Path("/var/spool/jobspool"), "ab12cd34")
     assert response.status_code == 500
     assert bytes(response.body) == b"internal error: see the server's log for request ab12cd34\n"
-    full = error_response(TryLater("cannot write x: No space left on device "
-                                   "(/var/spool/jobspool/queue/a/x)"),
-                          Path("/var/spool/jobspool"), "x")  # fmt: skip
+    full = error_response(
+        TryLater("cannot write x: No space left on device (/var/spool/jobspool/queue/a/x)"),
+        Path("/var/spool/jobspool"),
+        "x",
+    )
     assert bytes(full.body) == b"cannot write x: No space left on device (queue/a/x)\n"
 
 
 def test_the_unit_is_sandboxed_and_its_exposure_documented() -> None:
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)],
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
-    figure = float(result.stdout.split("Overall exposure level for jobspool-http.service: ")[1]
-                   .split()[0])  # fmt: skip
+    figure = float(
+        result.stdout.split("Overall exposure level for jobspool-http.service: ")[1].split()[0]
+    )
     assert figure <= 2.0
     assert f"exposure level of {figure:.1f}" in " ".join(DOC.read_text().split())
     text = UNIT.read_text()
-    for line in ("ExecStart=/usr/bin/jobspool serve", "ReadWritePaths=/var/spool/jobspool",
-                 "User=jobspool", "Group=jobspool", "PrivateNetwork=no",
-                 "RestartPreventExitStatus=78", "Type=notify"):  # fmt: skip
+    for line in (
+        "ExecStart=/usr/bin/jobspool serve",
+        "ReadWritePaths=/var/spool/jobspool",
+        "User=jobspool",
+        "Group=jobspool",
+        "PrivateNetwork=no",
+        "RestartPreventExitStatus=78",
+        "Type=notify",
+    ):
         assert f"\n{line}\n" in text, line

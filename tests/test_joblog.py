@@ -9,7 +9,11 @@ from lxml import etree
 
 from jobspool import joblog
 from jobspool.errors import Problem
-from tests.conftest import assert_valid_log, events, kinds
+from tests.kit import (
+    kinds,
+    log_events,
+    valid_log,
+)
 
 SCHEMA = Path("/srv/schemas/order.xsd")
 
@@ -19,9 +23,9 @@ def test_a_log_of_a_rejected_job_is_valid():
     joblog.received(log, "submit")
     joblog.checked(log, [Problem(4, 0, "Element 'qty': '-4' is not valid.")], SCHEMA)
     joblog.moved(log, "outside", "joberrors")
-    data = assert_valid_log(joblog.to_bytes(log))
+    data = valid_log(joblog.to_bytes(log))
     assert kinds(data) == ["received", "checked", "moved"]
-    checked = events(data)[1]
+    checked = log_events(data)[1]
     assert checked.get("outcome") == "rejected"
     assert checked.get("schema") == str(SCHEMA)
     (error,) = checked
@@ -36,9 +40,9 @@ def test_a_log_of_an_accepted_and_retried_job_is_valid():
     joblog.moved(log, "incoming/orders_in", "queue/orders_in")
     joblog.event(log, "retried")
     joblog.note(log, "handed over by hand")
-    data = assert_valid_log(joblog.to_bytes(log))
+    data = valid_log(joblog.to_bytes(log))
     assert kinds(data) == ["received", "checked", "moved", "retried", "note"]
-    received, checked = events(data)[:2]
+    received, checked = log_events(data)[:2]
     assert received.get("original-name") == "order 1.xml"
     assert checked.get("outcome") == "accepted"
     assert checked.get("schema") is None
@@ -50,7 +54,7 @@ def test_a_log_read_back_can_grow_and_stays_valid():
     again = joblog.from_bytes(joblog.to_bytes(log))
     joblog.event(again, "retried")
     joblog.checked(again, [], SCHEMA)
-    assert kinds(assert_valid_log(joblog.to_bytes(again))) == ["received", "retried", "checked"]
+    assert kinds(valid_log(joblog.to_bytes(again))) == ["received", "retried", "checked"]
 
 
 def test_the_validator_finds_problems():
@@ -74,11 +78,11 @@ def test_hostile_text_still_gives_a_valid_log():
     )
     joblog.checked(log, [Problem(1, 1, HOSTILE)], SCHEMA)
     joblog.note(log, HOSTILE)
-    data = assert_valid_log(joblog.to_bytes(log))
-    received = events(data)[0]
+    data = valid_log(joblog.to_bytes(log))
+    received = log_events(data)[0]
     # Control characters and the byte that was not UTF-8 are readable escapes.
     assert received.get("original-name") == "a\\x00b\\x1bc\\ndcff\\xff"
-    assert "😀" in (events(data)[2].text or "")
+    assert "😀" in (log_events(data)[2].text or "")
 
 
 def test_xml_text_keeps_what_xml_can_hold():
@@ -96,7 +100,7 @@ def test_escape_name_gives_one_printable_line(name):
     assert shown.isprintable()
     log = joblog.new("renamed.xml", "orders_in")
     joblog.received(log, "drop", original_name=name, reason="invalid job name")
-    assert_valid_log(joblog.to_bytes(log))
+    valid_log(joblog.to_bytes(log))
 
 
 @pytest.mark.parametrize("name", ["lone\ud800", "\udfff"])
@@ -105,16 +109,16 @@ def test_escape_name_escapes_any_lone_surrogate(name):
     assert shown.isprintable()
     log = joblog.new("renamed.xml", "orders_in")
     joblog.received(log, "drop", original_name=name, reason="invalid job name")
-    assert_valid_log(joblog.to_bytes(log))
+    valid_log(joblog.to_bytes(log))
 
 
 def test_every_event_has_a_time_with_its_offset():
     log = joblog.new("order-1.xml", None)
     joblog.received(log, "submit")
-    data = assert_valid_log(joblog.to_bytes(log))
+    data = valid_log(joblog.to_bytes(log))
     root = etree.fromstring(data)
     assert root.get("interface") is None
-    stamp = events(data)[0].get("time") or ""
+    stamp = log_events(data)[0].get("time") or ""
     assert stamp[-6] in "+-" and stamp[-3] == ":"
 
 

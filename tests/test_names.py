@@ -1,4 +1,7 @@
-"""Job and interface names (SPEC 2): what may be a name, what is an upload in progress."""
+"""Job and interface names: what may be a name, what is an upload in progress.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs").
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The real daemon runs the schedules (SPEC 6), with every-second timings.
+"""The real daemon runs the schedules, with every-second timings.
 
 Each test starts ``jobspool -c CONFIG daemon`` as a subprocess, changes
 schedules with the real ``jobspool schedule`` commands while it runs, and
@@ -6,33 +6,29 @@ reads the XML results in ``state/schedules/ID/runs/`` (each checked against
 ``result.xsd``). Lateness bounds are functional ("ran within 1.5 s of its
 tick"), generous for a loaded machine; nothing measures speed. Every daemon
 is killed at the end of its test.
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.kit import pid_alive, wait_for
-from tests.schedkit import Site, site_in
+from tests.kit import (
+    pid_alive,
+    wait_for,
+)
 
 EVERY_SECOND = {"every": "0:0:1"}
 NOT_ON_ITS_OWN = {"at": "2099-01-01 00:00"}  # a schedule that only runs when told to
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with site_in(tmp_path) as s:
-        yield s
-
-
 def test_an_every_second_schedule_runs_on_time_and_on_its_grid(site):
     # each run takes 0.3 s: a schedule that drifted would show it in its due times
-    site.configure({"tick": {**EVERY_SECOND, "command": ["sh", "-c", "echo tick; sleep 0.3"]}})
+    site.configure(
+        schedules={"tick": {**EVERY_SECOND, "command": ["sh", "-c", "echo tick; sleep 0.3"]}}
+    )
     site.start()
 
     runs = site.wait_runs("tick", 3)
@@ -47,7 +43,7 @@ def test_an_every_second_schedule_runs_on_time_and_on_its_grid(site):
 
 def test_a_failing_run_is_recorded_and_the_schedule_goes_on(site):
     fail = "echo 'no database' >&2; exit 3"
-    site.configure({"broken": {**EVERY_SECOND, "command": ["sh", "-c", fail]}})
+    site.configure(schedules={"broken": {**EVERY_SECOND, "command": ["sh", "-c", fail]}})
     daemon = site.start()
 
     runs = site.wait_runs("broken", 3)
@@ -61,7 +57,7 @@ def test_a_failing_run_is_recorded_and_the_schedule_goes_on(site):
 def test_a_run_that_outlasts_its_interval_never_overlaps_and_skipped_ticks_are_recorded(site):
     trace = site.dir / "trace"
     slow = f"echo start >> {trace}; sleep 2.2; echo end >> {trace}"
-    site.configure({"slow": {**EVERY_SECOND, "command": ["sh", "-c", slow]}})
+    site.configure(schedules={"slow": {**EVERY_SECOND, "command": ["sh", "-c", slow]}})
     site.start()
 
     site.wait_runs("slow", 2, lambda r: r.outcome == "ok")
@@ -80,7 +76,7 @@ def test_a_run_that_outlasts_its_interval_never_overlaps_and_skipped_ticks_are_r
 
 
 def test_disable_and_enable_take_effect_live_and_survive_a_restart(site):
-    site.configure({"tick": {**EVERY_SECOND, "command": ["true"]}})
+    site.configure(schedules={"tick": {**EVERY_SECOND, "command": ["true"]}})
     daemon = site.start()
     site.wait_runs("tick", 1)
 
@@ -108,7 +104,7 @@ def test_disable_and_enable_take_effect_live_and_survive_a_restart(site):
 
 
 def test_rename_and_chown_take_effect_live_and_survive_a_restart(site):
-    site.configure({"who": {**EVERY_SECOND, "command": ["id", "-un"]}})
+    site.configure(schedules={"who": {**EVERY_SECOND, "command": ["id", "-un"]}})
     daemon = site.start()
     [before] = site.wait_runs("who", 1)[:1]
     assert (before.name, before.output) == ("who", {"stdout": "root\n"})
@@ -130,7 +126,7 @@ def test_rename_and_chown_take_effect_live_and_survive_a_restart(site):
 
 
 def test_set_changes_the_timing_of_the_running_daemon(site):
-    site.configure({"tick": {**NOT_ON_ITS_OWN, "command": ["true"]}})
+    site.configure(schedules={"tick": {**NOT_ON_ITS_OWN, "command": ["true"]}})
     site.start()
     time.sleep(1.5)
     assert site.runs("tick") == []
@@ -145,7 +141,7 @@ def test_run_by_hand_with_the_daemon_up_and_75_while_the_daemon_is_running_it(si
     running, release = site.dir / "running", site.dir / "release"
     busy = f"touch {running}; while [ ! -e {release} ]; do sleep 0.02; done; rm {running}"
     site.configure(
-        {
+        schedules={
             "busy": {**EVERY_SECOND, "command": ["sh", "-c", busy]},
             "report": {**NOT_ON_ITS_OWN, "command": ["echo", "by hand"]},
         }
@@ -174,7 +170,7 @@ def test_a_python_handler_beside_the_configuration_runs_in_the_daemon(site):
         "def stamp(ctx):\n"
         "    pathlib.Path(ctx.spool, '..', 'stamped').write_text(ctx.schedule)\n"
     )
-    site.configure({"stamp": {**EVERY_SECOND, "handler": "sched_daemon_hooks:stamp"}})
+    site.configure(schedules={"stamp": {**EVERY_SECOND, "handler": "sched_daemon_hooks:stamp"}})
     site.start()
     [run] = site.wait_runs("stamp", 1)[:1]
     assert run.outcome == "ok", run
@@ -183,7 +179,7 @@ def test_a_python_handler_beside_the_configuration_runs_in_the_daemon(site):
 
 def test_a_run_missed_while_down_is_made_up_once_at_restart_or_not_with_skip(site):
     site.configure(
-        {
+        schedules={
             "made-up": {"every": "0:0:3", "command": ["true"]},
             "not-made-up": {"every": "0:0:3", "catchup": "skip", "command": ["true"]},
         }
@@ -213,7 +209,7 @@ def test_stopping_the_daemon_ends_a_scheduled_run_after_the_grace(site):
     pid_file = site.dir / "long.pid"
     site.pids.append(pid_file)  # killed at the end of the test, whatever happens
     long = f"echo $$ > {pid_file}; exec sleep 60"
-    site.configure({"long": {**EVERY_SECOND, "command": ["sh", "-c", long]}}, grace="1s")
+    site.configure(schedules={"long": {**EVERY_SECOND, "command": ["sh", "-c", long]}}, grace="1s")
     daemon = site.start()
     pid = site.wait_for(lambda: pid_file.exists() and int(pid_file.read_text() or 0), "a run")
 
@@ -225,7 +221,7 @@ def test_stopping_the_daemon_ends_a_scheduled_run_after_the_grace(site):
 def test_many_schedules_every_second_leave_a_result_for_every_tick_and_log_each(site):
     ids = [f"tick-{i:02d}" for i in range(30)]
     disk = {"template": "disk-space", "with": {"min_free": "1B"}}
-    site.configure({sid: {**EVERY_SECOND, **disk} for sid in ids}, schedule_concurrency=2)
+    site.configure(schedules={sid: {**EVERY_SECOND, **disk} for sid in ids}, schedule_concurrency=2)
     daemon = site.start()
     for sid in ids:
         site.wait_runs(sid, 3)

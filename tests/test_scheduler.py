@@ -1,4 +1,4 @@
-"""When schedules run (SPEC 6): ``next_run`` with fixed clocks, and the Scheduler with a fake one.
+"""When schedules run: ``next_run`` with fixed clocks, and the Scheduler with a fake one.
 
 The timing rules pinned here are the ones ``docs/scheduling.rst`` promises:
 ``cron:`` on the schedule's local wall clock, where a time that happens twice
@@ -10,13 +10,14 @@ epoch; ``at:`` once. The 2026 change days are Europe/Berlin 29 March and
 The :class:`Scheduler` tests drive the daemon's loop in-process: the clock is
 whatever ``loop(now)`` is given, the store is a real spool under
 ``tmp_path``, and the commands run are quick real ones.
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,21 @@ import pytest
 
 from jobspool.scheduler import Scheduler
 from jobspool.timing import next_run, preview
-from tests.schedkit import RecordingLog, Site, at, finish, local, schedule, site_in
+from tests.kit import (
+    RecordingLog,
+    Site,
+    T,
+    at,
+    change,
+    finish,
+    local,
+    loop,
+    schedule,
+    scheduler_for,
+)
 
 BERLIN = "Europe/Berlin"
 NEW_YORK = "America/New_York"
-
-# A fixed clock: 2027-01-15 08:00:00 UTC, on the grid of every interval used below.
-T = 1_800_000_000.0
 
 
 def runs_between(s: Any, start: float, end: float) -> list[float]:
@@ -209,36 +218,6 @@ def test_at_follows_the_same_dst_rules_and_honours_an_explicit_offset():
 # --- the Scheduler, with a fake clock ----------------------------------------------------------
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with site_in(tmp_path) as s:
-        yield s
-
-
-def scheduler_for(site: Site, **schedules: Any) -> tuple[Scheduler, RecordingLog]:
-    site.configure(schedules)
-    log = RecordingLog()
-    return Scheduler(site.store(), log), log
-
-
-def change(scheduler: Scheduler, sid: str, **changes: Any) -> None:
-    """What ``jobspool schedule enable|disable|set`` does, as typed by hand.
-
-    The scheduler notices a change by the settings file's mtime; two commands
-    typed by hand are always further apart than the filesystem's timestamp
-    granularity (a clock tick on older kernels), so these are too.
-    """
-    time.sleep(0.02)
-    scheduler.store.change(sid, changes)
-
-
-def loop(scheduler: Scheduler, now: float) -> float | None:
-    """One turn of the loop at ``now``, then wait for what it fired to be recorded."""
-    due = scheduler.loop(now)
-    finish(scheduler)
-    return due
-
-
 def test_fires_when_due_and_not_before(site):
     sch, _ = scheduler_for(site, tick={"every": "0:0:10", "command": ["true"]})
 
@@ -380,7 +359,7 @@ DISK = {"template": "disk-space", "with": {"min_free": "1B"}}  # in-process, abo
 def scheduler_with(
     site: Site, schedules: dict[str, Any], **daemon: Any
 ) -> tuple[Scheduler, RecordingLog]:
-    site.configure(schedules, **daemon)
+    site.configure(schedules=schedules, **daemon)
     log = RecordingLog()
     return Scheduler(site.store(), log), log
 
@@ -475,7 +454,7 @@ def test_a_run_is_reported_only_once_its_result_is_on_disk_and_synced(site, monk
 
     monkeypatch.setattr(Spool, "sync", sync)
     many = {f"tick-{i:02d}": {"every": "0:0:1", **DISK} for i in range(50)}
-    site.configure(many)
+    site.configure(schedules=many)
     sch = Scheduler(site.store(), CheckingLog())
     loop(sch, T + 0.5)
     loop(sch, T + 1)

@@ -1,10 +1,12 @@
-"""Running a schedule, its results, and the ``jobspool schedule`` commands (SPEC 6).
+"""Running a schedule, its results, and the ``jobspool schedule`` commands.
 
 Runs are made with :func:`jobspool.schedules.execute` on a real spool, or
 with the real ``jobspool schedule ...`` command as a subprocess; either way
 the test reads the XML result under ``state/schedules/ID/runs/``, checked
 against ``result.xsd`` first. No daemon runs here (see
 ``test_schedule_daemon.py``).
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ import json
 import os
 import pwd
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,22 +23,19 @@ import pytest
 
 from jobspool.handlers import Outcome
 from jobspool.schedules import Context, Result, execute, read_result, validate
-from tests.kit import JOBSPOOL, pid_alive, wait_for
-from tests.schedkit import Site, site_in
+from tests.kit import (
+    Site,
+    pid_alive,
+    wait_for,
+)
 
 QUICK = {"every": "1:00:00", "command": ["true"]}
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with site_in(tmp_path) as s:
-        yield s
 
 
 def configured(site: Site, **daemon: Any) -> Site:
     """The site with a few schedules of every kind, and its spool."""
     site.configure(
-        {
+        schedules={
             "hello": {"every": "1:00:00", "command": ["sh", "-c", "echo hello; id -un"]},
             "broken": {"cron": "0 4 * * *", "command": ["sh", "-c", "echo oops >&2; exit 3"]},
             "purge-old": {
@@ -80,7 +77,9 @@ def test_a_command_run_leaves_a_valid_result_with_its_output(site):
 
 def test_a_command_sees_its_schedule_and_spool_in_the_environment(site):
     site.configure(
-        {"env": {**QUICK, "command": ["sh", "-c", "echo $JOBSPOOL_SCHEDULE $JOBSPOOL_SPOOL"]}}
+        schedules={
+            "env": {**QUICK, "command": ["sh", "-c", "echo $JOBSPOOL_SCHEDULE $JOBSPOOL_SPOOL"]}
+        }
     )
     store = site.store()
     execute(store, store.get("env"), "manual")
@@ -102,7 +101,7 @@ def test_a_timeout_kills_the_whole_process_group(site):
     pid_file = site.dir / "grandchild.pid"
     site.pids.append(pid_file)
     script = f"sleep 60 & echo $! > {pid_file}; echo started; wait"
-    site.configure({"stuck": {**QUICK, "timeout": "1s", "command": ["sh", "-c", script]}})
+    site.configure(schedules={"stuck": {**QUICK, "timeout": "1s", "command": ["sh", "-c", script]}})
     store = site.store()
     execute(store, store.get("stuck"), "manual")
 
@@ -117,7 +116,9 @@ def test_a_timeout_kills_the_whole_process_group(site):
 
 def test_output_beyond_the_limit_is_cut_and_says_how_much(site):
     site.configure(
-        {"chatty": {**QUICK, "command": ["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"]}},
+        schedules={
+            "chatty": {**QUICK, "command": ["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"]}
+        },
         output_limit="1KB",
     )
     store = site.store()
@@ -139,7 +140,9 @@ def test_a_python_handler_is_called_with_a_context(site, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(site.dir))
     site.configure(
-        {"hook": {"every": "1:00:00", "handler": "sched_hooks_ctx:report", "with": {"keep": 3}}}
+        schedules={
+            "hook": {"every": "1:00:00", "handler": "sched_hooks_ctx:report", "with": {"keep": 3}}
+        }
     )
     store = site.store()
     assert execute(store, store.get("hook"), "manual").outcome == "ok"
@@ -154,7 +157,7 @@ def test_a_handler_that_raises_is_recorded_failed_with_its_traceback(site, monke
         "def boom(ctx):\n    raise RuntimeError('disk on fire')\n"
     )
     monkeypatch.syspath_prepend(str(site.dir))
-    site.configure({"hook": {"every": "1:00:00", "handler": "sched_hooks_fail:boom"}})
+    site.configure(schedules={"hook": {"every": "1:00:00", "handler": "sched_hooks_fail:boom"}})
     store = site.store()
     execute(store, store.get("hook"), "time", due=1_800_000_000.0)
 
@@ -165,7 +168,7 @@ def test_a_handler_that_raises_is_recorded_failed_with_its_traceback(site, monke
 
 
 def test_history_keeps_the_newest_n_results(site):
-    site.configure({"tick": QUICK}, history=3)
+    site.configure(schedules={"tick": QUICK}, history=3)
     store = site.store()
     starts = [execute(store, store.get("tick"), "manual").start for _ in range(5)]
 
@@ -175,7 +178,7 @@ def test_history_keeps_the_newest_n_results(site):
 
 def test_a_staged_result_appears_only_when_placed_and_after_the_newest(site):
     # The daemon's group commit: staged (unsynced, in tmp/), synced, then placed.
-    site.configure({"tick": QUICK}, history=2)
+    site.configure(schedules={"tick": QUICK}, history=2)
     store = site.store()
     s = store.get("tick")
     first = execute(store, s, "manual")  # recorded durably, as by hand
@@ -202,7 +205,7 @@ def test_a_staged_result_appears_only_when_placed_and_after_the_newest(site):
 
 
 def test_the_last_tick_is_overwritten_in_place_and_reads_back(site):
-    site.configure({"tick": QUICK})
+    site.configure(schedules={"tick": QUICK})
     store = site.store()
     assert store.last_tick("tick") is None
     store.record_tick("tick", 1_800_000_000.123456)
@@ -343,10 +346,10 @@ def test_a_disabled_schedule_is_not_run_by_hand(site):
 def test_run_by_hand_while_it_is_running_exits_75(site):
     started, release = site.dir / "started", site.dir / "release"
     wait = f"touch {started}; while [ ! -e {release} ]; do sleep 0.02; done"
-    site.configure({"slow": {**QUICK, "command": ["sh", "-c", wait]}})
+    site.configure(schedules={"slow": {**QUICK, "command": ["sh", "-c", wait]}})
     site.ok("init")
     first = subprocess.Popen(
-        [str(JOBSPOOL), "-c", str(site.config), "schedule", "run", "slow"],
+        site.command("schedule", "run", "slow"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -518,20 +521,20 @@ def test_an_unknown_schedule_exits_2(site, args):
     ],
 )
 def test_a_broken_schedule_in_the_configuration_exits_78_naming_the_key(site, entry, says):
-    site.configure({"bad": entry})
+    site.configure(schedules={"bad": entry})
     line = site.fails(78, "schedule", "list")
     assert str(site.config) in line and says in line
 
 
 def test_an_unknown_time_zone_is_refused_whatever_the_timing(site):
-    site.configure({"bad": {**QUICK, "timezone": "Nowhere/Town"}})
+    site.configure(schedules={"bad": {**QUICK, "timezone": "Nowhere/Town"}})
     line = site.fails(78, "schedule", "list")
     assert "schedules.bad" in line and "Nowhere/Town" in line
 
 
 def test_run_by_hand_of_a_handler_beside_the_configuration(site):
     (site.dir / "sched_hooks_cli.py").write_text("def ping(ctx):\n    pass\n")
-    site.configure({"hook": {"every": "1:00:00", "handler": "sched_hooks_cli:ping"}})
+    site.configure(schedules={"hook": {"every": "1:00:00", "handler": "sched_hooks_cli:ping"}})
     site.ok("init")
     result = site.run("schedule", "run", "hook")
     assert (result.returncode, result.stdout) == (0, "hook: ok\n"), site.runs("hook")

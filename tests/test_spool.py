@@ -1,4 +1,7 @@
-"""The spool tree (SPEC 1, 2): its directories, where a job is, queue order, safe writes."""
+"""The spool tree: its directories, where a job is, queue order, safe writes.
+
+The promises tested here are in ``docs/spec.rst`` ("The spool tree", "Jobs").
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobspool import joblog
-from jobspool import durable
+from jobspool import durable, joblog
 from jobspool import listing as listing_module
-from jobspool.errors import BadRequest, ConfigError, TryLater
 from jobspool.durable import rename_noreplace
+from jobspool.errors import BadRequest, ConfigError, TryLater
 from jobspool.spool import Spool
-from tests.conftest import INVALID, VALID, assert_valid_log
+from tests.kit import (
+    INVALID,
+    VALID,
+    valid_log,
+)
 
 IFACES = ("orders_in", "orders_out")
 
@@ -146,7 +152,7 @@ def test_read_log_of_a_job_in_joberrors(tree):
     (tree.joberrors / "bad.xml").write_bytes(INVALID)
     (tree.joberrors / "bad.xml,log.xml").write_bytes(data)
     assert tree.read_log("bad.xml") == data
-    assert_valid_log(data)
+    valid_log(data)
 
 
 # --- queue order ---------------------------------------------------------------
@@ -202,8 +208,14 @@ def test_jobs_accepted_in_the_same_second_and_across_restarts_keep_their_order(t
 
 def test_jobs_with_the_same_stamp_are_in_name_order(tree):
     t = time.time_ns() - 10**9
-    for name, stamp in [("c.xml", t), ("b.xml", t + 5), ("z.xml", t), ("a.xml", t + 5),
-                        ("m.xml", t - 1), ("y.xml", t)]:  # fmt: skip
+    for name, stamp in [
+        ("c.xml", t),
+        ("b.xml", t + 5),
+        ("z.xml", t),
+        ("a.xml", t + 5),
+        ("m.xml", t - 1),
+        ("y.xml", t),
+    ]:
         placed(tree, name, stamp)
     assert names_in(tree) == ["m.xml", "c.xml", "y.xml", "z.xml", "a.xml", "b.xml"]
 

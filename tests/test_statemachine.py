@@ -1,4 +1,4 @@
-"""Commands racing a running daemon (SPEC 2, 5): a hypothesis state machine.
+"""Commands racing a running daemon: a hypothesis state machine.
 
 Each example starts a real daemon on a fresh spool, with a Python handler
 that takes a little while (so that commands land while jobs are being
@@ -14,6 +14,8 @@ exactly one place, a place its kind allows, nothing unknown is there, and
 every log (in ``bak``, ``joberrors`` and ``state/pending``) is valid against
 the log schema. At the end the interface is resumed and every job must reach
 the place its kind ends in: none lost.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs", "Commands and exit codes").
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ from hypothesis.stateful import (
 )
 
 from jobspool import joblog
-from tests.daemonkit import Daemon, Site, order
-from tests.kit import wait_for
+from tests.kit import BROKEN, Daemon, Site, order, wait_for
 
 HANDLER = """
 import os
@@ -51,7 +52,6 @@ def handle(job):
         raise ValueError("the partner's system says no")
 """
 
-BROKEN = b'<?xml version="1.0"?>\n<order id="b">\n  <sku>HAM-1</sku>\n'
 
 # Where a job of each kind may be seen, and where it ends once the daemon is done.
 MAY_BE = {

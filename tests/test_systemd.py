@@ -17,7 +17,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 
 from jobspool import config
 from jobspool.spool import Spool
+from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, VALID, run
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "jobspool.service"
@@ -35,10 +35,8 @@ SYSUSERS = ROOT / "systemd" / "jobspool.sysusers"
 TMPFILES = ROOT / "systemd" / "jobspool.tmpfiles"
 EXAMPLE = ROOT / "etc" / "jobspool.yaml"
 DEPLOYMENT = ROOT / "docs" / "deployment.rst"
-JOBSPOOL = Path(sys.executable).parent / "jobspool"
 SPOOL = "/var/spool/jobspool"
 MAX_EXPOSURE = 2.0
-DEADLINE = 20.0  # seconds any wait may take before the test fails
 
 
 def tool(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -177,14 +175,14 @@ def test_sysusers_creates_the_jobspool_user_and_group(tmp_path: Path) -> None:
     assert shell.endswith("nologin")
 
 
+EXAMPLE_INTERFACES = ("orders_in", "orders_out")  # those of etc/jobspool.yaml
+
+
 def _tree() -> dict[str, tuple[int, str]]:
     """What jobspool.tmpfiles promises: path under the spool -> (mode, owner); group jobspool."""
-    group_dirs = [
-        "", "incoming", "queue", "bak", "joberrors", "tmp", "state",
-        "state/paused", "state/pending", "state/blocked", "state/schedules",
-        *(f"{state}/{iface}" for state in ("incoming", "queue", "bak")
-          for iface in ("orders_in", "orders_out")),
-    ]  # fmt: skip
+    group_dirs = ["", "incoming", "queue", "bak", "joberrors", "tmp", "state"]
+    group_dirs += ["state/paused", "state/pending", "state/blocked", "state/schedules"]
+    group_dirs += [f"{s}/{i}" for s in ("incoming", "queue", "bak") for i in EXAMPLE_INTERFACES]
     tree = {d: (0o2770, "root") for d in group_dirs}
     tree[""] = (0o2750, "root")
     tree["state/names.lock"] = (0o660, "jobspool")
@@ -238,12 +236,6 @@ def test_tmpfiles_creates_the_spool_tree(tmp_path: Path) -> None:
 
 
 # --- the example configuration -------------------------------------------------------
-
-ORDER_XSD = """\
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-  <xs:element name="order"/>
-</xs:schema>
-"""
 
 
 @pytest.fixture
@@ -324,8 +316,6 @@ daemon:
   grace: 5s
 """
 
-ORDER = b'<?xml version="1.0"?>\n<order id="1"><sku>HAM-1</sku><qty>3</qty></order>\n'
-
 
 class Systemd:
     """The systemd end of the notify protocol: a datagram socket and what arrived on it."""
@@ -375,7 +365,7 @@ def systemd(tmp_path: Path) -> Iterator[Systemd]:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Path:
+def conf(tmp_path: Path) -> Path:
     conf = tmp_path / "jobspool.yaml"
     conf.write_text(CONFIG)
     return conf
@@ -383,7 +373,7 @@ def site(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start(
-    tmp_path: Path, systemd: Systemd, site: Path
+    tmp_path: Path, systemd: Systemd, conf: Path
 ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start the real daemon as systemd would: $NOTIFY_SOCKET, $WATCHDOG_USEC, $WATCHDOG_PID."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -397,12 +387,15 @@ def start(
         )
         with open(tmp_path / "daemon.log", "ab") as log:
             # WATCHDOG_PID is the pid systemd started; "exec" keeps it for the daemon.
+            shell = ["/bin/sh", "-c", f'WATCHDOG_PID={watchdog_pid} exec "$@"', "sh"]
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", f'WATCHDOG_PID={watchdog_pid} exec "$@"', "sh",
-                 str(JOBSPOOL), "-c", str(site), "daemon"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [*shell, str(JOBSPOOL), "-c", str(conf), "daemon"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         procs.append(proc)
         return proc
 
@@ -413,23 +406,19 @@ def start(
             proc.wait(10)
 
 
-def cli(site: Path, *args: str) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(site.parent / "cache")}
-    result = subprocess.run(
-        [str(JOBSPOOL), "-c", str(site), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+def cli(conf: Path, *args: str) -> None:
+    result = run("-c", str(conf), *args, env={"XDG_CACHE_HOME": str(conf.parent / "cache")})
     assert result.returncode == 0, result
 
 
 def test_notify_protocol(
-    start: Callable[..., subprocess.Popen[bytes]], systemd: Systemd, site: Path, tmp_path: Path
+    start: Callable[..., subprocess.Popen[bytes]], systemd: Systemd, conf: Path, tmp_path: Path
 ) -> None:
     # A job waits on a paused interface, so the status has a queue to report.
-    cli(site, "init")
-    cli(site, "pause", "orders_in")
-    (tmp_path / "order-1.xml").write_bytes(ORDER)
-    cli(site, "submit", "orders_in", str(tmp_path / "order-1.xml"))
+    cli(conf, "init")
+    cli(conf, "pause", "orders_in")
+    (tmp_path / "order-1.xml").write_bytes(VALID)
+    cli(conf, "submit", "orders_in", str(tmp_path / "order-1.xml"))
     daemon = start()
 
     ready = systemd.wait_for(lambda m: m.get("READY") == "1", "READY=1")
@@ -449,8 +438,8 @@ def test_notify_protocol(
     systemd.wait_for(lambda m: m.get("READY") == "1", "READY=1 after the reload")
 
     # A broken configuration on SIGHUP: refused, the daemon goes on with the old one.
-    good = site.read_text()
-    site.write_text(good.replace("rescan: 2s", "rescan: often"))
+    good = conf.read_text()
+    conf.write_text(good.replace("rescan: 2s", "rescan: often"))
     daemon.send_signal(signal.SIGHUP)
     systemd.wait_for(lambda m: m.get("RELOADING") == "1", "RELOADING=1 (broken)")
     systemd.wait_for(lambda m: m.get("READY") == "1", "READY=1 after a refused reload")

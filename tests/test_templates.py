@@ -1,10 +1,12 @@
-"""The built-in templates do their work on a real spool (SPEC 6).
+"""The built-in templates do their work on a real spool.
 
 Jobs get into ``bak`` and ``joberrors`` the way they do in production
 (``jobspool submit``, then ``jobspool daemon --once``), and are then aged
 with ``os.utime``. Each template runs through ``jobspool schedule run``, so
 the exit status (0 ok, 1 failed) and the recorded result are what a
 sysadmin would see.
+
+The promises tested here are in ``docs/spec.rst`` ("Schedules").
 """
 
 from __future__ import annotations
@@ -12,29 +14,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.schedkit import Site, site_in
+from tests.kit import BROKEN, VALID, Site, plain
 
 DAY = 86400
-ORDER = b'<?xml version="1.0"?>\n<order id="1"><sku>HAM-1</sku><qty>3</qty></order>\n'
-BROKEN = b'<?xml version="1.0"?>\n<order id="2"><sku>HAM-1</qty></order>\n'
-IFACES = ("orders_in", "stock_in")
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with site_in(tmp_path) as s:
-        yield s
+IFACES = plain("orders_in", "stock_in")
 
 
 def with_template(site: Site, sid: str, template: str, **settings: Any) -> None:
     site.configure(
-        {sid: {"every": "24:00:00", "template": template, "with": settings}}, interfaces=IFACES
+        schedules={sid: {"every": "24:00:00", "template": template, "with": settings}},
+        interfaces=IFACES,
     )
     site.ok("init")
 
@@ -48,7 +40,7 @@ def age(path: Path, days: float) -> None:
 def processed(site: Site, jobs: dict[str, str]) -> None:
     """Jobs into bak (``{name: iface}``) or, for names with ``bad``, into joberrors."""
     for name, iface in jobs.items():
-        code = site.submit(iface, name, BROKEN if "bad" in name else ORDER)
+        code = site.submit(name, BROKEN if "bad" in name else VALID, iface).returncode
         assert code == (65 if "bad" in name else 0), name
     site.ok("daemon", "--once")
     for name, iface in jobs.items():
@@ -142,7 +134,7 @@ def test_purge_settings_are_checked(site):
 
 
 def queued(site: Site, iface: str, name: str, hours: float) -> None:
-    assert site.submit(iface, name, ORDER) == 0  # no daemon runs: it stays queued
+    assert site.submit(name, VALID, iface).returncode == 0  # no daemon runs: it stays queued
     age(site.root / "queue" / iface / name, hours / 24)
 
 
@@ -200,7 +192,9 @@ def test_disk_space_fails_when_less_is_free_than_asked(site):
 
 def test_disk_space_with_min_free_100_percent_fails_the_run(site):
     site.configure(
-        {"disk": {"every": "24:00:00", "template": "disk-space", "with": {"min_free": "1B"}}}
+        schedules={
+            "disk": {"every": "24:00:00", "template": "disk-space", "with": {"min_free": "1B"}}
+        }
     )
     site.ok("init")
     site.ok("schedule", "set", "disk", "with.min_free=100%")

@@ -1,4 +1,7 @@
-"""When a dropped file is whole (SPEC 2), and which files a rescan looks at."""
+"""When a dropped file is whole, and which files a rescan looks at.
+
+The promises tested here are in ``docs/spec.rst`` ("Jobs").
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import pytest
 
 from jobspool import watch
 from jobspool.watch import GONE, READY, candidates, readiness, writer_open
-from tests.daemonkit import order
-from tests.kit import wait_for
+from tests.kit import (
+    order,
+    wait_for,
+)
 
 SETTLE = 0.3
 HOUR_AGO = time.time() - 3600
@@ -42,9 +47,15 @@ def renamed_in(folder: Path, name: str) -> Path:
 
 @pytest.mark.parametrize(
     "name",
-    [".order.xml", ".order.xml.Ab12Cd", "order.xml.part", "order.xml.filepart", "order.xml.tmp",
-     "order.xml~"],
-)  # fmt: skip
+    [
+        ".order.xml",
+        ".order.xml.Ab12Cd",
+        "order.xml.part",
+        "order.xml.filepart",
+        "order.xml.tmp",
+        "order.xml~",
+    ],
+)
 @pytest.mark.parametrize("was_renamed_in", [True, False], ids=["renamed", "written"])
 def test_uploads_in_progress_are_never_ready(tmp_path, name, was_renamed_in):
     # Even whole, old and closed: the name says an upload is still going on.
@@ -145,8 +156,8 @@ def test_a_file_whose_mtime_was_set_back_still_settles_by_its_last_change(tmp_pa
 
 
 def test_candidates_skip_uploads_in_progress_and_directories(tmp_path):
-    for name in ["a.xml", "b.xml", ".c.xml", ".d.xml.Qw12Er", "e.xml.part", "f.xml.filepart",
-                 "g.xml.tmp", "h.xml~"]:  # fmt: skip
+    names = "a.xml b.xml .c.xml .d.xml.Qw12Er e.xml.part f.xml.filepart g.xml.tmp h.xml~"
+    for name in names.split():
         put(tmp_path, name)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub.xml").mkdir()
@@ -225,8 +236,11 @@ def test_a_watched_folder_removed_by_hand_makes_the_watcher_unhealthy(tmp_path):
         assert watcher.healthy()
         renamed_in(folder, "after.xml")
         seen: list[watch.Hint] = []
-        wait_for(lambda: ("after.xml", True) in _collect(watcher, seen),
-                 "a hint from the new watch", timeout=10)  # fmt: skip
+        wait_for(
+            lambda: ("after.xml", True) in _collect(watcher, seen),
+            "a hint from the new watch",
+            timeout=10,
+        )
     finally:
         watcher.stop()
 

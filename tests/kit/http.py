@@ -1,4 +1,4 @@
-"""Helpers for tests/test_http.py: certificates, a real ``jobspool serve``, clients.
+"""The HTTPS front: certificates, a real ``jobspool serve``, clients.
 
 The server is the installed console script in a subprocess, on a free
 loopback port, with a certificate chain the test made (a CA and a server
@@ -7,10 +7,10 @@ certificate for 127.0.0.1 and localhost); clients verify it against that CA.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
-import os
 import signal
 import socket
 import ssl
@@ -23,10 +23,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import COMMAND
-
-DEADLINE = 20.0  # seconds any wait may take before the test fails
-
+from tests.kit.process import COMMAND, DEADLINE, clean_environ, wait_for
 
 # --- certificates ------------------------------------------------------------------
 
@@ -110,6 +107,7 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def free_port() -> int:
+    """A loopback port no one listens on (now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -121,7 +119,11 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A running ``jobspool -c CONFIG serve [ARGS]``; its stderr (the JSON log) in a file."""
+    """A running ``jobspool -c CONFIG serve [ARGS]``; its stderr (the JSON log) in a file.
+
+    ``env`` adds to :func:`~tests.kit.process.clean_environ` (a site's
+    :meth:`~tests.kit.site.Site.env` will do).
+    """
 
     config: Path
     port: int
@@ -145,11 +147,11 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                env={**os.environ, **self.env},
+                env={**clean_environ(), **self.env},
             )
-        until(lambda: self.proc is None or self.proc.poll() is not None or self.listening(),
-              "the server to listen")  # fmt: skip
-        assert self.proc.poll() is None, self.stderr.read_text()
+        proc = self.proc
+        wait_for(lambda: proc.poll() is not None or self.listening(), "the server to listen")
+        assert proc.poll() is None, self.stderr.read_text()
         return self
 
     def listening(self) -> bool:
@@ -202,17 +204,8 @@ class Server:
         return self.ssl_context().wrap_socket(raw, server_hostname="localhost")
 
 
-def until(ready: Any, what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not ready():
-        if time.monotonic() > end:
-            raise AssertionError(f"waited {deadline} s for {what}")
-        time.sleep(0.02)
-
-
 def basic(user: str, password: str) -> str:
-    import base64
-
+    """An ``Authorization`` header's value for HTTP basic authentication."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 

@@ -1,33 +1,54 @@
-"""What the daemon tests share: a spool of their own, the real daemon as a subprocess, drops.
+"""A site: a configuration in a directory, its schemas and handlers, its spool, its daemons.
 
-A :class:`Site` is a configuration in a temporary directory, its schemas, its
-handlers (tiny shell scripts or Python modules beside the configuration) and
-its spool. :meth:`Site.start` runs ``jobspool -c CONFIG daemon`` exactly as
-systemd would, with its stderr (JSON lines) captured into a file that every
-failure message shows. The ``site`` fixture kills whatever daemon a test left
-running, and checks that every XML log the test produced validates.
+A :class:`Site` under ``dir`` has its configuration in ``dir/jobspool.yaml``,
+the order schema in ``dir/schemas/order.xsd``, partner files in
+``dir/outside`` and its spool in ``dir/spool``. :meth:`Site.run` runs the real
+``jobspool -c CONFIG ...`` (through :func:`tests.kit.process.run`) with the
+site's environment: its own configuration cache in ``dir/xdg-cache`` and
+``$T`` naming ``dir``, where handlers write their traces.
+
+:meth:`Site.start` runs ``jobspool -c CONFIG daemon`` exactly as systemd
+would, as a :class:`Daemon` whose stderr (JSON lines) goes to a file that
+every failure message shows (:meth:`Site.describe`).
 
 Everything is asserted the way a sysadmin would look: ``ls`` of the spool,
-exit codes, the job logs. Waits poll the filesystem with a generous deadline;
-nothing here measures speed.
+exit codes, the job logs, the schedules' results. Waits poll the filesystem
+with a generous deadline; nothing here measures speed.
+
+Where the kits this replaces disagreed, the values kept are these:
+
+- :data:`FAST` is the daemon section with the quick back-off
+  (``backoff_initial`` 0.2 s, ``backoff_max`` 1 s) for every site; the
+  schedule tests had run with the defaults (1 s, 300 s), which none of them
+  reaches (their interfaces run ``/bin/true`` and never say "try later").
+- :meth:`Daemon.said` returns the matching log lines (a list, true when
+  non-empty); the schedule kit's returned a bool.
+- :meth:`Site.submit` is ``submit(name, data, iface)`` and returns the
+  finished command; the schedule kit's took ``(iface, name, data)`` and
+  returned its exit status.
+- ``DEADLINE`` is 20 s everywhere (every kit had 20).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
-from lxml import etree
 
-from jobspool import joblog
-from tests.kit import DEADLINE, JOBSPOOL, ORDER_XSD, run_jobspool, wait_for
+from jobspool import config
+from jobspool.schedules import Store
+from tests.kit.documents import CONFIG, ORDER_XSD, STOCK_RNG, VALID, order
+from tests.kit.logs import valid_log
+from tests.kit.process import COMMAND, DEADLINE, assert_fails, assert_ok, clean_environ, run
+from tests.kit.process import wait_for as _wait_for
+from tests.kit.results import Run, runs_in
 
 # The daemon section that keeps tests quick (the defaults are for production).
 FAST = {
@@ -38,68 +59,41 @@ FAST = {
     "grace": "5s",
 }
 
-
-def order(n: int | str = 1, sku: str = "HAM-1", qty: int = 3) -> bytes:
-    """A valid order document (for the ``schemas/order.xsd`` above)."""
-    return (
-        f'<?xml version="1.0" encoding="UTF-8"?>\n<order id="{n}">\n'
-        f"  <sku>{sku}</sku>\n  <qty>{qty}</qty>\n</order>\n"
-    ).encode()
-
-
 STATES = ("incoming", "queue", "bak", "joberrors")
+NOBODY = 65534  # the uid and gid of nobody
 
 
-# --- waiting ---------------------------------------------------------------------
+def plain(*names: str) -> dict[str, dict[str, Any]]:
+    """Interfaces without a schema whose handler is ``/bin/true`` (``orders_in`` by default)."""
+    return {name: {"command": ["/bin/true"]} for name in names or ("orders_in",)}
 
 
-# --- job logs --------------------------------------------------------------------
+def snapshot(root: Path) -> dict[str, object]:
+    """Every directory and file under ``root``, with each file's content and mtime.
 
-
-def valid_log(path: Path) -> bytes:
-    """The log at ``path`` validates against joblog.xsd; return its bytes."""
-    data = path.read_bytes()
-    problems = joblog.validate(data)
-    assert problems == [], f"{path} is not a valid job log: {problems}\n{data.decode()}"
-    return data
-
-
-def log_events(path: Path, kind: str | None = None) -> list[Any]:
-    """The events of a (valid) log, oldest first; only those of ``kind`` if given."""
-    root = etree.fromstring(valid_log(path))
-    found = [e for e in root if isinstance(e.tag, str)]
-    if kind is not None:
-        found = [e for e in found if etree.QName(e).localname == kind]
-    return found
-
-
-def log_root(path: Path) -> Any:
-    return etree.fromstring(valid_log(path))
-
-
-def outputs(ran: Any) -> dict[str, Any]:
-    """A ``ran`` event's captured output by stream (stdout, stderr)."""
-    return {o.get("stream"): o for o in ran if etree.QName(o).localname == "output"}
-
-
-def child(event: Any, kind: str) -> Any:
-    for e in event:
-        if etree.QName(e).localname == kind:
-            return e
-    return None
-
-
-# --- a spool and its daemon ---------------------------------------------------------
+    Lock files count by name and content only: the mtime of ``names.lock`` is
+    the acceptance stamps' high-water mark, which a refused request may advance.
+    """
+    out: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir():
+            out[rel] = "dir"
+        elif path.suffix == ".lock":
+            out[rel] = (path.read_bytes(), "lock")
+        else:
+            out[rel] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return out
 
 
 class Daemon:
     """A ``jobspool daemon`` subprocess with its stderr in a file."""
 
-    def __init__(self, site: Site, args: tuple[str, ...], user: int | None = None) -> None:
+    def __init__(self, site: Site, args: tuple[str, ...] = (), user: int | None = None) -> None:
         self.site = site
         site.started += 1
         self.stderr_path = site.dir / f"daemon-{site.started}.stderr"
-        argv = [str(JOBSPOOL), "-c", str(site.config), "daemon", *args]
+        argv = site.command("daemon", *args)
         if user is not None:
             argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
         with open(self.stderr_path, "wb") as err:
@@ -134,7 +128,7 @@ class Daemon:
         return out
 
     def said(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        """Its log lines whose ``event`` is ``event`` and whose fields match."""
+        """Its log lines whose ``event`` is ``event`` and whose fields match (true if any)."""
         return [
             line
             for line in self.lines()
@@ -148,10 +142,8 @@ class Daemon:
 
     def wait_ready(self) -> Daemon:
         """Until it says ``ready`` (it has taken the lock, rescanned and started its lanes)."""
-        wait_for(
-            lambda: self.said("ready") or not self.running(),
-            "the daemon to say ready",
-            show=self.site.describe,
+        self.site.wait_for(
+            lambda: self.said("ready") or not self.running(), "the daemon to say ready"
         )
         assert self.running(), f"the daemon exited {self.proc.returncode}\n{self.site.describe()}"
         return self
@@ -188,23 +180,36 @@ class Site:
         self.dir = directory
         self.config = directory / "jobspool.yaml"
         self.root = directory / "spool"
+        self.outside = directory / "outside"  # where partner files wait to be submitted
         self.daemons: list[Daemon] = []
         self.started = 0
+        self.pids: list[Path] = []  # pid files of processes a test made, killed at the end
         schemas = directory / "schemas"
         schemas.mkdir(exist_ok=True)
         (schemas / "order.xsd").write_text(ORDER_XSD)
-        self.outside = directory / "outside"
         self.outside.mkdir(exist_ok=True)
 
     # --- configuration and handlers ---
 
-    def configure(self, interfaces: dict[str, Any], **daemon: Any) -> None:
-        """Write ``jobspool.yaml`` with these interfaces and the FAST daemon section."""
-        data = {"spool": "spool", "interfaces": interfaces, "daemon": {**FAST, **daemon}}
-        text = yaml.safe_dump(data, sort_keys=False)
+    def configure(
+        self,
+        interfaces: Mapping[str, Any] | None = None,
+        *,
+        schedules: Mapping[str, Any] | None = None,
+        **daemon: Any,
+    ) -> None:
+        """Write ``jobspool.yaml``: interfaces (:func:`plain` by default), schedules if any,
+        and the :data:`FAST` daemon section with ``daemon`` on top."""
+        data: dict[str, Any] = {
+            "spool": "spool",
+            "interfaces": dict(plain() if interfaces is None else interfaces),
+            "daemon": {**FAST, **daemon},
+        }
+        if schedules is not None:
+            data["schedules"] = dict(schedules)
         tmp = self.config.with_name(".jobspool.yaml.new")
-        tmp.write_text(text)
-        os.replace(tmp, self.config)
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.replace(tmp, self.config)  # a daemon reloading it never reads half a file
 
     def script(self, name: str, body: str) -> str:
         """A shell handler ``dir/NAME`` (made executable); returns its path."""
@@ -218,27 +223,75 @@ class Site:
         (self.dir / f"{name}.py").write_text(source)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("JOBSPOOL_CONFIG", None)
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("WATCHDOG_USEC", None)
+        """The environment of the site's commands and daemons."""
+        env = clean_environ()
         env["XDG_CACHE_HOME"] = str(self.dir / "xdg-cache")
         env["T"] = str(self.dir)  # handlers write their traces here
         return env
 
+    def store(self) -> Store:
+        """The schedules of this configuration, on an initialised spool (for in-process tests)."""
+        store = Store(config.load(self.config))
+        store.spool.init()
+        return store
+
     # --- the command line ---
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """``jobspool -c CONFIG ARGS...``"""
-        return run_jobspool(self.config, *args, env=self.env(), cwd=self.dir, timeout=timeout)
+    def command(self, *args: str) -> list[str]:
+        """The argv of ``jobspool -c CONFIG ARGS...``, for a test that starts it itself."""
+        return [*COMMAND, "-c", str(self.config), *args]
+
+    def run(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        """``jobspool -c CONFIG ARGS...`` in ``dir``; ``env`` adds to :meth:`env`."""
+        return run(
+            "-c",
+            str(self.config),
+            *args,
+            env={**self.env(), **(env or {})},
+            cwd=self.dir if cwd is None else cwd,
+            **kwargs,
+        )
 
     def ok(self, *args: str) -> str:
+        """Run a command that must exit 0; return its stdout."""
         result = self.run(*args)
         assert result.returncode == 0, (args, result.returncode, result.stdout, result.stderr)
         return result.stdout
 
+    def fails(self, code: int, *args: str) -> str:
+        """Run a command that must exit ``code`` with one ``jobspool:`` line; return it."""
+        return assert_fails(self.run(*args), code)
+
     def init(self) -> None:
         self.ok("init")
+
+    def file(self, name: str, data: bytes = VALID) -> Path:
+        """A partner's file outside the spool, ready to submit."""
+        path = self.outside / name
+        path.write_bytes(data)
+        return path
+
+    def submit(
+        self, name: str, data: bytes = VALID, iface: str = "orders_in"
+    ) -> subprocess.CompletedProcess[str]:
+        """``jobspool submit IFACE FILE`` of a partner's file ``name``."""
+        return self.run("submit", iface, str(self.file(name, data)))
+
+    def queue(self, iface: str = "orders_in") -> list[str]:
+        """``jobspool queue IFACE``, as a list of names."""
+        return assert_ok(self.run("queue", iface)).splitlines()
+
+    def status(self, name: str) -> str:
+        """``jobspool status NAME``, without its newline."""
+        return assert_ok(self.run("status", name)).rstrip("\n")
+
+    # --- the daemon ---
 
     def start(self, *args: str, user: int | None = None, ready: bool = True) -> Daemon:
         """Start ``jobspool daemon ARGS``; by default wait until it says it is ready."""
@@ -255,8 +308,12 @@ class Site:
         return d
 
     def kill_all(self) -> None:
+        """Kill every daemon the site started, and every process named in :attr:`pids`."""
         for d in self.daemons:
             d.kill()
+        for pid_file in self.pids:  # processes a schedule started and a daemon left behind
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
     # --- dropping files ---
 
@@ -270,6 +327,10 @@ class Site:
         return final
 
     # --- looking at the spool ---
+
+    def tree(self) -> dict[str, object]:
+        """:func:`snapshot` of the spool."""
+        return snapshot(self.root)
 
     def dir_of(self, state: str, iface: str | None = None) -> Path:
         return (
@@ -319,8 +380,13 @@ class Site:
                     n += 1
         return n
 
+    def runs(self, sid: str) -> list[Run]:
+        """Every result of schedule ``sid``, oldest first."""
+        return runs_in(self.root, sid)
+
     def describe(self) -> str:
-        """What a failing test shows: the spool's listing and every daemon's stderr."""
+        """What a failing test shows: the spool's listing, the schedules' results, and
+        every daemon's stderr."""
         parts = []
         if self.root.is_dir():
             listing = []
@@ -330,27 +396,43 @@ class Site:
                 listing.append(str(path.relative_to(self.root)))
             shown = listing if len(listing) <= 60 else [*listing[:60], f"... {len(listing)} files"]
             parts.append("spool:\n  " + "\n  ".join(shown))
+        folder = self.root / "state" / "schedules"
+        if folder.is_dir():
+            for sid in sorted(os.listdir(folder)):
+                results = "\n    ".join(repr(r) for r in runs_in(self.root, sid)) or "-"
+                parts.append(f"results of {sid}:\n    {results}")
         for d in self.daemons:
-            text = d.text()
-            tail = text[-6000:]
+            tail = d.text()[-6000:]
             parts.append(f"daemon pid {d.pid} (exit {d.proc.poll()}) stderr:\n{tail}")
         return "\n".join(parts)
 
+    # --- waiting ---
+
     def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-        return wait_for(condition, what, timeout, show=self.describe)
+        """:func:`tests.kit.process.wait_for`, showing :meth:`describe` when it gives up."""
+        return _wait_for(condition, what, timeout, show=self.describe)
 
     def wait_in(self, name: str, place: str, timeout: float = DEADLINE) -> None:
         """Until job ``name`` is (only) in ``place`` (``bak/IFACE``, ``joberrors``, ...)."""
         self.wait_for(lambda: self.where(name) == [place], f"{name} in {place}", timeout)
 
+    def wait_runs(
+        self, sid: str, count: int, which: Callable[[Run], bool] = lambda r: True
+    ) -> list[Run]:
+        """Until ``sid`` has at least ``count`` results that ``which`` accepts; return them."""
 
-@pytest.fixture(name="site")
-def site_fixture(tmp_path: Path) -> Iterator[Site]:
-    """A fresh site in tmp_path; leftover daemons are killed, every log is validated."""
-    s = Site(tmp_path)
-    try:
-        yield s
-    finally:
-        s.kill_all()
-    if s.root.is_dir():
-        s.check_logs()
+        def enough() -> list[Run] | None:
+            found = [r for r in self.runs(sid) if which(r)]
+            return found if len(found) >= count else None
+
+        result: list[Run] = self.wait_for(enough, f"{count} result(s) of {sid}")
+        return result
+
+
+def make_site(directory: Path) -> Site:
+    """The standard configuration (:data:`CONFIG`: three interfaces) and its schemas in
+    ``directory``; no spool yet."""
+    site = Site(directory)
+    (directory / "schemas" / "stock.rng").write_text(STOCK_RNG)
+    site.config.write_text(CONFIG)
+    return site

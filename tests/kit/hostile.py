@@ -1,39 +1,28 @@
-"""What the hostile-input and fault-injection tests share.
+"""Hostile input: the documents partners may send, and what they may try to reach.
 
 - :class:`Listener`: a TCP listener on a loopback port that records every
   connection. A check that fetched a DTD or an entity over the network would
   show up here; the tests assert it saw none.
-- :func:`measured`: run a command and learn its exit status, output, wall time
-  and peak memory (``ru_maxrss`` of that one child, from ``wait4``).
-- :func:`vm_hwm`: a running process's peak resident memory, from ``/proc``.
-- :func:`tmpfs`, :func:`fill`, :func:`sysctl`: a small file system mounted for
-  one test, filled to the last page, and a kernel setting changed for one
-  test; each is undone when the test ends, whatever happened.
 - :data:`HOSTILE`: the table of hostile documents every path is attacked with
-  (``jobspool check``, ``jobspool submit``, the drop folder).
+  (``jobspool check``, ``jobspool submit``, the drop folder, an upload).
+- :data:`MEMORY_BOUND_KB`: what one may add to a process's peak memory.
 - :func:`surroundings`: the spool's parent and the file system around it, to
   show that nothing escaped the spool.
-
-Everything else comes from ``tests.conftest`` and ``tests.daemonkit``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import random
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import snapshot
-from tests.daemonkit import order
+from tests.kit.documents import order
+from tests.kit.site import snapshot
 
 # --- a listener that records connections ------------------------------------------------
 
@@ -85,141 +74,7 @@ def listening() -> Iterator[Listener]:
         listener.close()
 
 
-# --- running a command and measuring it -------------------------------------------------
-
-
-@dataclass
-class Measured:
-    """A finished command: what ``subprocess.run`` gives, plus its time and peak memory."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-    maxrss_kb: int
-
-    def as_completed(self, args: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(args, self.returncode, self.stdout, self.stderr)
-
-
-def measured(
-    argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout=60.0
-) -> Measured:
-    """Run ``argv`` to its end; its own ``ru_maxrss`` comes from ``wait4``, not from the
-    cumulative figure ``getrusage(RUSAGE_CHILDREN)`` gives."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=env, cwd=cwd)  # fmt: skip
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid == proc.pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise AssertionError(f"{argv} still running after {timeout:g}s")
-            time.sleep(0.005)
-        seconds = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: tell Popen
-        out.seek(0)
-        err.seek(0)
-        return Measured(
-            proc.returncode,
-            out.read().decode("utf-8", "replace"),
-            err.read().decode("utf-8", "replace"),
-            seconds,
-            usage.ru_maxrss,
-        )
-
-
-def vm_hwm(pid: int) -> int:
-    """The peak resident set size of a running process, in kB (``VmHWM`` in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM for pid {pid}")
-
-
 MEMORY_BOUND_KB = 200 * 1024  # what a hostile document may add to a process's peak memory
-
-
-# --- mounts and kernel settings -----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "2m") -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` for the block; unmounted whatever happens."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                   check=True, capture_output=True)  # fmt: skip
-    try:
-        yield path
-    finally:
-        unmount(path)
-
-
-def unmount(path: Path) -> None:
-    """Unmount ``path``; if something still holds it, detach it lazily rather than leak it."""
-    for _ in range(50):
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.1)
-    subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True)
-
-
-def remount(path: Path, mode: str) -> None:
-    """``mount -o remount,ro`` (or ``rw``) of the file system mounted at ``path``."""
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)
-
-
-PAGE = 4096
-
-
-def fill(fs: Path, leave_pages: int = 0) -> Path:
-    """Fill the file system at ``fs`` to the last page, then free ``leave_pages`` pages.
-
-    The filler is written a page at a time with ``os.write``, so when the disk
-    is full its size is a whole number of pages, and truncating it frees exactly
-    what is asked for.
-    """
-    filler = fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        page = b"\0" * PAGE
-        while True:
-            try:
-                written = os.write(fd, page)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-            if written < PAGE:
-                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)
-                break
-        size = os.fstat(fd).st_size
-        os.ftruncate(fd, max(0, size - leave_pages * PAGE))
-    finally:
-        os.close(fd)
-    return filler
-
-
-def free_pages(fs: Path) -> int:
-    st = os.statvfs(fs)
-    return st.f_bavail * st.f_frsize // PAGE
-
-
-@contextlib.contextmanager
-def sysctl(name: str, value: str) -> Iterator[str]:
-    """Set ``/proc/sys/NAME`` for the block, then put the old value back; yields the old one."""
-    path = Path("/proc/sys") / name.replace(".", "/")
-    old = path.read_text().strip()
-    path.write_text(value)
-    try:
-        yield old
-    finally:
-        path.write_text(old)
 
 
 # --- hostile documents -------------------------------------------------------------------
