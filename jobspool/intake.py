@@ -70,12 +70,14 @@ def accept_data(
     rest: Iterable[bytes] = (),
     via: str = "submit",
     ref: str | None = None,
+    by: str | None = None,
 ) -> str:
     """Check ``data`` and queue it as job ``name`` (``submit``, the HTTP upload).
 
     ``rest`` is what follows ``data`` when the input was larger than
     ``max_size``: it is only read to keep the whole file in joberrors. ``ref``
-    is the client's own reference, kept in the log.
+    is the client's own reference, kept in the log; ``by`` the user who
+    uploaded it, kept in the log as a note (``uploaded by USER``).
     """
     iface = cfg.interface(interface)
     names.check_name(name)
@@ -92,6 +94,8 @@ def accept_data(
             )
         log = joblog.new(name, iface.name)
         joblog.received(log, via, ref=ref)
+        if by is not None:
+            joblog.note(log, f"uploaded by {by}")
         joblog.checked(log, result.errors, result.schema)
         if result.errors:
             _reject(spool, name, log, chain([data], rest), result.errors)
