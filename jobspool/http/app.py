@@ -18,7 +18,7 @@ import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -26,7 +26,7 @@ import anyio
 import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from jobspool import logs, names
@@ -513,9 +513,10 @@ def _routes() -> list[Route]:
 class Front:
     """The ASGI application: https only, authentication, the methods, errors, access log."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, extra: Sequence[BaseRoute] = ()) -> None:
         self.site = Site(cfg)
-        self.router = Router(_routes(), redirect_slashes=False)
+        # extra: the operator console's routes (jobspool.http.console), behind the same front.
+        self.router = Router([*_routes(), *extra], redirect_slashes=False)
         self.log = logs.get()
 
     def reload(self, cfg: Config) -> None:
@@ -531,7 +532,11 @@ class Front:
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"cache-control", b"no-store")]
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"cache-control", b"no-store"),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
             elif message["type"] == "http.response.body":
                 seen["bytes"] += len(message.get("body", b""))
             await send(message)

@@ -36,6 +36,7 @@ from jobspool import config, logs, notify
 from jobspool.config import Config, Http
 from jobspool.errors import BadRequest, ConfigError, Denied, JobspoolError, TryLater
 from jobspool.http.app import Front
+from jobspool.http.console import Console
 from jobspool.spool import Spool
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ def serve(config_path: str | None, behind_proxy: bool = False) -> int:
     root = logging.getLogger()
     root.handlers = [_ToStructlog()]
     root.setLevel(logging.WARNING)
-    front = Front(cfg)
+    front = Front(cfg, Console().routes())
     users = front.site.auth.refresh()
     for warning in front.site.auth.warnings:
         front.log.warning("users file", problem=warning, users_file=str(http.users))
