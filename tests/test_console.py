@@ -250,6 +250,42 @@ def test_a_schedule_runs_shows_its_output_and_once_disabled_refuses_to_run(site:
     assert [e["who"] for e in audit(site) if e["action"].startswith("schedule.")] == ["ops"] * 3
 
 
+def test_pause_resume_rename_and_set_go_through_the_core(site: Site) -> None:
+    with site.context() as ctx:
+        page = ctx.new_page()
+        page.goto(site.url("/console/"))
+        row = page.locator("tr[data-interface='orders_out']")
+        row.get_by_role("button", name="Pause").click()
+        expect(page.locator(".flash.ok")).to_have_text("orders_out paused")
+        expect(row.locator(".state")).to_have_text("paused")
+        assert (site.spool / "state" / "paused" / "orders_out").exists()
+        assert "yes" in assert_ok(site.run("interfaces")).splitlines()[2]
+        row.get_by_role("button", name="Resume").click()
+        expect(row.locator(".state")).to_have_text("moving")
+        assert not (site.spool / "state" / "paused" / "orders_out").exists()
+
+        page.goto(site.url("/console/schedule/report"))
+        page.fill("input[name=name]", "Report to the ERP")
+        page.get_by_role("button", name="Rename").click()
+        expect(page.locator("h1")).to_contain_text("Report to the ERP")
+        page.fill("textarea[name=changes]", "cron=30 4 * * *\ntimeout=10m")
+        page.get_by_role("button", name="Set").click()
+        expect(page.locator(".flash.ok")).to_contain_text("set cron=30 4 * * *, timeout=10m")
+        # A value the configuration would refuse is refused the same way, and nothing changes.
+        page.fill("textarea[name=changes]", "catchup=sometimes")
+        with page.expect_response(re.compile(r"/console/do/schedule\.set$")) as answer:
+            page.get_by_role("button", name="Set").click()
+        assert answer.value.status == 400
+        expect(page.locator("#refusal")).to_contain_text("catchup: expected once or skip")
+    shown = json.loads(assert_ok(site.run("schedule", "show", "report", "--json")))
+    assert (shown["name"], shown["timing"], shown["timeout"]) == (
+        "Report to the ERP", "cron: 30 4 * * *", 600.0)  # fmt: skip
+    done = [(e["action"], e["detail"]["outcome"]) for e in audit(site)
+            if e["target"] in ("orders_out", "report")][-5:]  # fmt: skip
+    assert done == [("pause", "ok"), ("resume", "ok"), ("schedule.rename", "ok"),
+                    ("schedule.set", "ok"), ("schedule.set", "refused")]  # fmt: skip
+
+
 # --- what the console refuses --------------------------------------------------------------
 
 
