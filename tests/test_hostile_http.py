@@ -156,7 +156,7 @@ def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> Non
     }
     assert (hfront.spool / "joberrors" / name).read_bytes() == data
     log = (hfront.spool / "joberrors" / f"{name},log.xml").read_bytes()
-    assert kinds(log) == ["received", "checked", "moved"]
+    assert kinds(log) == ["received", "note", "checked", "moved"]  # note: uploaded by USER
     assert b'via="upload"' in log
     assert not (hfront.spool / "queue" / "orders_in" / name).exists()
 

@@ -725,6 +725,26 @@ def test_user_commands_manage_the_htpasswd_file_and_the_server_follows(front: Fr
         ("  grants: {'a:b': [orders_in]}", "http.grants.a:b: expected a user name"),
         ("  trusted_proxies: [proxy.example]", "http.trusted_proxies: expected IP addresses"),
         ("  timeout: soon", "http.timeout: expected a duration"),
+        ("  plain_listen: 127.0.0.1:8080", "http.plain_listen: expected cert: and key: too"),
+        (
+            "  cert: cert.pem\n  key: key.pem\n  plain_listen: 8443",
+            "http.plain_listen: expected another address than http.listen",
+        ),
+        ("  grants: {ops: ['*', consol]}", "or roles (console)"),
+        ("  interfaces: {nowhere: {}}", "http.interfaces.nowhere: expected a configured interface"),
+        (
+            "  interfaces: {orders_in: {move_on_listing: true}}",
+            "http.interfaces.orders_in.move_on_listing: expected an _out interface",
+        ),
+        (
+            "  interfaces: {orders_out: {joblog_output: 'yes'}}",
+            "http.interfaces.orders_out.joblog_output: expected true or false",
+        ),
+        (
+            "  interfaces: {orders_out: {extensions: {csv: csv}}}",
+            "http.interfaces.orders_out.extensions.csv: expected a stylesheet of orders_out's",
+        ),
+        ("  interfaces: {orders_out: {bogus: 1}}", "http.interfaces.orders_out.bogus: unknown key"),
     ],
 )
 def test_the_http_section_is_validated_strictly(tmp_path: Path, http: str, says: str) -> None:
