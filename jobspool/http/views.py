@@ -13,13 +13,13 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobspool import names
 from jobspool.errors import BadRequest
-from jobspool.spool import BAK, INCOMING, JOBERRORS, QUEUE
+from jobspool.spool import BAK, INCOMING, JOBERRORS, QUEUE, Listing
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -49,27 +49,32 @@ def short(iso: str | None) -> str | None:
 
 def overview(site: Site, user: str) -> dict[str, Any]:
     """Every granted interface: its counts, its head and why it does not move."""
-    granted = set(site.granted(user))
-    rows = []
-    for o in site.spool.overview():
-        if o.interface not in granted:
-            continue
-        listing = site.spool.listing(o.interface)
-        iface = site.cfg.interfaces[o.interface]
-        rows.append(
-            {
-                "interface": o.interface,
-                "direction": iface.direction,
-                "queued": o.queued,
-                "incoming": count_files(site.spool.dir(INCOMING, o.interface)),
-                "errors": o.errors,
-                "paused": o.paused,
-                "blocked": o.blocked,
-                "head": listing.names[0] if listing.names else None,
-                "oldest": when(listing.stamps[0] / 1e9) if listing.names else None,
-            }
-        )
-    return {"interfaces": rows}
+    site.spool.require()
+    errors = site.spool.errors_by_interface()
+    return {"interfaces": [interface_row(site, name, errors) for name in site.granted(user)]}
+
+
+def interface_row(
+    site: Site, name: str, errors: Mapping[str, int], listing: Listing | None = None
+) -> dict[str, Any]:
+    """One interface's line: one listing of its queue, its markers, its counts."""
+    if listing is None:
+        listing = site.spool.listing(name)
+    try:
+        blocked: str | None = site.spool.blocked_marker(name).read_text().strip() or None
+    except OSError:
+        blocked = None
+    return {
+        "interface": name,
+        "direction": site.cfg.interfaces[name].direction,
+        "queued": len(listing.names),
+        "incoming": count_files(site.spool.dir(INCOMING, name)),
+        "errors": errors.get(name, 0),
+        "paused": site.spool.is_paused(name),
+        "blocked": blocked,
+        "head": listing.names[0] if listing.names else None,
+        "oldest": when(listing.stamps[0] / 1e9) if listing.names else None,
+    }
 
 
 def count_files(directory: Path) -> int:
@@ -87,15 +92,13 @@ def count_files(directory: Path) -> int:
 def queue(site: Site, user: str, interface: str) -> dict[str, Any]:
     """A granted interface's queue in processing order (the first :data:`SHOWN` jobs)."""
     iface = site.interface(user, interface)
+    site.spool.require(iface.name)
     listing = site.spool.listing(iface.name)
     jobs = [
         {"name": n, "accepted": when(s / 1e9)}
         for s, n in zip(listing.stamps[:SHOWN], listing.names[:SHOWN], strict=True)
     ]
-    state = next(
-        (row for row in overview(site, user)["interfaces"] if row["interface"] == iface.name),
-        None,
-    )
+    state = interface_row(site, iface.name, site.spool.errors_by_interface(), listing)
     return {"interface": iface.name, "state": state, "jobs": jobs, "total": len(listing.names)}
 
 
