@@ -108,6 +108,18 @@ DEFAULT_HTTP_PORT = 8443
 USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,99}")
 
 
+# Roles a grant list may hold besides interface names and "*" (docs/http.rst).
+HTTP_ROLES = ("console",)
+
+
+class HttpInterface(NamedTuple):
+    """What the HTTP front does differently for one interface (``http.interfaces.IFACE``)."""
+
+    move_on_listing: bool = False  # legacy: the first jobqueue listing moves _out jobs to bak
+    joblog_output: bool = False  # partners see the handler's stdout, stderr and traceback
+    extensions: Mapping[str, str] = {}  # xslt name -> file name extension of its download
+
+
 class Http(NamedTuple):
     """The HTTPS front, ``jobspool serve`` (the ``http:`` section; docs/http.rst)."""
 
@@ -122,10 +134,23 @@ class Http(NamedTuple):
     timeout: float = 30.0  # to send a request's headers, and again to send its body
     keep_alive: float = 5.0  # an idle connection is closed after this long
     auth_cache: float = 300.0  # a verified password is trusted this long without bcrypt
+    plain: tuple[str, int] | None = None  # plain_listen: answers every request 403 "use https"
+    interfaces: Mapping[str, HttpInterface] = {}  # per-interface settings of the front
 
     def granted(self, user: str) -> tuple[str, ...]:
-        """The interfaces ``user`` may use (``*`` is expanded by the caller)."""
+        """The interfaces ``user`` may use (``*`` is expanded by the caller; roles included)."""
         return self.grants.get(user, ())
+
+    def has_role(self, user: str, role: str) -> bool:
+        """Whether ``http.grants`` gives ``user`` the role ``role`` (such as ``console``)."""
+        return role in self.grants.get(user, ())
+
+    def interface(self, name: str) -> HttpInterface:
+        """The front's settings for interface ``name`` (the defaults if it has none)."""
+        return self.interfaces.get(name, _NO_HTTP_INTERFACE)
+
+
+_NO_HTTP_INTERFACE = HttpInterface()
 
 
 class Config(NamedTuple):
@@ -291,8 +316,9 @@ _INTERFACE_KEYS = {
 _DAEMON_KEYS = set(DaemonSettings._fields)
 _HTTP_KEYS = {
     "listen", "cert", "key", "users", "grants", "trusted_proxies", "max_concurrency", "timeout",
-    "keep_alive", "auth_cache",
+    "keep_alive", "auth_cache", "plain_listen", "interfaces",
 }  # fmt: skip
+_HTTP_INTERFACE_KEYS = set(HttpInterface._fields)
 _SCHEDULE_TIMINGS = ("cron", "every", "at")
 _SCHEDULE_RUNS = ("command", "handler", "template")
 _SCHEDULE_KEYS = {
@@ -464,9 +490,17 @@ class _Reader:
             if not isinstance(granted, list) or not all(isinstance(i, str) for i in granted):
                 raise self.fail(gkey, "a list of interface names (or ['*'] for all)", granted)
             for iface in granted:
-                if iface != "*" and iface not in interfaces:
+                if iface in HTTP_ROLES and iface in interfaces:
+                    raise self.fail(gkey, f"{iface!r} to name either the role or the interface; "
+                                    f"rename interface {iface} to grant it")  # fmt: skip
+                if iface != "*" and iface not in interfaces and iface not in HTTP_ROLES:
                     known = ", ".join(sorted(interfaces))
-                    raise self.fail(gkey, f"configured interfaces (known: {known}) or '*'", iface)
+                    roles = ", ".join(HTTP_ROLES)
+                    raise self.fail(
+                        gkey,
+                        f"configured interfaces (known: {known}), '*' or roles ({roles})",
+                        iface,
+                    )
             grants[user] = tuple(granted)
         proxies = raw.get("trusted_proxies", [])
         if not isinstance(proxies, list) or not all(isinstance(p, str) for p in proxies):
@@ -474,6 +508,13 @@ class _Reader:
                             proxies)  # fmt: skip
         for proxy in proxies:
             self.convert(proxy, "http.trusted_proxies", _ip_or_network)
+        plain = None
+        if raw.get("plain_listen") is not None:
+            plain = self.convert(raw["plain_listen"], "http.plain_listen", parse_listen)
+            if cert is None:
+                raise self.fail("http.plain_listen", "cert: and key: too (it points to https)")
+            if plain == (host, port):
+                raise self.fail("http.plain_listen", "another address than http.listen", plain)
         return Http(
             host=host,
             port=port,
@@ -490,7 +531,43 @@ class _Reader:
             auth_cache=self.convert(
                 raw.get("auth_cache", d.auth_cache), "http.auth_cache", parse_duration
             ),
+            plain=plain,
+            interfaces=self.http_interfaces(raw.get("interfaces"), interfaces),
         )
+
+    def http_interfaces(
+        self, value: object, interfaces: Mapping[str, Interface]
+    ) -> dict[str, HttpInterface]:
+        """``http.interfaces``: per configured interface, what the front does differently."""
+        out = {}
+        for name, settings in self.mapping(value, "http.interfaces", None).items():
+            key = f"http.interfaces.{name}"
+            if name not in interfaces:
+                raise self.fail(key, f"a configured interface (known: {', '.join(interfaces)})")
+            raw = self.mapping(settings, key, _HTTP_INTERFACE_KEYS)
+            for flag in ("move_on_listing", "joblog_output"):
+                if not isinstance(raw.get(flag, False), bool):
+                    raise self.fail(f"{key}.{flag}", "true or false", raw[flag])
+            if raw.get("move_on_listing") and not interfaces[name].outbound:
+                raise self.fail(f"{key}.move_on_listing", "an _out interface (its jobs are "
+                                "fetched; other interfaces' jobs are handled)")  # fmt: skip
+            extensions = {}
+            for sheet, ext in self.mapping(
+                raw.get("extensions"), f"{key}.extensions", None
+            ).items():
+                if sheet not in interfaces[name].xslt:
+                    known = ", ".join(interfaces[name].xslt) or "none"
+                    raise self.fail(f"{key}.extensions.{sheet}", f"a stylesheet of {name}'s "
+                                    f"xslt: (known: {known})")  # fmt: skip
+                if not isinstance(ext, str) or not re.fullmatch(r"[A-Za-z0-9]{1,10}", ext):
+                    raise self.fail(f"{key}.extensions.{sheet}", "an extension like csv", ext)
+                extensions[sheet] = ext
+            out[name] = HttpInterface(
+                move_on_listing=raw.get("move_on_listing", False),
+                joblog_output=raw.get("joblog_output", False),
+                extensions=extensions,
+            )
+        return out
 
     def strings(self, value: object, key: str) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

@@ -61,6 +61,24 @@ def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> 
         return name, got[0]
 
 
+def take_listed(cfg: Config, interface: str, by: str = "") -> list[str]:
+    """The legacy listing of an outbound queue: every job listed is moved to ``bak``.
+
+    The original job-management API moved an ``_out`` interface's jobs on
+    their first listing (the HTTP front's ``move_on_listing``). Each job is
+    in ``bak/IFACE`` with its log, durably, before this returns the names in
+    queue order; a listing that never reaches its client loses no job, but
+    the job is no longer offered in the queue (it downloads by name).
+    """
+    spool = _outbound(cfg, interface)
+    note = f"listed{' by ' + by if by else ''}: moved on its first listing (move_on_listing)"
+    with spool.locked("fetch"):
+        listed = [name for _, name in spool.queued(interface)]
+        for name in listed:
+            _retrieve(spool, interface, name, lambda data: None, note)
+        return listed
+
+
 def _outbound(cfg: Config, interface: str) -> Spool:
     if not cfg.interface(interface).outbound:
         raise BadRequest(f"{interface} is not an outbound (_out) interface: nothing to fetch")

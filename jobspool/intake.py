@@ -108,13 +108,15 @@ def accept_staged(
     *,
     via: str = "submit",
     ref: str | None = None,
+    by: str | None = None,
 ) -> str:
     """Check a staged job and queue it as job ``name`` (``submit``, the HTTP upload).
 
     The staging file is consumed: renamed into the queue, or into joberrors
     with its log (then :class:`Rejected` is raised), or removed when the
     name is in use (:class:`BadRequest`). ``ref`` is the client's own
-    reference, kept in the log.
+    reference, kept in the log; ``by`` the user who uploaded it, kept in the
+    log as a note (``uploaded by USER``).
     """
     spool = Spool.of(cfg)
     try:
@@ -132,6 +134,8 @@ def accept_staged(
                 )
             log = joblog.new(name, iface.name)
             joblog.received(log, via, ref=ref)
+            if by is not None:
+                joblog.note(log, f"uploaded by {by}")
             joblog.checked(log, result.problems, result.schema)
             if result.problems:
                 _reject(spool, name, log, staged, result.problems)
@@ -157,9 +161,11 @@ def accept_data(
     *,
     via: str = "submit",
     ref: str | None = None,
+    by: str | None = None,
 ) -> str:
     """:func:`accept_staged` of bytes in memory."""
-    return accept_staged(cfg, interface, name, stage(Spool.of(cfg), name, [data]), via=via, ref=ref)
+    staged = stage(Spool.of(cfg), name, [data])
+    return accept_staged(cfg, interface, name, staged, via=via, ref=ref, by=by)
 
 
 def interface_for(cfg: Config, data: bytes) -> str:

@@ -28,7 +28,7 @@ import pwd
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -374,6 +374,50 @@ def execute(
             result = _run(store, s, trigger, due, on_start)
         (record or store.record)(s, result)
     return result
+
+
+def run_by_hand(store: Store, sid: str) -> Result:
+    """``schedule run ID`` and the console's Run: refused while disabled or running.
+
+    A disabled schedule is a :class:`BadRequest`; one whose previous run is
+    still going is :class:`TryLater` (the skipped run is recorded). A run
+    that failed is returned: its outcome says so.
+    """
+    from jobspool.errors import TryLater
+
+    s = store.get(sid)
+    if not s.enabled:
+        raise BadRequest(f"schedule {sid} is disabled; 'jobspool schedule enable {sid}' first")
+    result = execute(store, s, "manual")
+    if result.outcome == "skipped":
+        raise TryLater(f"schedule {sid} is running now; try again when it is done")
+    return result
+
+
+def changes_from_pairs(store: Store, sid: str, pairs: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts (values read as YAML) as changes for :meth:`Store.change`.
+
+    ``with.NAME=VALUE`` changes one of the template's or handler's settings.
+    """
+    import yaml
+
+    changes: dict[str, Any] = {}
+    settings = dict(store.get(sid).settings)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        if key.startswith("with."):
+            settings[key[5:]] = value
+            changes["with"] = settings
+        else:
+            changes[key] = value
+    return changes
 
 
 def _run(

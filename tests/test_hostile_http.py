@@ -167,7 +167,7 @@ def test_a_hostile_upload_is_refused(hfront: HostileFront, case: Hostile) -> Non
     }
     assert (hfront.site.root / "joberrors" / name).read_bytes() == data
     log = (hfront.site.root / "joberrors" / f"{name},log.xml").read_bytes()
-    assert kinds(log) == ["received", "checked", "moved"]
+    assert kinds(log) == ["received", "note", "checked", "moved"]  # note: uploaded by USER
     assert b'via="upload"' in log
     assert not (hfront.site.root / "queue" / "orders_in" / name).exists()
 

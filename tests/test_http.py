@@ -181,10 +181,11 @@ def test_upload_queues_the_job_and_answers_201_with_its_name(front: Front) -> No
     assert r.headers["location"] == f"/xml/job?Jobname={name}"
     assert (front.site.root / "queue" / "orders_in" / name).read_bytes() == VALID
     assert front.site.run("status", name).stdout == "queue/orders_in\n"
-    # The queued job's history: received by upload, with the client's reference.
+    # The queued job's history: received by upload, with the client's reference and user.
     pending = front.site.root / "state" / "pending" / f"{name},log.xml"
-    assert kinds(pending) == ["received", "checked", "moved"]
+    assert kinds(pending) == ["received", "note", "checked", "moved"]
     assert b'via="upload"' in pending.read_bytes()
+    assert b"uploaded by alice" in pending.read_bytes()
     assert b'ref="PO 4711/a"' in pending.read_bytes()
 
 
@@ -216,8 +217,11 @@ def test_a_rejected_upload_is_400_with_the_errors_and_lands_in_joberrors(front: 
         assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "joberrors"
         log = c.get("/xml/joblog", params={"Jobname": name})
     assert log.status_code == 200 and log.headers["content-type"] == "application/xml"
-    assert log.content == (front.site.root / "joberrors" / f"{name},log.xml").read_bytes()
-    assert kinds(log.content) == ["received", "checked", "moved"]
+    stored = (front.site.root / "joberrors" / f"{name},log.xml").read_bytes()
+    assert kinds(log.content) == kinds(stored) == ["received", "note", "checked", "moved"]
+    # The partner sees the schema by its name, not where it lives on the server.
+    assert f'schema="{front.site.dir}/schemas/order.xsd"'.encode() in stored
+    assert b'schema="order.xsd"' in log.content and str(front.site.dir).encode() not in log.content
 
 
 def test_upload_refuses_what_is_not_an_xml_job(front: Front) -> None:
@@ -296,7 +300,10 @@ def test_parameters_are_checked(front: Front) -> None:
         unknown = c.get("/xml/jobstatus", params={"jobname": "x.xml"})
         twice = c.get("/xml/jobstatus?Jobname=a.xml&Jobname=b.xml")
         neither = c.get("/xml/job")
-    assert (missing.status_code, missing.text) == (400, "missing parameter Jobname\n")
+    assert (missing.status_code, missing.text) == (
+        400,
+        "missing parameter Jobname (or RefName, your reference of an upload)\n",
+    )
     assert unknown.status_code == 400 and "unknown parameter 'jobname'" in unknown.text
     assert twice.status_code == 400 and "given twice" in twice.text
     assert neither.status_code == 400 and "Jobname= or Interfacename=" in neither.text
@@ -322,9 +329,9 @@ def test_the_first_download_of_an_out_job_moves_it_to_bak(front: Front) -> None:
         assert c.get("/xml/jobstatus", params={"Jobname": name}).text == "bak/orders_out"
         # Its log tells the whole story, the client's reference and the download included.
         log = (bak / f"{name},log.xml").read_bytes()
-        assert kinds(log) == ["received", "checked", "moved", "note", "moved"]
+        assert kinds(log) == ["received", "note", "checked", "moved", "note", "moved"]
         assert b'ref="ship-1"' in log and b"downloaded by bob" in log
-        assert c.get("/xml/joblog", params={"Jobname": name}).content == log
+        assert kinds(c.get("/xml/joblog", params={"Jobname": name}).content) == kinds(log)
         # A lost answer loses nothing: the job downloads again, from bak, and stays there.
         again = c.get("/xml/job", params={"Jobname": name})
     assert again.status_code == 200 and again.content == VALID
@@ -343,7 +350,9 @@ def test_download_by_interface_takes_the_head_of_the_queue(front: Front) -> None
     assert a.headers["content-disposition"] == f'attachment; filename="{first}"'
     assert b.headers["content-disposition"] == f'attachment; filename="{second}"'
     assert b'id="2"' in b.content
-    assert (empty.status_code, empty.text) == (400, "no job queued on orders_out\n")
+    # Nothing queued yet: the same request may succeed later.
+    assert (empty.status_code, empty.text) == (503, "no job queued on orders_out\n")
+    assert empty.headers["retry-after"] == "30"
     assert front.site.run("queue", "orders_out").stdout == ""
 
 
@@ -759,6 +768,26 @@ def test_user_commands_manage_the_htpasswd_file_and_the_server_follows(front: Fr
         ("  grants: {'a:b': [orders_in]}", "http.grants.a:b: expected a user name"),
         ("  trusted_proxies: [proxy.example]", "http.trusted_proxies: expected IP addresses"),
         ("  timeout: soon", "http.timeout: expected a duration"),
+        ("  plain_listen: 127.0.0.1:8080", "http.plain_listen: expected cert: and key: too"),
+        (
+            "  cert: cert.pem\n  key: key.pem\n  plain_listen: 8443",
+            "http.plain_listen: expected another address than http.listen",
+        ),
+        ("  grants: {ops: ['*', consol]}", "or roles (console)"),
+        ("  interfaces: {nowhere: {}}", "http.interfaces.nowhere: expected a configured interface"),
+        (
+            "  interfaces: {orders_in: {move_on_listing: true}}",
+            "http.interfaces.orders_in.move_on_listing: expected an _out interface",
+        ),
+        (
+            "  interfaces: {orders_out: {joblog_output: 'yes'}}",
+            "http.interfaces.orders_out.joblog_output: expected true or false",
+        ),
+        (
+            "  interfaces: {orders_out: {extensions: {csv: csv}}}",
+            "http.interfaces.orders_out.extensions.csv: expected a stylesheet of orders_out's",
+        ),
+        ("  interfaces: {orders_out: {bogus: 1}}", "http.interfaces.orders_out.bogus: unknown key"),
     ],
 )
 def test_the_http_section_is_validated_strictly(tmp_path: Path, http: str, says: str) -> None:

@@ -13,7 +13,7 @@ import importlib.util
 
 from jobspool.errors import ConfigError
 
-EXTRA = ("starlette", "uvicorn", "bcrypt")
+EXTRA = ("starlette", "uvicorn", "bcrypt", "jinja2")
 DEFAULT_COST = 10  # bcrypt's: about 0.1 s on one core of a 2026 server; htpasswd -B uses 5
 
 

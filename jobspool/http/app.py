@@ -18,7 +18,7 @@ import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -26,7 +26,7 @@ import anyio
 import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from jobspool import logs, names
@@ -105,7 +105,7 @@ class Stylesheet:
     a partner's document.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, extension: str | None = None) -> None:
         from lxml import etree
 
         try:
@@ -117,6 +117,7 @@ class Stylesheet:
         method = output.get("method", "xml") if output is not None else "xml"
         media = output.get("media-type") if output is not None else None
         self.media_type = media or {"text": "text/plain", "html": "text/html"}.get(method, XML)
+        self.extension = extension or extension_of(self.media_type, method)
         self.path = path
         self._lock = threading.Lock()  # one transformation at a time per stylesheet
 
@@ -141,6 +142,26 @@ class Stylesheet:
         return bytes(memoryview(cast("Buffer", result)))
 
 
+def extension_of(media_type: str, method: str) -> str:
+    """The file name extension of a transformed download: from its media type or method."""
+    import mimetypes
+
+    if media_type == XML or media_type.endswith("+xml") or media_type == "text/xml":
+        return "xml"
+    guessed = mimetypes.guess_extension(media_type, strict=False)
+    if guessed:
+        return guessed.lstrip(".")
+    return {"text": "txt", "html": "html"}.get(method, "xml")
+
+
+def download_name(name: str, sheet: Stylesheet | None) -> str:
+    """The file name a download is offered under: the job's, with the stylesheet's extension."""
+    if sheet is None:
+        return name
+    stem = name[: -len(".xml")] if name.endswith(".xml") else name
+    return f"{stem}.{sheet.extension}"
+
+
 class Site:
     """What requests work on, built from one configuration and replaced whole on reload."""
 
@@ -151,7 +172,9 @@ class Site:
         self.http: Http = cfg.http
         self.spool = Spool.of(cfg)
         self.stylesheets = {
-            (iface.name, name): Stylesheet(path)
+            (iface.name, name): Stylesheet(
+                path, self.http.interface(iface.name).extensions.get(name)
+            )
             for iface in cfg.interfaces.values()
             for name, path in iface.xslt.items()
         }
@@ -196,12 +219,51 @@ class Site:
     def status(self, user: str, name: str) -> str:
         return str(self.job(user, name)[0].place)
 
+    def status_by_ref(self, user: str, ref: str) -> tuple[str, str]:
+        """The newest job ``user`` uploaded with ``ref``, and its status."""
+        from jobspool.http import refs
+
+        for _ in range(3):  # it may move between being found and being located
+            name = refs.find(self.spool, self.granted(user), user, ref)
+            if name is None:
+                self.spool.require()
+                break
+            found = self.spool.locate(name)
+            if found is not None:
+                return name, str(found.place)
+        raise BadRequest(f"no job of yours has RefName {ref!r}")
+
     def log(self, user: str, name: str) -> bytes:
-        self.job(user, name)
-        return self.spool.read_log(name)
+        """The job's log as a partner sees it: no server paths, output only if allowed."""
+        from jobspool.http.partnerlog import partner_view
+
+        _, iface = self.job(user, name)
+        data = self.spool.read_log(name)
+        return partner_view(data, self.spool.root, self.http.interface(iface.name).joblog_output)
 
     def queue(self, user: str, interface: str) -> list[str]:
-        return self.spool.listing(self.interface(user, interface).name).names
+        """The queue in processing order; with ``move_on_listing``, taken to bak by this."""
+        from jobspool.fetch import take_listed
+
+        iface = self.interface(user, interface)
+        if iface.outbound and self.http.interface(iface.name).move_on_listing:
+            return take_listed(self.cfg, iface.name, by=user)
+        return self.spool.listing(iface.name).names
+
+    def queue_state(self, user: str, interface: str) -> str:
+        """``ok``, ``paused`` or ``blocked: WHY`` for a granted interface."""
+        from jobspool.http.partnerlog import queue_state
+
+        iface = self.interface(user, interface)
+        self.spool.require(iface.name)
+        try:
+            blocked: str | None = self.spool.blocked_marker(iface.name).read_text()
+        except FileNotFoundError:
+            blocked = None
+        except OSError as exc:
+            with os_errors(f"cannot read the blocked marker of {iface.name}"):
+                raise exc from None
+        return queue_state(self.spool.is_paused(iface.name), blocked, self.spool.root)
 
     def upload_limit(self, user: str, interface: str | None) -> int:
         """The most an upload may send: its interface's max_size, or the largest granted one."""
@@ -224,7 +286,7 @@ class Site:
             raise too_large(iface.max_size, iface.name)
         name = new_name(iface.name)
         try:
-            return accept_data(self.cfg, iface.name, name, data, via="upload", ref=ref)
+            return accept_data(self.cfg, iface.name, name, data, via="upload", ref=ref, by=user)
         except Rejected as exc:
             count = f"{len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''}"
             raise Rejected(f"{name} rejected into joberrors ({count}; its log: "
@@ -232,8 +294,8 @@ class Site:
 
     def download(
         self, user: str, name: str | None, interface: str | None, xslt: str | None
-    ) -> tuple[str, bytes, str]:
-        """A job's content (or the next of an interface's queue): name, body, media type.
+    ) -> tuple[str, bytes, str, str]:
+        """A job's content (or the next of an interface's queue): name, body, media type, file name.
 
         An ``_out`` job still queued is moved to ``bak`` by this, its first
         download (``fetch.take``, which writes its log). The transformation
@@ -256,7 +318,8 @@ class Site:
             if found is None:
                 queued = self.spool.queued(iface.name)
                 if not queued:
-                    raise BadRequest(f"no job queued on {iface.name}")
+                    # The same request succeeds once a job is queued: 503, not 400.
+                    raise TryLater(f"no job queued on {iface.name}")
                 head = queued[0][1]
                 found = Found(
                     head, Place(QUEUE, iface.name), self.spool.dir(QUEUE, iface.name) / head
@@ -282,7 +345,8 @@ class Site:
                     continue
                 if taken != data:
                     body = sheet.apply(taken, found.name) if sheet else taken
-            return found.name, body, sheet.media_type if sheet else XML
+            media = sheet.media_type if sheet else XML
+            return found.name, body, media, download_name(found.name, sheet)
         raise TryLater("the job kept moving while it was downloaded; try again")
 
 
@@ -331,8 +395,25 @@ async def off_loop(call: Callable[[], T]) -> T:
 async def jobqueue(request: Request) -> Response:
     p = params(request, ("Interfacename",))
     site, user = who(request)
+    state = await off_loop(functools.partial(site.queue_state, user, p["Interfacename"]))
     jobs = await off_loop(functools.partial(site.queue, user, p["Interfacename"]))
-    return PlainTextResponse("".join(f"{name}\n" for name in jobs))
+    return PlainTextResponse(
+        "".join(f"{name}\n" for name in jobs), headers={"X-Queue-Status": header_text(state)}
+    )
+
+
+async def queuestatus(request: Request) -> Response:
+    p = params(request, ("Interfacename",))
+    site, user = who(request)
+    return PlainTextResponse(
+        await off_loop(functools.partial(site.queue_state, user, p["Interfacename"]))
+    )
+
+
+def header_text(text: str) -> str:
+    """Text fit for a header value: one line of printable ASCII (others become ``?``)."""
+    line = " ".join(text.split())
+    return "".join(c if " " <= c <= "~" else "?" for c in line)[:1000]
 
 
 async def joblog(request: Request) -> Response:
@@ -342,9 +423,18 @@ async def joblog(request: Request) -> Response:
 
 
 async def jobstatus(request: Request) -> Response:
-    p = params(request, ("Jobname",))
+    p = params(request, (), ("Jobname", "RefName"))
+    if "Jobname" in p and "RefName" in p:
+        raise BadRequest("give either Jobname= or RefName= (your reference of an upload)")
+    if not p:
+        raise BadRequest("missing parameter Jobname (or RefName, your reference of an upload)")
     site, user = who(request)
-    return PlainTextResponse(await off_loop(functools.partial(site.status, user, p["Jobname"])))
+    if "Jobname" in p:
+        return PlainTextResponse(await off_loop(functools.partial(site.status, user, p["Jobname"])))
+    name, status = await off_loop(functools.partial(site.status_by_ref, user, p["RefName"]))
+    return PlainTextResponse(
+        status, headers={"X-Jobname": name, "Content-Location": f"/xml/jobstatus?Jobname={name}"}
+    )
 
 
 async def job(request: Request) -> Response:
@@ -352,13 +442,13 @@ async def job(request: Request) -> Response:
     if ("Jobname" in p) == ("Interfacename" in p):
         raise BadRequest("give either Jobname= or Interfacename= (the next job of its queue)")
     site, user = who(request)
-    name, body, media = await off_loop(
+    name, body, media, filename = await off_loop(
         functools.partial(
             site.download, user, p.get("Jobname"), p.get("Interfacename"), p.get("xslt")
         )
     )
-    disposition = f'attachment; filename="{name}"'
-    return Response(body, media_type=media, headers={"Content-Disposition": disposition})
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"', "X-Jobname": name}
+    return Response(body, media_type=media, headers=headers)
 
 
 _XML_TYPES = ("text/xml", "application/xml")
@@ -415,6 +505,7 @@ def _routes() -> list[Route]:
         Route("/xml/jobqueue", jobqueue, methods=["GET"]),
         Route("/xml/joblog", joblog, methods=["GET"]),
         Route("/xml/jobstatus", jobstatus, methods=["GET"]),
+        Route("/xml/queuestatus", queuestatus, methods=["GET"]),
         Route("/xml/upload", upload, methods=["POST"]),
         download,
     ]
@@ -423,9 +514,10 @@ def _routes() -> list[Route]:
 class Front:
     """The ASGI application: https only, authentication, the methods, errors, access log."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, extra: Sequence[BaseRoute] = ()) -> None:
         self.site = Site(cfg)
-        self.router = Router(_routes(), redirect_slashes=False)
+        # extra: the operator console's routes (jobspool.http.console), behind the same front.
+        self.router = Router([*_routes(), *extra], redirect_slashes=False)
         self.log = logs.get()
 
     def reload(self, cfg: Config) -> None:
@@ -441,7 +533,11 @@ class Front:
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"cache-control", b"no-store")]
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"cache-control", b"no-store"),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
             elif message["type"] == "http.response.body":
                 seen["bytes"] += len(message.get("body", b""))
             await send(message)

@@ -36,12 +36,15 @@ from jobspool import config, logs, notify
 from jobspool.config import Config, Http
 from jobspool.errors import BadRequest, ConfigError, Denied, JobspoolError, TryLater
 from jobspool.http.app import Front
+from jobspool.http.console import Console
 from jobspool.spool import Spool
 
 if TYPE_CHECKING:
     from types import FrameType
 
-_RESTART_ONLY = ("host", "port", "trusted_proxies", "max_concurrency", "keep_alive", "timeout")
+_RESTART_ONLY = (
+    "host", "port", "trusted_proxies", "max_concurrency", "keep_alive", "timeout", "plain",
+)  # fmt: skip
 
 
 def tls_context(http: Http) -> ssl.SSLContext | None:
@@ -177,9 +180,12 @@ class Server(uvicorn.Server):
         cfg: Config,
         config_path: str | None,
         ctx: ssl.SSLContext | None,
+        plain_sock: socket.socket | None = None,
     ) -> None:
         super().__init__(settings)
         self.front, self.cfg, self.config_path, self.ctx = front, cfg, config_path, ctx
+        self.plain_sock = plain_sock
+        self.plain: asyncio.Server | None = None
         self.log = logs.get()
         self._watchdog = notify.watchdog_interval()
         self._pinged = 0.0
@@ -188,8 +194,7 @@ class Server(uvicorn.Server):
     def where(self) -> str:
         http = self.cfg.http
         assert http is not None
-        host = f"[{http.host}]" if ":" in http.host else http.host
-        return f"{'https' if self.ctx else 'http'}://{host}:{http.port}"
+        return f"{'https' if self.ctx else 'http'}://{_host(http.host)}:{http.port}"
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -198,6 +203,14 @@ class Server(uvicorn.Server):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         http = self.cfg.http
         assert http is not None
+        if self.plain_sock is not None and http.plain is not None:
+            from jobspool.http import plain
+
+            self.plain = await plain.serve(
+                self.plain_sock, http.port, http.timeout, http.max_concurrency
+            )
+            self.log.info("refusing plain http", url=f"http://{_host(http.plain[0])}:"
+                          f"{http.plain[1]}", answer="403 use https")  # fmt: skip
         self.log.info("listening", url=self.where, tls=self.ctx is not None,
                       trusted_proxies=list(http.trusted_proxies),
                       max_concurrency=http.max_concurrency)  # fmt: skip
@@ -211,6 +224,8 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify.notify("STOPPING=1")
+        if self.plain is not None:
+            self.plain.close()
         self.log.info("stopping", waiting_for=len(self.server_state.connections))
         await super().shutdown(sockets)
 
@@ -241,6 +256,10 @@ class Server(uvicorn.Server):
             notify.notify("READY=1", f"STATUS=serving on {self.where}")
 
 
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class _ToStructlog(logging.Handler):
     """uvicorn's and asyncio's log records as structlog lines, like everything else."""
 
@@ -260,7 +279,7 @@ def serve(config_path: str | None, behind_proxy: bool = False) -> int:
     root = logging.getLogger()
     root.handlers = [_ToStructlog()]
     root.setLevel(logging.WARNING)
-    front = Front(cfg)
+    front = Front(cfg, Console().routes())
     users = front.site.auth.refresh()
     for warning in front.site.auth.warnings:
         front.log.warning("users file", problem=warning, users_file=str(http.users))
@@ -268,6 +287,7 @@ def serve(config_path: str | None, behind_proxy: bool = False) -> int:
         front.log.warning("no users: every request is answered 401; add one with "
                           "'jobspool user add NAME'", users_file=str(http.users))  # fmt: skip
     sock = listen(http.host, http.port)
+    plain_sock = listen(*http.plain) if http.plain is not None else None
     settings = uvicorn.Config(
         front,
         host=http.host,
@@ -286,7 +306,7 @@ def serve(config_path: str | None, behind_proxy: bool = False) -> int:
         log_config=None,
         server_header=False,
     )
-    server = Server(settings, front, cfg, config_path, ctx)
+    server = Server(settings, front, cfg, config_path, ctx, plain_sock)
 
     def stopped(signum: int, frame: FrameType | None) -> None:
         pass  # uvicorn sends SIGTERM again once it has stopped: exit 0 then, not by the signal
