@@ -33,6 +33,7 @@ from jobspool import check, config, intake, joblog, logs, metrics, names, notify
 from jobspool.config import Config
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.handlers import Outcome
+from jobspool.overview import overview
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors, remove_if_abandoned
@@ -318,9 +319,15 @@ class Daemon:
         path = self.spool.state / "daemon.lock"
         with os_errors(f"cannot lock the spool at {self.spool.root}"):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # "Is a daemon running?" (jobspool interfaces, daemon-status) takes a
+        # shared lock for an instant: a few tries keep that from failing a start.
+        for _ in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise TryLater(
@@ -460,7 +467,7 @@ class Daemon:
         with self.counters_lock:
             counters = dict(self.counters)
         try:
-            metrics.write(self.cfg.daemon.metrics, self.spool.overview(), counters)
+            metrics.write(self.cfg.daemon.metrics, overview(self.spool), counters)
         except OSError as exc:
             self.log.error("cannot write metrics", error=str(exc))
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from jobspool.spool import Overview
+from jobspool.overview import Overview
 
 _COUNTERS = {
     "done": ("jobspool_jobs_processed_total", "Jobs whose handler succeeded."),

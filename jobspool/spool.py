@@ -79,17 +79,6 @@ class Listing(NamedTuple):
     names: list[str]
 
 
-class Overview(NamedTuple):
-    """How one interface stands: what ``jobspool interfaces`` shows."""
-
-    interface: str
-    queued: int
-    oldest_seconds: float | None
-    paused: bool
-    errors: int
-    blocked: str | None  # why the head of the queue does not move (from the daemon)
-
-
 class Spool:
     """One spool directory tree and the interfaces it serves."""
 
@@ -243,6 +232,8 @@ class Spool:
             fd = os.open(found.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise TryLater(f"{name} is in {found.place} but its log is not there yet") from None
+        except PermissionError:
+            raise  # the caller says who may read the spool
         except OSError as exc:
             raise JobspoolError(f"the log of {name} is not a plain file: {exc.strerror}") from None
         with os.fdopen(fd, "rb") as f:
@@ -271,26 +262,7 @@ class Spool:
             marker.unlink()
             fsync_dir(marker.parent)
 
-    # --- overview --------------------------------------------------------------
-
-    def overview(self) -> list[Overview]:
-        """Queue depth, age of the oldest queued job, pause and errors, per interface."""
-        self.require()
-        errors = self.errors_by_interface()
-        now = time.time_ns()
-        out = []
-        for iface in self.interfaces:
-            jobs = self.listing(iface)  # no (stamp, name) pairs for a count and a head
-            oldest = round((now - jobs.stamps[0]) / 1e9, 3) if jobs.names else None
-            try:
-                blocked: str | None = self.blocked_marker(iface).read_text().strip()
-            except OSError:
-                blocked = None
-            paused = self.is_paused(iface)
-            out.append(
-                Overview(iface, len(jobs.names), oldest, paused, errors.get(iface, 0), blocked)
-            )
-        return out
+    # --- errors --------------------------------------------------------------
 
     def errors_by_interface(self) -> dict[str, int]:
         """How many jobs in joberrors came from each interface (read from their logs)."""
