@@ -26,6 +26,7 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,7 @@ class Daemon:
         self.accepted: list[tuple[str, intake.Taken]] = []  # this turn's, until synced
         self.uncommitted: set[str] = set()  # their names: queue hints must not offer them yet
         self.logs_lock = threading.Lock()
-        self.counters: dict[tuple[str, str], float] = {}
-        self.counters_lock = threading.Lock()
+        self.metrics = metrics.Metrics(time.time())
         self.watcher: watch.Watcher | None = None
         self.scheduler: Scheduler | None = None
         self._lock_fd: int | None = None
@@ -88,6 +88,7 @@ class Daemon:
         self.rescan()
         self.start_lanes()
         self.scheduler = Scheduler(Store(self.cfg), self.log)
+        self.scheduler.metrics = self.metrics
         self.log.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
         next_rescan = time.monotonic() + self.cfg.daemon.rescan
@@ -402,6 +403,8 @@ class Daemon:
             self.watcher.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
+        if self.cfg.daemon.metrics is not None:
+            self.write_metrics(up=False)  # a stopped daemon, not a stale file
         self.log.info("stopped")
 
     def reload(self) -> None:
@@ -452,24 +455,37 @@ class Daemon:
             self.log.error("cannot record blocked interface", interface=interface, error=str(exc))
 
     def count(self, interface: str, outcome: Outcome | None, what: str | None = None) -> None:
-        with self.counters_lock:
-            key = (interface, what or (outcome.result if outcome else "?"))
-            self.counters[key] = self.counters.get(key, 0) + 1
-            if outcome is not None:
-                for k, v in (("handler_seconds", outcome.ended - outcome.started), ("runs", 1)):
-                    self.counters[(interface, k)] = self.counters.get((interface, k), 0) + v
+        self.metrics.count(interface, what or (outcome.result if outcome else "?"))
+        if outcome is not None:
+            self.metrics.handler(interface, outcome.ended - outcome.started)
 
     def status_line(self) -> str:
         return ", ".join(f"{n}: {lane.depth()} queued" for n, lane in self.lanes.items()) or "idle"
 
-    def write_metrics(self) -> None:
+    def write_metrics(self, up: bool = True) -> None:
+        """Rewrite the textfile; every interface's and schedule's series is in it, 0 or not."""
         assert self.cfg.daemon.metrics is not None
-        with self.counters_lock:
-            counters = dict(self.counters)
+        sids = list(self.scheduler.schedules) if self.scheduler is not None else []
         try:
-            metrics.write(self.cfg.daemon.metrics, overview(self.spool), counters)
-        except OSError as exc:
+            fresh = [sid for sid in sids if sid not in self.metrics.last]
+            if fresh:  # their last runs from before this start: read once
+                metrics.seed(self.metrics, {sid: self._results(sid) for sid in fresh})
+            self.metrics.know(self.cfg.interfaces, sids)
+            text = self.metrics.render(overview(self.spool), time.time(), up)
+            metrics.write(self.cfg.daemon.metrics, text)
+        except (OSError, JobspoolError) as exc:
             self.log.error("cannot write metrics", error=str(exc))
+
+    def _results(self, sid: str) -> Iterator[dict[str, str]]:
+        """A schedule's recorded results, newest first (unreadable ones skipped)."""
+        assert self.scheduler is not None
+        from jobspool.schedules import read_result
+
+        for path in self.scheduler.store.results(sid):
+            try:
+                yield read_result(path)
+            except Exception:  # a damaged result file: the metrics go on without it
+                continue
 
 
 def _mtime(path: Path) -> float:

@@ -38,6 +38,7 @@ from jobspool.errors import JobspoolError
 from jobspool.schedules import STILL_GOING, Result
 
 if TYPE_CHECKING:
+    from jobspool.metrics import Metrics
     from jobspool.schedules import Staged, Store
 
 
@@ -179,6 +180,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.pool = _Pool(store.cfg.daemon.schedule_concurrency, "schedule", self._run)
         self.recorder = _Recorder(self)
+        self.metrics: Metrics | None = None  # the daemon's, told of every recorded run
 
     def loop(self, now: float) -> float | None:
         """Fire what is due at ``now``; return when the next run is due."""
@@ -327,6 +329,13 @@ class Scheduler:
             self.trigger[s.id] = "catch-up"
             return now
         return next_run(s, now)
+
+    def report(self, s: Schedule, r: Result) -> None:
+        """A run's result is durable: tell the metrics (and the alerts) of it."""
+        if self.metrics is not None:
+            from jobspool.metrics import Run
+
+            self.metrics.schedule(s.id, Run(r.outcome, r.start, r.end))
 
     def shutdown(self, timeout: float) -> None:
         """Let running runs finish within ``timeout``, then kill their process groups.
@@ -556,6 +565,7 @@ class _Recorder:
                 log.error("cannot prune the results", schedule=sid, error=str(exc))
         for st in placed:
             r = st.result
+            self.scheduler.report(st.schedule, r)
             if r.outcome == "skipped":
                 log.warning("schedule skipped", schedule=r.schedule, trigger=r.trigger,
                             reason=r.message)  # fmt: skip
