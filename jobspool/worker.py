@@ -397,8 +397,8 @@ class Lane:
             bound = logs.get(job=f.name, interface=self.iface.name)
             if f.dest == BAK:
                 bound.info(f.outcome.result, to=label)
-            else:
-                bound.warning(f.outcome.result, to=label, reason=f.outcome.reason)
+            else:  # a partner's job failed: someone must look at it (journalctl -p err)
+                bound.error(f.outcome.result, to=label, reason=f.outcome.reason)
         with self.cond:
             self.in_flight.difference_update(f.name for f, _ in renamed)
 
