@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from jobspool import check, config, intake, joblog, logs, metrics, names, notify, watch
+from jobspool.alerts import Alerts, Event
 from jobspool.config import Config
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.handlers import Outcome
@@ -41,6 +42,7 @@ from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool, os_errors, remove_
 from jobspool.worker import BATCH, Lane
 
 TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
+ALERTS_GRACE = 10.0  # seconds the last notifications may take at shutdown
 
 
 class Daemon:
@@ -69,6 +71,7 @@ class Daemon:
         self.uncommitted: set[str] = set()  # their names: queue hints must not offer them yet
         self.logs_lock = threading.Lock()
         self.metrics = metrics.Metrics(time.time())
+        self.alerts = Alerts(self.cfg.notify, self.log, str(self.spool.root))
         self.watcher: watch.Watcher | None = None
         self.scheduler: Scheduler | None = None
         self._lock_fd: int | None = None
@@ -89,6 +92,7 @@ class Daemon:
         self.start_lanes()
         self.scheduler = Scheduler(Store(self.cfg), self.log)
         self.scheduler.metrics = self.metrics
+        self.scheduler.alerts = self.alerts
         self.log.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
         next_rescan = time.monotonic() + self.cfg.daemon.rescan
@@ -209,6 +213,7 @@ class Daemon:
                     logs.get(job=taken.name, interface=iface).warning(
                         "rejected", to=taken.place, reason=taken.reason, placed_as=path.name
                     )
+                    self.alerts.emit(Event("job-rejected", taken.name, iface, reason=taken.reason))
                 return
             lane = self.lanes.get(iface)  # _out interfaces have none
             name = path.name
@@ -252,6 +257,7 @@ class Daemon:
         if taken.place == JOBERRORS:
             bound.warning("rejected", to=taken.place, reason=taken.reason, dropped_as=path.name)
             self.count(iface_name, None, "rejected")
+            self.alerts.emit(Event("job-rejected", taken.name, iface_name, reason=taken.reason))
             return
         self.accepted.append((iface_name, taken))
         self.uncommitted.add(taken.name)
@@ -268,6 +274,7 @@ class Daemon:
             self.spool.sync()
         except JobspoolError as exc:  # renamed but maybe not durable: a rescan finds them
             self.log.error("cannot sync the spool", error=str(exc))
+            self.alerts.fault(f"cannot sync the spool: {exc}")
         for iface_name, taken in batch:
             logs.get(job=taken.name, interface=iface_name).info("accepted", to=taken.place)
             lane = self.lanes.get(iface_name)
@@ -405,6 +412,7 @@ class Daemon:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
         if self.cfg.daemon.metrics is not None:
             self.write_metrics(up=False)  # a stopped daemon, not a stale file
+        self.alerts.stop(ALERTS_GRACE)
         self.log.info("stopped")
 
     def reload(self) -> None:
@@ -422,6 +430,7 @@ class Daemon:
             return
         self.cfg = new
         self.spool = Spool(new.spool, new.interfaces)
+        self.alerts.configure(new.notify)
         check.use_compiled(validators)  # only now: a refused reload keeps the old ones
         for name, lane in list(self.lanes.items()):
             iface = new.interfaces.get(name)

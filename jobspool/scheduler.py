@@ -38,6 +38,7 @@ from jobspool.errors import JobspoolError
 from jobspool.schedules import STILL_GOING, Result
 
 if TYPE_CHECKING:
+    from jobspool.alerts import Alerts
     from jobspool.metrics import Metrics
     from jobspool.schedules import Staged, Store
 
@@ -181,6 +182,7 @@ class Scheduler:
         self.pool = _Pool(store.cfg.daemon.schedule_concurrency, "schedule", self._run)
         self.recorder = _Recorder(self)
         self.metrics: Metrics | None = None  # the daemon's, told of every recorded run
+        self.alerts: Alerts | None = None  # the daemon's, told of every failed run
 
     def loop(self, now: float) -> float | None:
         """Fire what is due at ``now``; return when the next run is due."""
@@ -336,6 +338,13 @@ class Scheduler:
             from jobspool.metrics import Run
 
             self.metrics.schedule(s.id, Run(r.outcome, r.start, r.end))
+        if self.alerts is not None and r.outcome == "failed":
+            from jobspool.alerts import Event
+
+            # The maintenance templates' findings are events of their own kind.
+            kind = _TEMPLATE_EVENTS.get(s.target, "schedule-failed")
+            kind = kind if s.action == "template" else "schedule-failed"
+            self.alerts.emit(Event(kind, schedule=s.id, reason=r.message))
 
     def shutdown(self, timeout: float) -> None:
         """Let running runs finish within ``timeout``, then kill their process groups.
@@ -366,6 +375,7 @@ class Scheduler:
         self.recorder.stop(_FINAL_COMMIT)
 
 
+_TEMPLATE_EVENTS = {"stuck-queue": "queue-stuck", "disk-space": "disk-low"}
 _FINAL_COMMIT = 30.0  # seconds the last results may take to be synced at shutdown
 BATCH = 64  # results that make a batch worth committing at once
 GATHER = 0.02  # seconds a batch waits for more results while runs are going

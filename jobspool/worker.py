@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from jobspool import handlers, joblog, logs, names
+from jobspool.alerts import Event
 from jobspool.config import Interface
 from jobspool.spool import BAK, JOBERRORS, QUEUE, Listing, Spool, ordered, trim_heap
 
@@ -277,6 +278,7 @@ class Lane:
                 done = self.process(stamp, name)
             except Exception as exc:  # disk full, permission: the job stays queued
                 bound.error("processing failed; the job stays queued", error=str(exc))
+                self.daemon.alerts.fault(f"{name}: processing failed: {exc}")
                 self._back_off(stamp, name)
             if done is None:
                 with self.cond:
@@ -399,6 +401,8 @@ class Lane:
                 bound.info(f.outcome.result, to=label)
             else:  # a partner's job failed: someone must look at it (journalctl -p err)
                 bound.error(f.outcome.result, to=label, reason=f.outcome.reason)
+                event = Event("job-failed", f.name, self.iface.name, reason=f.outcome.reason)
+                self.daemon.alerts.emit(event)
         with self.cond:
             self.in_flight.difference_update(f.name for f, _ in renamed)
 
@@ -430,6 +434,7 @@ class Lane:
             self.spool.sync()
         except Exception as exc:
             self.daemon.log.error("cannot sync the spool", error=str(exc))
+            self.daemon.alerts.fault(f"cannot sync the spool: {exc}")
             return False
         return True
 
@@ -459,6 +464,7 @@ class Lane:
             f"{name} blocks the queue since {joblog.iso(since)}: {reason} "
             f"(attempt {n}, next in {delay:g}s)",
         )
+        self.daemon.alerts.blocking(self.iface.name, name, since, reason)
 
     def _describe(self) -> str:
         if self.iface.command is not None:

@@ -461,6 +461,16 @@ def _add_schedule_group() -> None:
 _add_schedule_group()
 
 
+def _add_notify_group() -> None:
+    # Only click inside; the senders load when 'notify test' runs.
+    from jobspool.cli.alerts import notify
+
+    cli.add_command(notify)
+
+
+_add_notify_group()
+
+
 def _add_http_commands() -> None:
     # Only click inside; Starlette, uvicorn and bcrypt load when a command runs.
     from jobspool.cli.http import serve, user
