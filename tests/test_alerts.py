@@ -482,3 +482,20 @@ def test_the_notify_section_is_checked_strictly(site: Site, notify: Any, message
 def test_no_notify_section_means_no_routes(site: Site) -> None:
     site.config.write_text(yaml.safe_dump({"spool": "spool", "interfaces": {"orders_out": {}}}))
     assert_fails(site.run("notify", "test"), 78)
+
+
+def test_the_example_configurations_notify_block_is_valid(tmp_path: Path) -> None:
+    """etc/jobspool.yaml's commented notify: section, uncommented, passes the checks."""
+    example = (Path(__file__).resolve().parents[1] / "etc" / "jobspool.yaml").read_text()
+    block = example[example.index("# notify:") :]
+    text = "\n".join(line[2:] if line.startswith("# ") else line for line in block.splitlines())
+    creds = tmp_path / "smtp-credentials"
+    creds.write_text("jobspool\nsecret\n")
+    text = text.replace("/etc/jobspool/smtp-credentials", str(creds))
+    cfg = config.parse("spool: spool\ninterfaces: {orders_out: {}}\n" + text, tmp_path / "x.yaml")
+    assert set(cfg.notify.routes) == {"ops", "chat", "pager"}
+    ops = cfg.notify.routes["ops"]
+    assert isinstance(ops, config.MailRoute)
+    assert (ops.smtp_host, ops.smtp_port, ops.credentials) == ("mail.example.com", 587, creds)
+    assert "fault-end" in ops.events and "job-rejected" not in ops.events
+    assert cfg.notify.interval == 300
