@@ -461,14 +461,24 @@ def _add_schedule_group() -> None:
 _add_schedule_group()
 
 
-def _add_notify_group() -> None:
-    # Only click inside; the senders load when 'notify test' runs.
-    from jobspool.cli.alerts import notify
+class _LazyNotify(click.Group):
+    """``jobspool notify``: its commands (jobspool.cli.alerts) load only when one is asked for.
 
-    cli.add_command(notify)
+    So that ``status``, ``queue`` and ``log`` import nothing more for it.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return ["test"]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.list_commands(ctx):
+            return None
+        from jobspool.cli import alerts
+
+        return alerts.test
 
 
-_add_notify_group()
+cli.add_command(_LazyNotify("notify", help="Try the notification routes of the notify: section."))
 
 
 def _add_http_commands() -> None:

@@ -1,4 +1,7 @@
-"""``jobspool notify ...``: try the notification routes (docs/alerts.rst)."""
+"""``jobspool notify test``: try the notification routes (docs/alerts.rst).
+
+Loaded by the ``notify`` group of :mod:`jobspool.cli` only when it runs.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,7 @@ import click
 from jobspool.cli import State, pass_state, print_json
 
 
-@click.group()
-def notify() -> None:
-    """The notification routes of the notify: section."""
-
-
-@notify.command("test")
+@click.command("test")
 @click.option("--route", "only", metavar="ROUTE", multiple=True,
               help="Only this route (repeatable) [default: every route].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
