@@ -264,37 +264,42 @@ def test_notify_test_says_which_route_failed(site: Site, tmp_path: Path) -> None
 # --- the daemon -------------------------------------------------------------------------------
 
 
-def test_a_burst_of_500_rejections_is_a_handful_of_mails(site: Site, inbox: Inbox) -> None:
+def test_a_burst_of_500_rejections_and_failures_is_a_handful_of_mails(
+    site: Site, inbox: Inbox
+) -> None:
     write_config(site, {"ops": smtp_route(site, inbox, events=["job-rejected", "job-failed"])},
                  gather="2s", interval="10s")  # fmt: skip
     site.init()
     daemon = site.start()
-    names = [f"broken-{n:03d}.xml" for n in range(500)]
-    for name in names:
+    broken = [f"broken-{n:03d}.xml" for n in range(480)]
+    bad = [f"bad-{n:03d}.xml" for n in range(20)]
+    for n, name in enumerate(broken):
         site.drop("orders_in", name, b"<order>")
+        if n % 24 == 0:
+            site.drop("orders_in", bad[n // 24])
 
-    def counted() -> int:
+    def counted(what: str) -> int:
         total = 0
         for _, _, msg, _ in inbox.messages:
-            found = re.search(r"(\d+) job\(s\) rejected", msg["Subject"])
-            total += int(found.group(1)) if found else 1
+            found = re.search(rf"(\d+) job\(s\) {what}", msg["Subject"])
+            total += int(found.group(1)) if found else 0
         return total
 
-    site.wait_for(lambda: counted() >= 500, "mails counting all 500 rejections", timeout=120)
+    site.wait_for(lambda: (counted("rejected"), counted("failed")) == (480, 20),
+                  "mails counting all 480 rejections and 20 failures", timeout=120)  # fmt: skip
     time.sleep(3)  # nothing more comes
-    assert counted() == 500
+    assert (counted("rejected"), counted("failed")) == (480, 20)
     assert 1 <= len(inbox.messages) <= 5, [m["Subject"] for _, _, m, _ in inbox.messages]
-    first = inbox.messages[0][2]
-    payload = first.get_payload(decode=True)
+    payload = inbox.messages[0][2].get_payload(decode=True)
     assert isinstance(payload, bytes)
     body = payload.decode()
     assert "First events:" in body
-    assert "orders_in: broken-" in body
+    assert "orders_in: broken-000.xml job-rejected (" in body
     assert "journalctl -t jobspool -p warning" in body
     # Every job is in exactly one place: joberrors.
     places = site.places()
-    assert sorted(places) == names
-    assert all(places[n] == ["joberrors"] for n in names)
+    assert sorted(places) == sorted(broken + bad)
+    assert all(places[n] == ["joberrors"] for n in places)
     assert daemon.stop() == 0
 
 
