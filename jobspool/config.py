@@ -153,6 +153,62 @@ class Http(NamedTuple):
 _NO_HTTP_INTERFACE = HttpInterface()
 
 
+# What the daemon can tell about (docs/alerts.rst); "fault" in a route's events means both.
+EVENTS = ("job-rejected", "job-failed", "schedule-failed", "queue-stuck", "job-blocking",
+          "disk-low", "fault-start", "fault-end")  # fmt: skip
+EVENT_GROUPS = {"fault": ("fault-start", "fault-end"), "all": EVENTS}
+
+
+class CommandRoute(NamedTuple):
+    """A program run for each notification: JSON on stdin, ``JOBSPOOL_*`` variables."""
+
+    name: str
+    events: frozenset[str]
+    argv: tuple[str, ...]
+    timeout: float = 30.0
+
+
+class MailRoute(NamedTuple):
+    """Mail through the local MTA (``sendmail -t``, as cron does) or SMTP with STARTTLS."""
+
+    name: str
+    events: frozenset[str]
+    to: tuple[str, ...]
+    sender: str | None = None  # From:; without it the MTA (or jobspool@HOST for SMTP) decides
+    sendmail: tuple[str, ...] = ("/usr/sbin/sendmail", "-t", "-oi")
+    smtp_host: str | None = None  # set: SMTP instead of sendmail
+    smtp_port: int = 587
+    credentials: Path | None = None  # "user" on the first line, "password" on the second
+    ca: Path | None = None  # certificates to trust instead of the system's
+    timeout: float = 30.0
+
+
+class WebhookRoute(NamedTuple):
+    """An HTTPS POST of the notification as JSON, retried with back-off."""
+
+    name: str
+    events: frozenset[str]
+    url: str
+    ca: Path | None = None
+    timeout: float = 10.0
+    retries: int = 3  # tries after the first, waiting 1 s, 2 s, 4 s, ...
+    headers: Mapping[str, str] = {}
+
+
+Route = CommandRoute | MailRoute | WebhookRoute
+
+
+class Notify(NamedTuple):
+    """Notifications (the ``notify:`` section; docs/alerts.rst)."""
+
+    routes: Mapping[str, Route] = {}
+    gather: float = 10.0  # after the first event, wait this long for others to join it
+    interval: float = 300.0  # at least this long between two notifications of one route
+    blocking_after: float = 1800.0  # a job blocking its interface this long is an event
+    fault_quiet: float = 300.0  # a fault episode ends after this long without a fault
+    queue: int = 10_000  # events waiting for the notifier; beyond, only counted
+
+
 class Config(NamedTuple):
     """The whole configuration, as read from :attr:`path`."""
 
@@ -162,6 +218,7 @@ class Config(NamedTuple):
     schedules: Mapping[str, Schedule]
     daemon: DaemonSettings = DaemonSettings()
     http: Http | None = None  # None: no http: section, no 'jobspool serve'
+    notify: Notify = Notify()  # no routes: no notifications
 
     def interface(self, name: str) -> Interface:
         """The interface called ``name``; :class:`BadRequest` if there is none."""
@@ -319,6 +376,9 @@ _HTTP_KEYS = {
     "keep_alive", "auth_cache", "plain_listen", "interfaces",
 }  # fmt: skip
 _HTTP_INTERFACE_KEYS = set(HttpInterface._fields)
+_NOTIFY_KEYS = {"routes", "gather", "interval", "blocking_after", "fault_quiet", "queue"}
+_ROUTE_KINDS = ("command", "mail", "webhook")
+_MAIL_KEYS = {"to", "from", "sendmail", "smtp", "credentials", "ca"}
 _SCHEDULE_TIMINGS = ("cron", "every", "at")
 _SCHEDULE_RUNS = ("command", "handler", "template")
 _SCHEDULE_KEYS = {
@@ -364,7 +424,9 @@ class _Reader:
         return (self.base / value).absolute()
 
     def config(self, data: object) -> Config:
-        top = self.mapping(data, "", {"spool", "interfaces", "schedules", "daemon", "http"})
+        top = self.mapping(
+            data, "", {"spool", "interfaces", "schedules", "daemon", "http", "notify"}
+        )
         spool = self.relative(top.get("spool", DEFAULT_SPOOL), "spool")
         raw_ifaces = self.mapping(top.get("interfaces"), "interfaces", None)
         if not raw_ifaces:
@@ -373,7 +435,120 @@ class _Reader:
         raw_scheds = self.mapping(top.get("schedules"), "schedules", None)
         schedules = {i: self.schedule(i, v) for i, v in raw_scheds.items()}
         http = None if top.get("http") is None else self.http(top["http"], interfaces)
-        return Config(self.path, spool, interfaces, schedules, self.daemon(top.get("daemon")), http)
+        daemon = self.daemon(top.get("daemon"))
+        return Config(self.path, spool, interfaces, schedules, daemon, http,
+                      self.notify(top.get("notify")))  # fmt: skip
+
+    def notify(self, value: object) -> Notify:
+        """The ``notify:`` section: its routes and how events are gathered and spaced."""
+        raw = self.mapping(value, "notify", _NOTIFY_KEYS)
+        d = Notify()
+        routes = {
+            name: self.route(name, spec)
+            for name, spec in self.mapping(raw.get("routes"), "notify.routes", None).items()
+        }
+        if raw and not routes:
+            raise self.fail("notify.routes", "at least one route (command:, mail: or webhook:)")
+        seconds = {
+            k: self.convert(raw.get(k, getattr(d, k)), f"notify.{k}", parse_duration)
+            for k in ("gather", "interval", "blocking_after", "fault_quiet")
+        }
+        return Notify(routes=routes, queue=self.count(raw.get("queue", d.queue), "notify.queue"),
+                      **seconds)  # fmt: skip
+
+    def route(self, name: str, value: object) -> Route:
+        key = f"notify.routes.{name}"
+        if not names.is_valid(name):
+            raise self.fail(key, "a route name of A-Z a-z 0-9 . _ -: " + names.why_invalid(name))
+        raw = self.mapping(value, key, {"events", "timeout", *_ROUTE_KINDS})
+        kinds = [k for k in _ROUTE_KINDS if k in raw]
+        if len(kinds) != 1:
+            raise self.fail(key, "exactly one of command:, mail: or webhook:")
+        events = self.events(raw.get("events", "all"), f"{key}.events")
+        kind = kinds[0]
+        timeout = None
+        if "timeout" in raw:
+            timeout = self.positive(raw["timeout"], f"{key}.timeout")
+        if kind == "command":
+            argv = self.command(raw["command"], f"{key}.command")
+            route = CommandRoute(name, events, argv)
+            return route._replace(timeout=timeout) if timeout else route
+        if kind == "mail":
+            return self.mail(name, events, raw["mail"], f"{key}.mail", timeout)
+        return self.webhook(name, events, raw["webhook"], f"{key}.webhook", timeout)
+
+    def events(self, value: object, key: str) -> frozenset[str]:
+        items = [value] if isinstance(value, str) else value
+        known = (*EVENTS, *EVENT_GROUPS)
+        if not isinstance(items, list) or not items or not all(i in known for i in items):
+            raise self.fail(key, f"all, or a list of {', '.join(known[:-1])}", value)
+        return frozenset(e for i in items for e in EVENT_GROUPS.get(i, (i,)))
+
+    def mail(
+        self, name: str, events: frozenset[str], value: object, key: str, timeout: float | None
+    ) -> MailRoute:
+        spec = self.mapping(value, key, _MAIL_KEYS)
+        to = spec.get("to")
+        to = [to] if isinstance(to, str) else to
+        if not isinstance(to, list) or not to or not all(_is_address(a) for a in to):
+            raise self.fail(f"{key}.to", "a list of mail addresses like [ops@example.com]", to)
+        sender = spec.get("from")
+        if sender is not None and not _is_address(sender):
+            raise self.fail(f"{key}.from", "a mail address like jobspool@example.com", sender)
+        d = MailRoute(name, events, ())
+        smtp = spec.get("smtp")
+        host, port = None, d.smtp_port
+        if smtp is not None:
+            if "sendmail" in spec:
+                raise self.fail(key, "either smtp: or sendmail:, not both")
+            host, port = self.convert(smtp, f"{key}.smtp", _host_port)
+        elif any(k in spec for k in ("credentials", "ca")):
+            raise self.fail(key, "smtp: with credentials: and ca: (sendmail needs neither)")
+        sendmail = d.sendmail
+        if "sendmail" in spec:
+            sendmail = self.command(spec["sendmail"], f"{key}.sendmail")
+        return MailRoute(
+            name=name,
+            events=events,
+            to=tuple(to),
+            sender=sender,
+            sendmail=sendmail,
+            smtp_host=host,
+            smtp_port=port,
+            credentials=self.optional_file(spec.get("credentials"), f"{key}.credentials",
+                                           "an existing file: the user, then the password, "
+                                           "one per line"),
+            ca=self.optional_file(spec.get("ca"), f"{key}.ca", "an existing CA file (PEM)"),
+            timeout=timeout or d.timeout,
+        )  # fmt: skip
+
+    def webhook(
+        self, name: str, events: frozenset[str], value: object, key: str, timeout: float | None
+    ) -> WebhookRoute:
+        spec = self.mapping(value, key, {"url", "ca", "retries", "headers"})
+        url = spec.get("url")
+        if not isinstance(url, str) or not re.fullmatch(r"https://[^\s/?#]+[^\s]*", url):
+            raise self.fail(f"{key}.url", "an https:// URL", url)
+        headers = self.mapping(spec.get("headers"), f"{key}.headers", None)
+        for h, v in headers.items():
+            if not re.fullmatch(r"[A-Za-z0-9-]+", h) or not isinstance(v, str) or "\n" in v:
+                raise self.fail(f"{key}.headers.{h}", "a header name and a one-line text", v)
+        d = WebhookRoute(name, events, url)
+        retries = spec.get("retries", d.retries)
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise self.fail(f"{key}.retries", "a whole number from 0 to 10", retries)
+        return WebhookRoute(
+            name=name,
+            events=events,
+            url=url,
+            ca=self.optional_file(spec.get("ca"), f"{key}.ca", "an existing CA file (PEM)"),
+            timeout=timeout or d.timeout,
+            retries=retries,
+            headers=dict(headers),
+        )
+
+    def optional_file(self, value: object, key: str, what: str) -> Path | None:
+        return None if value is None else self.existing(value, key, what)
 
     def daemon(self, value: object) -> DaemonSettings:
         raw = self.mapping(value, "daemon", _DAEMON_KEYS)
@@ -705,6 +880,21 @@ def parse_listen(value: object) -> tuple[str, int]:
     if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(help_)
     return host, int(port_text)
+
+
+def _is_address(value: object) -> bool:
+    """A plain mail address (no display name, nothing that could add a header line)."""
+    return isinstance(value, str) and bool(re.fullmatch(r"[^\s@<>,;\"]+@[^\s@<>,;\"]+", value))
+
+
+def _host_port(value: object) -> tuple[str, int]:
+    """``host:port`` or ``host`` (port 587, submission with STARTTLS)."""
+    if isinstance(value, str) and ":" not in value.strip() and value.strip():
+        return value.strip(), 587
+    try:
+        return parse_listen(value)
+    except ValueError:
+        raise ValueError("host:port like mail.example.com:587") from None
 
 
 def _ip_or_network(value: object) -> str:

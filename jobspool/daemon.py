@@ -25,20 +25,23 @@ import select
 import signal
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jobspool import check, config, intake, logs, metrics, names, notify, watch
+from jobspool.alerts import Alerts, Event
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
 from jobspool.durable import BATCH, GroupCommit, os_errors, remove_if_abandoned
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.lane import HeldLogs, Lane, LaneContext
-from jobspool.metrics import Counters
+from jobspool.overview import overview
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
+ALERTS_GRACE = 10.0  # seconds the last notifications may take at shutdown
 TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
 
 
@@ -64,8 +67,9 @@ class Daemon:
         self.held = HeldLogs()  # logs of jobs accepted here, until their lane takes them
         self.accepted: dict[str, tuple[str, intake.Taken]] = {}  # name -> this turn's, until synced
         self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
-        self.counters = Counters()
-        self.commit = GroupCommit(self.spool.sync, self.logger)
+        self.metrics = metrics.Metrics(time.time())
+        self.alerts = Alerts(self.cfg.notify, self.logger, str(self.spool.root))
+        self.commit = GroupCommit(self.spool.sync, self.logger, on_fault=self.alerts.fault)
         self.checks = CheckPool(self.cfg.daemon.check_workers)
         self.checking: dict[Path, tuple[str, intake.Screened]] = {}  # drop -> its interface
         # Per interface, drops in the order they were screened: each is settled
@@ -96,6 +100,8 @@ class Daemon:
         self.rescan()
         self.start_lanes()
         self.scheduler = Scheduler(Store(self.cfg, self.spool), self.logger, self.commit)
+        self.scheduler.metrics = self.metrics
+        self.scheduler.alerts = self.alerts
         self.logger.info("ready", spool=str(self.spool.root), interfaces=list(self.cfg.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
         next_rescan = time.monotonic() + self.cfg.daemon.rescan
@@ -304,7 +310,8 @@ class Daemon:
         bound = logs.get(job=taken.name, interface=iface_name)
         if taken.place == JOBERRORS:
             bound.warning("rejected", to=taken.place, reason=taken.reason, dropped_as=path.name)
-            self.counters.count(iface_name, None, "rejected")
+            self.metrics.count(iface_name, "rejected")
+            self.alerts.emit(Event("job-rejected", taken.name, iface_name, reason=taken.reason))
             return
         self.accepted[taken.name] = (iface_name, taken)
         if len(self.accepted) >= BATCH:  # a burst: hand the first ones over early
@@ -365,9 +372,15 @@ class Daemon:
         path = self.spool.state / "daemon.lock"
         with os_errors(f"cannot lock the spool at {self.spool.root}"):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # "Is a daemon running?" (jobspool interfaces, daemon-status) takes a
+        # shared lock for an instant: a few tries keep that from failing a start.
+        for _ in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise TryLater(
@@ -427,7 +440,8 @@ class Daemon:
             self.logger,
             self.commit,
             self.held,
-            self.counters,
+            self.metrics,
+            self.alerts,
         )
 
     def start_lanes(self) -> None:
@@ -456,6 +470,9 @@ class Daemon:
             self.watcher.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
+        if self.cfg.daemon.metrics is not None:
+            self.write_metrics(up=False)  # a stopped daemon, not a stale file
+        self.alerts.stop(ALERTS_GRACE)
         self.logger.info("stopped")
 
     def reload(self) -> None:
@@ -473,6 +490,7 @@ class Daemon:
             return
         self.cfg = new
         self.spool = Spool.of(new)
+        self.alerts.configure(new.notify)
         check.use_compiled(validators)  # only now: a refused reload keeps the old ones
         ctx = self.lane_context()
         for name, lane in list(self.lanes.items()):
@@ -497,12 +515,30 @@ class Daemon:
     def status_line(self) -> str:
         return ", ".join(f"{n}: {lane.depth()} queued" for n, lane in self.lanes.items()) or "idle"
 
-    def write_metrics(self) -> None:
+    def write_metrics(self, up: bool = True) -> None:
+        """Rewrite the textfile; every interface's and schedule's series is in it, 0 or not."""
         assert self.cfg.daemon.metrics is not None
+        sids = list(self.scheduler.schedules) if self.scheduler is not None else []
         try:
-            metrics.write(self.cfg.daemon.metrics, self.spool.overview(), self.counters.snapshot())
-        except OSError as exc:
+            fresh = [sid for sid in sids if sid not in self.metrics.last]
+            if fresh:  # their last runs from before this start: read once
+                metrics.seed(self.metrics, {sid: self._results(sid) for sid in fresh})
+            self.metrics.know(self.cfg.interfaces, sids)
+            text = self.metrics.render(overview(self.spool), time.time(), up)
+            metrics.write(self.cfg.daemon.metrics, text)
+        except (OSError, JobspoolError) as exc:
             self.logger.error("cannot write metrics", error=str(exc))
+
+    def _results(self, sid: str) -> Iterator[dict[str, str]]:
+        """A schedule's recorded results, newest first (unreadable ones skipped)."""
+        assert self.scheduler is not None
+        from jobspool.schedules import read_result
+
+        for path in self.scheduler.store.results(sid):
+            try:
+                yield read_result(path)
+            except Exception:  # a damaged result file: the metrics go on without it
+                continue
 
 
 def _mtime(path: Path) -> float:

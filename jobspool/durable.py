@@ -202,9 +202,16 @@ class GroupCommit:
       again, not once per batch: a full disk is one episode, not a thousand lines.
     """
 
-    def __init__(self, sync: Callable[[], None], logger: Logger, backoff_max: float = 30.0) -> None:
+    def __init__(
+        self,
+        sync: Callable[[], None],
+        logger: Logger,
+        backoff_max: float = 30.0,
+        on_fault: Callable[[str], None] | None = None,
+    ) -> None:
         self._sync = sync
         self.logger = logger
+        self.on_fault = on_fault  # told once when an episode starts (a notification)
         self.backoff_max = backoff_max
         self._lock = threading.Lock()
         self._failures = 0  # consecutive failed syncs
@@ -225,6 +232,8 @@ class GroupCommit:
                     "cannot sync the spool; nothing more is reported until a sync works",
                     error=str(exc),
                 )
+                if self.on_fault is not None:
+                    self.on_fault(f"cannot sync the spool: {exc}")
             return False
         with self._lock:
             failures, self._failures = self._failures, 0

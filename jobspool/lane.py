@@ -49,11 +49,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jobspool import handlers, intake, joblog, names
+from jobspool.alerts import Alerts, Event
 from jobspool.config import DaemonSettings, Interface
 from jobspool.durable import BATCH, GroupCommit
 from jobspool.errors import JobspoolError
 from jobspool.listing import Listing, ordered, trim_heap
-from jobspool.metrics import Counters
+from jobspool.metrics import Metrics
 from jobspool.spool import BAK, JOBERRORS, QUEUE, Spool
 
 RELEASE_FROM = 100_000  # queued jobs from which a refill hands its scratch memory back
@@ -108,7 +109,8 @@ class LaneContext(NamedTuple):
     logger: Any
     commit: GroupCommit
     held: HeldLogs
-    counters: Counters
+    metrics: Metrics
+    alerts: Alerts
 
 
 class Backlog:
@@ -331,6 +333,7 @@ class Lane:
                 done = self.process(stamp, name)
             except Exception as exc:  # disk full, permission: the job stays queued
                 bound.error("processing failed; the job stays queued", error=str(exc))
+                self.ctx.alerts.fault(f"{name}: processing failed: {exc}")
                 self._back_off(stamp, name)
             with self.cond:
                 if done is None:
@@ -400,7 +403,8 @@ class Lane:
             bound.warning("interrupted by shutdown; it stays queued and runs again")
             return None
         joblog.ran(log, outcome, self._describe())
-        self.ctx.counters.count(iface.name, outcome)
+        self.ctx.metrics.count(iface.name, outcome.result)
+        self.ctx.metrics.handler(iface.name, outcome.ended - outcome.started)
         if outcome.result == handlers.LATER:
             spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.info("try later", reason=outcome.reason)
@@ -475,7 +479,11 @@ class Lane:
             if f.dest == BAK:
                 bound.info(f.outcome.result, to=label)
             else:
-                bound.warning(f.outcome.result, to=label, reason=f.outcome.reason)
+                # A partner's job failed: someone must look at it (journalctl -p err).
+                bound.error(f.outcome.result, to=label, reason=f.outcome.reason)
+                self.ctx.alerts.emit(
+                    Event("job-failed", f.name, self.iface.name, reason=f.outcome.reason)
+                )
         with self.cond:
             self.in_flight.difference_update(f.name for f, _ in renamed)
 
@@ -526,6 +534,7 @@ class Lane:
             f"{name} blocks the queue since {joblog.iso(since)}: {reason} "
             f"(attempt {n}, next in {delay:g}s)"
         )
+        self.ctx.alerts.blocking(self.iface.name, name, since, reason)
 
     def _publish_blocked(self, why: str | None) -> None:
         """Say in the spool which job blocks the interface; a failing write is logged once."""

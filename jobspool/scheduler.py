@@ -14,13 +14,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from jobspool import schedules
 from jobspool.config import Schedule
 from jobspool.durable import BATCH, GroupCommit
 from jobspool.schedules import STILL_GOING, Result, Staged, Store
 from jobspool.timing import next_run
+
+if TYPE_CHECKING:
+    from jobspool.alerts import Alerts
+    from jobspool.metrics import Metrics
 
 STILL_WAITING = "the previous run was still waiting for a free run thread"
 NEVER_STARTED = "the daemon stopped before a run thread was free"
@@ -65,7 +69,25 @@ class Scheduler:
         self.cond = threading.Condition()
         self.pool = _Pool(store.cfg.daemon.schedule_concurrency, "schedule", self._run)
         commit = commit or GroupCommit(store.spool.sync, logger)
-        self.recorder = Recorder(store, logger, commit, going=lambda: bool(self.busy))
+        self.recorder = Recorder(
+            store, logger, commit, going=lambda: bool(self.busy), reported=self.report
+        )
+        self.metrics: Metrics | None = None  # the daemon's, told of every recorded run
+        self.alerts: Alerts | None = None  # the daemon's, told of every failed run
+
+    def report(self, s: Schedule, r: Result) -> None:
+        """A run's result is durable: tell the metrics (and the alerts) of it."""
+        if self.metrics is not None:
+            from jobspool.metrics import Run
+
+            self.metrics.schedule(s.id, Run(r.outcome, r.start, r.end))
+        if self.alerts is not None and r.outcome == "failed":
+            from jobspool.alerts import Event
+
+            # The maintenance templates' findings are events of their own kind.
+            kind = _TEMPLATE_EVENTS.get(s.target, "schedule-failed")
+            kind = kind if s.action == "template" else "schedule-failed"
+            self.alerts.emit(Event(kind, schedule=s.id, reason=r.message))
 
     def reconfigure(self, store: Store) -> None:
         """A reload: schedules are read anew from ``store`` on the next turn."""
@@ -250,6 +272,7 @@ class Scheduler:
         self.recorder.stop(_FINAL_COMMIT)
 
 
+_TEMPLATE_EVENTS = {"stuck-queue": "queue-stuck", "disk-space": "disk-low"}
 _FINAL_COMMIT = 30.0  # seconds the last results may take to be synced at shutdown
 GATHER = 0.02  # seconds a batch waits for more results while runs are going
 
@@ -332,8 +355,14 @@ class Recorder:
     """
 
     def __init__(
-        self, store: Store, logger: Any, commit: GroupCommit, going: Callable[[], bool]
+        self,
+        store: Store,
+        logger: Any,
+        commit: GroupCommit,
+        going: Callable[[], bool],
+        reported: Callable[[Schedule, Result], None] | None = None,
     ) -> None:
+        self.reported = reported  # told of each result once it is durable
         self.store = store
         self.logger = logger
         self.group = commit
@@ -487,4 +516,6 @@ class Recorder:
                     outcome=r.outcome,
                     message=r.message,
                 )
+            if self.reported is not None:
+                self.reported(st.schedule, r)
         return []

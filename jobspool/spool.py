@@ -80,17 +80,6 @@ class Found(NamedTuple):
         return self.path.with_name(names.log_name(self.name))
 
 
-class Overview(NamedTuple):
-    """How one interface stands: what ``jobspool interfaces`` shows."""
-
-    interface: str
-    queued: int
-    oldest_seconds: float | None
-    paused: bool
-    errors: int
-    blocked: str | None  # why the head of the queue does not move (from the daemon)
-
-
 class Spool:
     """One spool directory tree and the interfaces it serves."""
 
@@ -268,26 +257,7 @@ class Spool:
             marker.unlink()
             fsync_dir(marker.parent)
 
-    # --- overview --------------------------------------------------------------
-
-    def overview(self) -> list[Overview]:
-        """Queue depth, age of the oldest queued job, pause and errors, per interface."""
-        self.require()
-        errors = self.errors_by_interface()
-        now = time.time_ns()
-        out = []
-        for iface in self.interfaces:
-            jobs = self.listing(iface)  # no (stamp, name) pairs for a count and a head
-            oldest = round((now - jobs.stamps[0]) / 1e9, 3) if jobs.names else None
-            try:
-                blocked: str | None = self.blocked_marker(iface).read_text().strip()
-            except OSError:
-                blocked = None
-            paused = self.is_paused(iface)
-            out.append(
-                Overview(iface, len(jobs.names), oldest, paused, errors.get(iface, 0), blocked)
-            )
-        return out
+    # --- errors --------------------------------------------------------------
 
     def errors_by_interface(self) -> dict[str, int]:
         """How many jobs in joberrors came from each interface (read from their logs)."""

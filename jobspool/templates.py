@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from jobspool import names
 from jobspool.config import parse_duration, parse_size
 from jobspool.errors import BadRequest
+from jobspool.overview import overview
 from jobspool.spool import BAK, JOBERRORS, Spool
 
 
@@ -126,7 +127,7 @@ def _days(seconds: float) -> str:
 
 def stuck_queue(spool: Spool, s: Mapping[str, Any]) -> str:
     stuck = []
-    for o in spool.overview():
+    for o in overview(spool):
         if s["interfaces"] and o.interface not in s["interfaces"]:
             continue
         if o.oldest_seconds is not None and o.oldest_seconds > s["older_than"]:

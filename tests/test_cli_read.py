@@ -243,7 +243,8 @@ def test_interfaces_table(busy):
     assert_ok(busy.submit("second.xml"))
     assert_ok(busy.run("pause", "stock_in"))
     out = assert_ok(busy.run("interfaces"))
-    assert out.split()[:6] == ["INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS"]
+    header = ["INTERFACE", "DIR", "INCOMING", "QUEUED", "OLDEST", "PAUSED", "ERRORS"]
+    assert out.split()[:7] == header
     rows = read_table(out)
     assert [row["INTERFACE"] for row in rows] == ["orders_in", "orders_out", "stock_in"]
     orders_in, orders_out, stock_in = rows

@@ -23,11 +23,12 @@ import pytest
 
 from jobspool import lane as lane_module
 from jobspool import names
-from jobspool.config import DaemonSettings, Interface
+from jobspool.alerts import Alerts
+from jobspool.config import DaemonSettings, Interface, Notify
 from jobspool.durable import GroupCommit
 from jobspool.lane import Backlog, HeldLogs, Lane, LaneContext
 from jobspool.listing import Listing, ordered
-from jobspool.metrics import Counters
+from jobspool.metrics import Metrics
 from jobspool.spool import Spool
 from tests.kit import wait_for
 
@@ -182,7 +183,9 @@ def context(spool: Spool, sync: Any = None, logger: Any = None) -> LaneContext:
     settings = DaemonSettings(backoff_initial=0.01, backoff_max=0.05)
     logger = logger or Lines()
     commit = GroupCommit(sync or spool.sync, logger, backoff_max=0.05)
-    return LaneContext(spool, settings, Path.cwd(), logger, commit, HeldLogs(), Counters())
+    alerts = Alerts(Notify(), logger, str(spool.root))  # no routes: nobody is told
+    held, metrics = HeldLogs(), Metrics(0.0)
+    return LaneContext(spool, settings, Path.cwd(), logger, commit, held, metrics, alerts)
 
 
 def queued_spool(root: Path, count: int) -> tuple[Spool, list[str]]:
@@ -216,7 +219,7 @@ def test_a_lane_built_from_its_context_commits_a_burst_in_batches(tmp_path):
     )
     assert list(spool.dir("queue", "orders_in").iterdir()) == []
     assert [kw["to"] for kw in ctx.logger.said("done")] == ["bak/orders_in"] * len(jobs)
-    assert ctx.counters.snapshot()[("orders_in", "done")] == len(jobs)
+    assert ctx.metrics.jobs[("orders_in", "done")] == len(jobs)
 
 
 def test_a_failed_sync_moves_no_job_past_its_log_and_reports_nothing(tmp_path):

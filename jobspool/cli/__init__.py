@@ -8,6 +8,7 @@ needs: ``status``, ``queue`` and ``log`` never import lxml or structlog.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -66,18 +67,19 @@ def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
     from jobspool.spool import Spool
 
     spool = Spool.of(state.config)
-    spool.require()
     answers: list[tuple[str, str | None]] = []
-    for name in jobs:
-        try:
-            found = spool.find(name)
-        except BadRequest as exc:
-            if len(jobs) == 1:
-                raise
-            warn(str(exc))
-            answers.append((name, None))
-        else:
-            answers.append((name, str(found.place)))
+    with _reading(spool.root):
+        spool.require()
+        for name in jobs:
+            try:
+                found = spool.find(name)
+            except BadRequest as exc:
+                if len(jobs) == 1:
+                    raise
+                warn(str(exc))
+                answers.append((name, None))
+            else:
+                answers.append((name, str(found.place)))
     if as_json:
         print_json([{"job": j, "status": s} for j, s in answers])
     elif len(jobs) == 1:
@@ -100,7 +102,9 @@ def queue(state: State, interface: str, as_json: bool) -> None:
 
     state.config.interface(interface)
     workers = min(len(os.sched_getaffinity(0)), 4)  # a stat per job: share them among CPUs
-    listing = Spool.of(state.config).listing(interface, workers=workers)
+    spool = Spool.of(state.config)
+    with _reading(spool.root):
+        listing = spool.listing(interface, workers=workers)
     if as_json:
         sys.stdout.write(_queue_json(listing.stamps, listing.names))
     elif listing.names:
@@ -115,7 +119,9 @@ def log(state: State, job: str, as_json: bool) -> None:
     """Print the XML log of JOB (exit 75 while it has none yet)."""
     from jobspool.spool import Spool
 
-    data = Spool.of(state.config).read_log(job)
+    spool = Spool.of(state.config)
+    with _reading(spool.root):
+        data = spool.read_log(job)
     if as_json:
         print_json({"job": job, "log": data.decode("utf-8", "replace")})
     else:
@@ -126,33 +132,70 @@ def log(state: State, job: str, as_json: bool) -> None:
 @json_opt
 @pass_state
 def interfaces(state: State, as_json: bool) -> None:
-    """Each interface: direction, queued jobs, age of the oldest, paused, errors.
+    """Each interface: direction, dropped and queued jobs, oldest, paused, errors.
 
     An interface whose queue does not move says why in the last column: which
-    job blocks its head, since when, and the handler's reason.
+    job blocks its head, since when, and the handler's reason. The last line
+    says whether a daemon serves the spool (and its pid).
     """
+    from jobspool.overview import daemon_pid, overview
     from jobspool.spool import Spool
 
     cfg = state.config
-    overview = Spool.of(cfg).overview()
+    spool = Spool.of(cfg)
+    with _reading(spool.root):
+        rows_of = overview(spool)
+        pid = daemon_pid(spool)
     rows = [
         {"interface": o.interface, "direction": cfg.interfaces[o.interface].direction,
-         "queued": o.queued, "oldest_seconds": o.oldest_seconds, "paused": o.paused,
-         "errors": o.errors, "blocked": o.blocked}
-        for o in overview
+         "incoming": o.incoming, "queued": o.queued, "oldest_seconds": o.oldest_seconds,
+         "paused": o.paused, "errors": o.errors, "blocked": o.blocked, "daemon_pid": pid}
+        for o in rows_of
     ]  # fmt: skip
     if as_json:
         print_json(rows)
         return
-    table = [("INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS", "WHY NOT MOVING")]
+    table = [("INTERFACE", "DIR", "INCOMING", "QUEUED", "OLDEST", "PAUSED", "ERRORS",
+              "WHY NOT MOVING")]  # fmt: skip
     table += [
-        (o.interface, cfg.interfaces[o.interface].direction, str(o.queued),
+        (o.interface, cfg.interfaces[o.interface].direction, str(o.incoming), str(o.queued),
          "-" if o.oldest_seconds is None else _age(o.oldest_seconds),
          "yes" if o.paused else "no", str(o.errors),
          "paused" if o.paused and o.queued else (o.blocked or ""))
-        for o in overview
+        for o in rows_of
     ]  # fmt: skip
     print_table(table)
+    click.echo(f"\n{_served(spool.root, pid)}")
+
+
+@cli.command("daemon-status")
+@json_opt
+@pass_state
+def daemon_status(state: State, as_json: bool) -> None:
+    """Is a daemon serving the spool? Exit 0 if one is (its pid is printed), 75 if none.
+
+    For monitoring checks: 77 when the spool cannot be read, 78 for a broken
+    configuration.
+    """
+    from jobspool.errors import TryLater
+    from jobspool.overview import daemon_pid
+    from jobspool.spool import Spool
+
+    spool = Spool.of(state.config)
+    with _reading(spool.root):
+        pid = daemon_pid(spool)
+    if as_json:
+        print_json({"spool": str(spool.root), "running": pid is not None, "pid": pid})
+    else:
+        click.echo(_served(spool.root, pid))
+    if pid is None:
+        sys.exit(TryLater.exit_code)
+
+
+def _served(root: Path, pid: int | None) -> str:
+    if pid is None:
+        return f"no daemon serves {root}: dropped files and queued jobs wait"
+    return f"daemon pid {pid or '(starting)'} serves {root}"
 
 
 # --- write commands ------------------------------------------------------------
@@ -328,6 +371,38 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
+@contextlib.contextmanager
+def _reading(root: Path) -> Iterator[None]:
+    """A read command refused by the file system exits 77 with a hint, like a write command."""
+    try:
+        yield
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        from jobspool.errors import Denied
+
+        where = exc.filename or root
+        raise Denied(f"cannot read {where}: {exc.strerror}; {_group_hint(root)}") from None
+
+
+def _group_hint(root: Path) -> str:
+    """Who may read the spool: the members of its group (named when it can be seen)."""
+    import os
+
+    try:
+        import grp
+
+        group = grp.getgrgid(os.stat(root).st_gid).gr_name
+    except (OSError, KeyError):
+        return "the read commands need the spool's group (see docs/deployment.rst, 'People')"
+    return (
+        f"the read commands need the spool's group {group} "
+        f"(usermod -aG {group} USER, then log in again)"
+    )
+
+
 def _add_schedule_group() -> None:
     # Its module is small; click needs the group object to list it in --help.
     from jobspool.cli.schedule import schedule
@@ -336,6 +411,26 @@ def _add_schedule_group() -> None:
 
 
 _add_schedule_group()
+
+
+class _LazyNotify(click.Group):
+    """``jobspool notify``: its commands (jobspool.cli.alerts) load only when one is asked for.
+
+    So that ``status``, ``queue`` and ``log`` import nothing more for it.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return ["test"]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.list_commands(ctx):
+            return None
+        from jobspool.cli import alerts
+
+        return alerts.test
+
+
+cli.add_command(_LazyNotify("notify", help="Try the notification routes of the notify: section."))
 
 
 def _add_http_commands() -> None:

@@ -88,8 +88,11 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def read_table(text: str) -> list[dict[str, str]]:
-    """A table as the commands print it (columns two spaces apart), one dict per row."""
-    header, *rows = text.splitlines()
+    """A table as the commands print it (columns two spaces apart), one dict per row.
+
+    The table ends at the first empty line (``interfaces`` says below it who serves the spool).
+    """
+    header, *rows = text.split("\n\n")[0].splitlines()
     titles = [(m.group(), m.start()) for m in re.finditer(r"\S+(?: \S+)*", header)]
     ends = [start for _, start in titles[1:]] + [None]
     return [
