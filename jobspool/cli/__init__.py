@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from jobspool import __version__
+from jobspool.cli import complete
 from jobspool.errors import JobspoolError
 
 if TYPE_CHECKING:
@@ -45,17 +46,7 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-def _complete_interface(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    try:
-        from jobspool import config
-
-        path = ctx.find_root().params.get("config_path")
-        return [i for i in config.load(path).interfaces if i.startswith(incomplete)]
-    except Exception:
-        return []
-
-
-iface_arg = click.argument("interface", metavar="IFACE", shell_complete=_complete_interface)
+iface_arg = click.argument("interface", metavar="IFACE", shell_complete=complete.interfaces)
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
@@ -80,7 +71,7 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("jobs", metavar="JOB...", nargs=-1, required=True)
+@click.argument("jobs", metavar="JOB...", nargs=-1, required=True, shell_complete=complete.jobs)
 @json_opt
 @pass_state
 def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
@@ -134,7 +125,7 @@ def queue(state: State, interface: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete.logged_jobs)
 @json_opt
 @pass_state
 def log(state: State, job: str, as_json: bool) -> None:
@@ -232,7 +223,7 @@ def submit(state: State, interface: str, file: str, name: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete.failed_jobs)
 @pass_state
 def retry(state: State, job: str) -> None:
     """Take JOB out of joberrors, check it again, queue it on its interface."""
@@ -269,7 +260,7 @@ def resume(state: State, interface: str) -> None:
 @iface_arg
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to copy the jobs into.")  # fmt: skip
-@click.argument("jobs", metavar="[JOB]...", nargs=-1)
+@click.argument("jobs", metavar="[JOB]...", nargs=-1, shell_complete=complete.queued_jobs)
 @pass_state
 def fetch(state: State, interface: str, to: Path, jobs: tuple[str, ...]) -> None:
     """Copy queued jobs of an _out interface into DIR, durably, then move them to bak.
