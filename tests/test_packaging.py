@@ -121,6 +121,8 @@ def test_the_sdist_carries_units_snippets_example_docs_and_licence(built):
         "systemd/jobspool.tmpfiles",
         "etc/jobspool.yaml",
         "docs/deployment.rst",
+        "docs/man/jobspool.1.rst",
+        "docs/man/jobspool.yaml.5.rst",
         "jobspool/schemas/joblog.xsd",
     ):
         assert name in members
