@@ -72,11 +72,18 @@ def test_the_wheel_carries_the_schemas_the_licence_and_spdx_metadata(built):
     assert "\nLicense: " not in meta  # the deprecated free-text form is gone
 
 
-def test_a_job_log_validates_with_the_installed_schemas(built, tmp_path):
+@pytest.fixture(scope="module")
+def venv(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the wheel installed (its dependencies from the index)."""
     wheel, _ = built
-    venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    _run(venv / "bin" / "pip", "install", "-q", wheel, cwd=tmp_path)
+    work = tmp_path_factory.mktemp("venv")
+    venv = work / "venv"
+    _run(sys.executable, "-m", "venv", venv, cwd=work)
+    _run(venv / "bin" / "pip", "install", "-q", f"{wheel}[http]", cwd=work)
+    return venv
+
+
+def test_a_job_log_validates_with_the_installed_schemas(venv, tmp_path):
     # The bundled example, run by the installed console script, far from the checkout.
     site = tmp_path / "site"
     shutil.copytree(ROOT / "spool-example", site, ignore=NOT_COPIED)
@@ -127,3 +134,24 @@ def test_the_sdist_carries_units_snippets_example_docs_and_licence(built):
     ):
         assert name in members
     assert not [m for m in members if "__pycache__" in m or m.startswith("spool-example/spool/")]
+
+
+@pytest.mark.parametrize("unit", ["jobspool.service", "jobspool-http.service"])
+def test_the_venv_drop_in_makes_the_shipped_unit_verify(venv, tmp_path, unit):
+    # The unit as shipped names /usr/bin/jobspool, which only the Debian package
+    # provides; docs/deployment.rst's drop-in points it at the venv instead.
+    units = tmp_path / "units"
+    (units / f"{unit}.d").mkdir(parents=True)
+    shutil.copy(ROOT / "systemd" / unit, units / unit)
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"}  # then the default path
+    verify = ["systemd-analyze", "verify", "--man=no", unit]  # man pages: the package's
+    before = subprocess.run(verify, env=env, capture_output=True, text=True, check=False)
+    assert "/usr/bin/jobspool is not executable" in before.stderr  # what the drop-in fixes
+    dropin = (ROOT / "systemd" / "dropins" / f"{unit}.d" / "venv.conf").read_text()
+    assert dropin.count("/opt/venvs/jobspool/bin/jobspool") == 2
+    (units / f"{unit}.d" / "venv.conf").write_text(
+        dropin.replace("/opt/venvs/jobspool/bin/jobspool", str(venv / "bin" / "jobspool"))
+    )
+    after = subprocess.run(verify, env=env, capture_output=True, text=True, check=False)
+    assert after.returncode == 0, after.stderr
+    assert [line for line in after.stderr.splitlines() if "jobspool" in line] == []
