@@ -142,7 +142,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for version in ("0.1.0-1", "0.1.0-2"):
             t = time.monotonic()
             proc = subprocess.run(
-                [str(ROOT / "packaging" / "build-deb"), "-o", str(work / "debs"), "-v", version],
+                [
+                    str(ROOT / "packaging" / "build-deb"),
+                    "-f",
+                    "-o",
+                    str(work / "debs"),
+                    "-v",
+                    version,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=600,
