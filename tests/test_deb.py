@@ -248,7 +248,9 @@ def test_the_units_documentation_points_at_installed_files(world):
             if link.startswith("file://"):
                 assert (world.root / link.removeprefix("file:///")).is_file(), link
             else:
-                name, section = re.fullmatch(r"man:([\w.-]+)\((\d)\)", link).groups()  # type: ignore[union-attr]
+                man = re.fullmatch(r"man:([\w.-]+)\((\d)\)", link)
+                assert man is not None, link
+                name, section = man.groups()
                 assert (
                     run_in(world.root, f"man -w {section} {name}")
                     .strip()
