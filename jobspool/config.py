@@ -337,8 +337,21 @@ _SIZE_UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# One number and its unit; a value is one or more of them (``1h 30min``, ``1h30m``).
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-zµ]*)\s*")
+# systemd.time(7)'s units, case-sensitive as there: m is a minute, M a month.
+_DURATION_UNITS = {
+    "": 1,
+    **dict.fromkeys(("us", "usec", "µs"), 1e-6),
+    **dict.fromkeys(("ms", "msec"), 0.001),
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+    **dict.fromkeys(("w", "week", "weeks"), 604800),
+    **dict.fromkeys(("M", "month", "months"), 2_629_800),  # 30.44 days, as systemd counts
+    **dict.fromkeys(("y", "year", "years"), 31_557_600),  # 365.25 days
+}
 
 
 def parse_size(value: object) -> int:
@@ -353,13 +366,31 @@ def parse_size(value: object) -> int:
 
 
 def parse_duration(value: object) -> float:
-    """``30s``, ``5m``, ``2h``, ``1d``, ``1w``, ``500ms`` or a number of seconds."""
+    """Seconds from a number, or text in systemd's time-span syntax (systemd.time(7)).
+
+    ``300``, ``30s``, ``5m``, ``5min``, ``1h 30min``, ``1h30m``, ``2d``,
+    ``500ms``, ``1.5h``: numbers each followed by a unit (none: seconds),
+    summed. Case matters as in systemd: ``m`` is a minute, ``M`` a month.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)
-    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError("a duration like 300, 30s, 5m, 2h or 1d")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    total = _duration_text(value) if isinstance(value, str) else None
+    if total is None:
+        raise ValueError("a duration like 300, 30s, 5min, 1h 30min or 2d")
+    return total
+
+
+def _duration_text(text: str) -> float | None:
+    # Matched part by part from where the last one ended: one pattern with a
+    # repeated group would backtrack exponentially on a long bad value.
+    total, pos, parts = 0.0, 0, 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None or match.group(2) not in _DURATION_UNITS:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos, parts = match.end(), parts + 1
+    return total if parts else None
 
 
 # --- validation --------------------------------------------------------------

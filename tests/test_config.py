@@ -47,16 +47,98 @@ def test_bad_sizes_are_refused(text):
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("300", 300), (300, 300), (1.5, 1.5)],
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("300", 300),
+        (300, 300),
+        (1.5, 1.5),
+        ("1w", 604800),
+        ("1.5h", 5400),
+        (" 90m ", 5400),
+        ("500ms", 0.5),
+    ],
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["abc", "5 minutes", "-5", -5, True, "", None])
+# What systemd writes in TimeoutStopSec= and friends (systemd.time(7)).
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("5min", 300),
+        ("1h 30min", 5400),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        ("500ms", 0.5),
+        ("5 minutes", 300),
+        ("1hour 1minute 1second", 3661),
+        ("2 hr", 7200),
+        ("3sec", 3),
+        ("250msec", 0.25),
+        ("1500us", 0.0015),
+        ("1500usec", 0.0015),
+        ("1500µs", 0.0015),
+        ("1week", 604800),
+        ("2weeks", 1209600),
+        ("1day 12h", 129600),
+        ("1M", 2629800),
+        ("1 month", 2629800),
+        ("1y", 31557600),
+        ("2years", 63115200),
+        ("1h 30", 3630),
+        ("0", 0),
+        ("1.5min", 90),
+    ],
+)
+def test_durations_in_systemd_syntax(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_m_is_a_minute_and_M_a_month_as_in_systemd():
+    assert parse_duration("1m") == 60
+    assert parse_duration("1M") == 2629800
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "abc",
+        "5 mins",
+        "5 parsecs",
+        "-5",
+        "5m -3s",
+        -5,
+        True,
+        "",
+        "  ",
+        None,
+        "min",
+        "1h 30x",
+        "1..5s",
+        "5MIN",
+        "1h,30m",
+        "1" * 5000 + "x",
+    ],
+)
 def test_bad_durations_are_refused(text):
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+def test_a_systemd_duration_in_the_configuration_is_read(tmp_path):
+    path = tmp_path / "jobspool.yaml"
+    path.write_text(
+        "spool: spool\n"
+        "interfaces:\n  orders_in: {command: [/bin/true], timeout: 1h 30min}\n"
+        "daemon: {grace: 1min 30s, rescan: 5min, backoff_max: 500ms}\n"
+    )
+    cfg = config.load(str(path))
+    assert cfg.interfaces["orders_in"].timeout == 5400
+    assert (cfg.daemon.grace, cfg.daemon.rescan, cfg.daemon.backoff_max) == (90, 300, 0.5)
 
 
 # --- loading -------------------------------------------------------------------

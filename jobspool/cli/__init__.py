@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from jobspool import __version__
+from jobspool.cli import complete
 from jobspool.cli.common import (
     State,
     fail,
@@ -55,7 +56,7 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("jobs", metavar="JOB...", nargs=-1, required=True)
+@click.argument("jobs", metavar="JOB...", nargs=-1, required=True, shell_complete=complete.jobs)
 @json_opt
 @pass_state
 def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
@@ -112,7 +113,7 @@ def queue(state: State, interface: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete.logged_jobs)
 @json_opt
 @pass_state
 def log(state: State, job: str, as_json: bool) -> None:
@@ -251,7 +252,7 @@ def submit(state: State, interface: str, file: str, name: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete.failed_jobs)
 @pass_state
 def retry(state: State, job: str) -> None:
     """Take JOB out of joberrors, check it again, queue it on its interface."""
@@ -288,7 +289,7 @@ def resume(state: State, interface: str) -> None:
 @iface_arg
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to copy the jobs into.")  # fmt: skip
-@click.argument("jobs", metavar="[JOB]...", nargs=-1)
+@click.argument("jobs", metavar="[JOB]...", nargs=-1, shell_complete=complete.queued_jobs)
 @pass_state
 def fetch(state: State, interface: str, to: Path, jobs: tuple[str, ...]) -> None:
     """Copy queued jobs of an _out interface into DIR, durably, then move them to bak.

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from jobspool.cli import complete
+
 if TYPE_CHECKING:
     from jobspool.config import Config
 
@@ -35,18 +37,7 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-def complete_interface(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    """Interface names from the configuration, for shell completion."""
-    try:
-        from jobspool import config
-
-        path = ctx.find_root().params.get("config_path")
-        return [i for i in config.load(path).interfaces if i.startswith(incomplete)]
-    except Exception:
-        return []
-
-
-iface_arg = click.argument("interface", metavar="IFACE", shell_complete=complete_interface)
+iface_arg = click.argument("interface", metavar="IFACE", shell_complete=complete.interfaces)
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 

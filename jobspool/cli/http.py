@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from jobspool.cli import complete
 from jobspool.cli.common import State, pass_state, print_json
 from jobspool.errors import BadRequest, ConfigError
 from jobspool.http import DEFAULT_COST  # not from .auth: --help must not load bcrypt
@@ -134,7 +135,7 @@ def add(state: State, name: str, password_stdin: bool, cost: int) -> None:
 
 
 @user.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete.users)
 @password_stdin
 @cost_opt
 @pass_state
@@ -145,7 +146,7 @@ def passwd(state: State, name: str, password_stdin: bool, cost: int) -> None:
 
 
 @user.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete.users)
 @pass_state
 def remove(state: State, name: str) -> None:
     """Remove user NAME (a running server refuses it at once)."""

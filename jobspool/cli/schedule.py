@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from jobspool.cli import complete
 from jobspool.cli.common import State, json_opt, pass_state, print_json, print_table
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def list_(state: State, as_json: bool) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @json_opt
 @pass_state
 def show(state: State, sid: str, as_json: bool) -> None:
@@ -106,7 +107,7 @@ def show(state: State, sid: str, as_json: bool) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @pass_state
 def run(state: State, sid: str) -> None:
     """Run ID now (never alongside a run the daemon is making). Exits 1 if the run failed."""
@@ -126,7 +127,7 @@ def run(state: State, sid: str) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @pass_state
 def enable(state: State, sid: str) -> None:
     """Enable ID (persistent; a running daemon follows within a second)."""
@@ -135,7 +136,7 @@ def enable(state: State, sid: str) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @pass_state
 def disable(state: State, sid: str) -> None:
     """Disable ID: it runs neither on time nor by hand."""
@@ -144,7 +145,7 @@ def disable(state: State, sid: str) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @click.argument("name")
 @pass_state
 def rename(state: State, sid: str, name: str) -> None:
@@ -154,8 +155,8 @@ def rename(state: State, sid: str, name: str) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
-@click.argument("user")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
+@click.argument("user", shell_complete=complete.accounts)
 @pass_state
 def chown(state: State, sid: str, user: str) -> None:
     """Change ID's owner (an existing user; a root daemon runs its command as that user)."""
@@ -172,7 +173,7 @@ def chown(state: State, sid: str, user: str) -> None:
 
 
 @schedule.command("set")
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @click.argument("pairs", metavar="KEY=VALUE...", nargs=-1, required=True)
 @pass_state
 def set_(state: State, sid: str, pairs: tuple[str, ...]) -> None:
@@ -202,7 +203,7 @@ def set_(state: State, sid: str, pairs: tuple[str, ...]) -> None:
 
 
 @schedule.command()
-@click.argument("sid", metavar="ID")
+@click.argument("sid", metavar="ID", shell_complete=complete.schedules)
 @json_opt
 @pass_state
 def history(state: State, sid: str, as_json: bool) -> None:
