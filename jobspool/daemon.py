@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from jobspool import check, config, intake, logs, metrics, names, notify, watch
-from jobspool.alerts import Alerts, Event
+from jobspool.alerts import Alerts
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
 from jobspool.durable import BATCH, GroupCommit, os_errors, remove_if_abandoned
 from jobspool.errors import ConfigError, Denied, JobspoolError, TryLater
 from jobspool.lane import HeldLogs, Lane, LaneContext
+from jobspool.notices import Event
 from jobspool.overview import overview
 from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store

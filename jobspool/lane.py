@@ -49,12 +49,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jobspool import handlers, intake, joblog, names
-from jobspool.alerts import Alerts, Event
+from jobspool.alerts import Alerts
 from jobspool.config import DaemonSettings, Interface
 from jobspool.durable import BATCH, GroupCommit
 from jobspool.errors import JobspoolError
 from jobspool.listing import Listing, ordered, trim_heap
 from jobspool.metrics import Metrics
+from jobspool.notices import Event
 from jobspool.spool import BAK, JOBERRORS, QUEUE, Spool
 
 RELEASE_FROM = 100_000  # queued jobs from which a refill hands its scratch memory back

@@ -82,7 +82,7 @@ class Scheduler:
 
             self.metrics.schedule(s.id, Run(r.outcome, r.start, r.end))
         if self.alerts is not None and r.outcome == "failed":
-            from jobspool.alerts import Event
+            from jobspool.notices import Event
 
             # The maintenance templates' findings are events of their own kind.
             kind = _TEMPLATE_EVENTS.get(s.target, "schedule-failed")

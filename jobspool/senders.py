@@ -2,7 +2,7 @@
 
 Imported by the notifier's thread when it first sends, never at start.
 Each sender takes a route (``config.CommandRoute``, ``MailRoute``,
-``WebhookRoute``) and a :class:`~jobspool.alerts.Notice`, and returns once
+``WebhookRoute``) and a :class:`~jobspool.notices.Notice`, and returns once
 it is delivered, or raises with the reason. Every one has a timeout. Only
 the standard library: ``subprocess``, ``smtplib`` (STARTTLS, always), and
 ``urllib`` for HTTPS.
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import ssl
     from email.message import EmailMessage
 
-    from jobspool.alerts import Notice
+    from jobspool.notices import Notice
 
 # The daemon's own systemd variables are not a command's business.
 _PRIVATE = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")

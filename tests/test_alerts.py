@@ -30,7 +30,7 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from jobspool import alerts, config
+from jobspool import alerts, config, notices
 from tests.kit import DEADLINE, FAST, Site, assert_fails, free_port, make_certificates, wait_for
 
 # --- the servers ------------------------------------------------------------------------
@@ -384,10 +384,10 @@ def test_a_job_blocking_its_interface_and_a_stuck_queue_are_told(site: Site) -> 
 
 class Recording:
     def __init__(self) -> None:
-        self.sent: list[tuple[str, alerts.Notice]] = []
+        self.sent: list[tuple[str, notices.Notice]] = []
         self.lines: list[tuple[str, str, dict[str, Any]]] = []
 
-    def __call__(self, route: Any, notice: alerts.Notice) -> None:
+    def __call__(self, route: Any, notice: notices.Notice) -> None:
         self.sent.append((route.name, notice))
 
     def error(self, event: str, **kw: Any) -> None:
@@ -422,11 +422,11 @@ def test_a_full_queue_counts_what_it_cannot_hold() -> None:
     a = alerts.Alerts(settings(gather=0.5, interval=0.5, queue=10), rec, "/spool", rec)
     try:
         for n in range(1000):
-            a.emit(alerts.Event("job-rejected", f"j{n}.xml", "orders_in", reason="bad"))
+            a.emit(notices.Event("job-rejected", f"j{n}.xml", "orders_in", reason="bad"))
         wait_for(lambda: sum(n.total for _, n in rec.sent) >= 1000, "every event counted")
         assert sum(n.total for _, n in rec.sent) == 1000
         assert sum(n.unrecorded for _, n in rec.sent) > 0
-        assert all(len(n.events) <= alerts.ITEMIZED for _, n in rec.sent)
+        assert all(len(n.events) <= notices.ITEMIZED for _, n in rec.sent)
     finally:
         a.stop(5)
 
@@ -434,7 +434,7 @@ def test_a_full_queue_counts_what_it_cannot_hold() -> None:
 def test_emit_without_routes_costs_nothing_and_starts_no_thread() -> None:
     before = threading.active_count()
     a = alerts.Alerts(config.Notify(), Recording(), "/spool")
-    a.emit(alerts.Event("job-failed", "x.xml", "orders_in"))
+    a.emit(notices.Event("job-failed", "x.xml", "orders_in"))
     assert a.thread is None and threading.active_count() == before
     a.stop(1)
 
