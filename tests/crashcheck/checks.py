@@ -159,6 +159,7 @@ class Checker:
         self.crash_points: list[CrashPoint] = []
         self._spoke: set[int] = set()  # CLI processes whose first output was seen
         self._started: dict[int, int] = {}  # process -> its first position in the trace
+        self._keep_failed = False
 
     # --- the replay ------------------------------------------------------------------
 
@@ -200,9 +201,8 @@ class Checker:
         text = data[: call.ret].decode("utf-8", "replace")
         proc = self.trace.leader(call.pid)
         prog = os.path.basename(argv[0])
-        if prog == "jobspool" and "daemon" in argv or self.ackers & {
-            os.path.basename(a) for a in argv
-        }:
+        daemon = prog == "jobspool" and "daemon" in argv
+        if daemon or self.ackers & {os.path.basename(a) for a in argv}:
             return self._daemon_acks(call, text, fd, proc)
         if prog == "jobspool":
             return self._cli_acks(call, argv, text, fd, proc)
@@ -223,10 +223,8 @@ class Checker:
                 sid = str(event.get("schedule"))
                 out.append(Ack(call.end, "schedule", sid, f"state/schedules/{sid}/runs", source))
                 continue
-            out.append(
-                Ack(call.end, kind, str(event.get("job")), str(event.get("to")), source,
-                    original=event.get("dropped_as"))  # fmt: skip
-            )
+            job, to = str(event.get("job")), str(event.get("to"))
+            out.append(Ack(call.end, kind, job, to, source, original=event.get("dropped_as")))
         return out
 
     def _cli_acks(self, call: Call, argv: list[str], text: str, fd: int, proc: int) -> list[Ack]:
@@ -240,8 +238,7 @@ class Checker:
             iface, to = args[0], _option(args, "--to")
             to = to if to is None or to.startswith("/") else str(self.base / to)
             return [
-                Ack(call.end, "fetched", n, f"bak/{iface}", source, target=to)
-                for n in text.split()
+                Ack(call.end, "fetched", n, f"bak/{iface}", source, target=to) for n in text.split()
             ]
         if cmd not in ("submit", "retry") or proc in self._spoke:
             return []
@@ -360,8 +357,13 @@ class Checker:
 
     # --- crash states --------------------------------------------------------------------
 
-    def crash(self, workdir: Path) -> Report:
-        """Build, recover and check crash states at chosen points (after :meth:`check`)."""
+    def crash(self, workdir: Path, keep_failed: bool = False) -> Report:
+        """Build, recover and check crash states at chosen points (after :meth:`check`).
+
+        Each state is removed once checked; with ``keep_failed`` those with
+        findings stay in ``workdir`` for a look (the findings name them).
+        """
+        self._keep_failed = keep_failed
         started = time.monotonic()
         points = self._choose()
         jobs = []
@@ -393,10 +395,17 @@ class Checker:
         ops = self.model.ops
         for _ in range(self.random_points if ops else 0):
             op = self.rng.choice(ops)
-            chosen.setdefault(op.end, CrashPoint(op.end, f"random, after {op.describe(self.model)}", []))
+            why = f"random, after {op.describe(self.model)}"
+            chosen.setdefault(op.end, CrashPoint(op.end, why, []))
         return [chosen[at] for at in sorted(chosen)]
 
     def _recover(self, point: CrashPoint, keep: set[int], where: Path) -> list[Finding]:
+        found = self._recover_in(point, keep, where)
+        if not (found and self._keep_failed):
+            shutil.rmtree(where, ignore_errors=True)
+        return found
+
+    def _recover_in(self, point: CrashPoint, keep: set[int], where: Path) -> list[Finding]:
         state = self.model.state(point.at, keep)
         if where.exists():
             shutil.rmtree(where)
@@ -438,9 +447,8 @@ class Checker:
         for ack in self.acks:
             if ack.at <= point.at and ack.kind != "schedule":
                 last[ack.job] = ack
-        retried = {
-            self._retried(pid) for pid, pos in self._started.items() if pos <= point.at
-        } - {None}
+        begun = [pid for pid, pos in self._started.items() if pos <= point.at]
+        retried = {self._retried(pid) for pid in begun}
         for job, ack in last.items():
             self._crash_job(job, ack, after.get(job, []), where, job in retried, bad)
         return found

@@ -84,7 +84,9 @@ class Op:
         return self.persisted <= at
 
     def describe(self, model: Model) -> str:
-        where = model.path_of_entry(self.dir, self.name) if self.dir >= 0 else model.name(self.inode)
+        where = model.name(self.inode)
+        if self.dir >= 0:
+            where = model.path_of_entry(self.dir, self.name)
         if self.kind == "rename":
             where += " -> " + model.path_of_entry(self.dir2, self.name2)
         return f"{self.kind} {where} (trace line {self.call.end}, pid {self.call.pid})"
@@ -105,9 +107,11 @@ class Model:
         self.entry_ops: dict[tuple[int, str], list[Op]] = {}
         self.data_ops: dict[int, list[Op]] = {}
         self._pending_file: dict[int, list[Op]] = {}  # data and mtime ops, by file
-        self._pending_dir: dict[int, list[Op]] = {}  # entry ops, by the directory whose fsync counts
+        # entry ops, by the directory whose fsync counts
+        self._pending_dir: dict[int, list[Op]] = {}
         self._pending_all: list[Op] = []
-        self.fds: dict[tuple[int, int], list[int]] = {}  # (process, fd) -> [inode, pos, append, cloexec]
+        # (process, fd) -> [inode, position, O_APPEND, O_CLOEXEC]
+        self.fds: dict[tuple[int, int], list[int]] = {}
         self.cwd: dict[int, str] = {}
         self.parent_of: dict[int, tuple[int, str]] = {}  # inode -> (dir, name), its current entry
         self.surprises: list[str] = []  # what the model had to guess
@@ -171,7 +175,7 @@ class Model:
 
     def name(self, ino: int) -> str:
         """An inode's current path (relative to the base), for messages."""
-        parts = []
+        parts: list[str] = []
         while ino != self.root:
             if ino not in self.parent_of:
                 return "(unlinked file " + "/".join(reversed(parts)) + ")"
@@ -254,7 +258,9 @@ class Model:
 
     def _opened(self, call: Call, proc: int, dirfd: Arg | None, arg: Arg, flags: str) -> list[Op]:
         assert call.ret is not None
-        path = os.path.normpath(call.ret_path) if call.ret_path else self._path(proc, dirfd, arg, call)
+        path = self._path(proc, dirfd, arg, call)
+        if call.ret_path:  # what the kernel opened, after links
+            path = os.path.normpath(call.ret_path)
         if not self.inside(path):
             self.fds.pop((proc, call.ret), None)
             return []
@@ -549,10 +555,10 @@ class Model:
                 break
             if not op.durable(at) and op.seq not in keep:
                 continue
-            node = out.get(op.inode)
-            if node is None:
-                node = out[op.inode] = Inode(op.inode, self.inodes[op.inode].is_dir)
-                node.mtime = int(op.call.time * 1e9)
+            if op.inode not in out:
+                out[op.inode] = Inode(op.inode, self.inodes[op.inode].is_dir)
+                out[op.inode].mtime = int(op.call.time * 1e9)
+            node = out[op.inode]
             if op.kind in ("write", "trunc", "mtime"):
                 m = _data_after(op, node.data, None)
                 node.mtime = m if m is not None else int(op.call.time * 1e9)

@@ -114,7 +114,8 @@ class Trace:
 
     calls: list[Call]
     clones: dict[int, tuple[int, bool]] = field(default_factory=dict)  # child -> (parent, thread)
-    execs: dict[int, list[tuple[int, list[str]]]] = field(default_factory=dict)  # pid -> [(at, argv)]
+    # pid -> [(position, argv)] of each successful execve
+    execs: dict[int, list[tuple[int, list[str]]]] = field(default_factory=dict)
     exits: dict[int, int] = field(default_factory=dict)  # process (leader) -> exit status
     unparsed: list[str] = field(default_factory=list)
 
@@ -142,7 +143,9 @@ class Trace:
 _LINE = re.compile(r"^(\d+) +(\d+\.\d+) (.*)$")
 _CALL = re.compile(r"^([a-z0-9_]+)\((.*)$", re.S)
 _RESUMED = re.compile(r"^<\.\.\. ([a-z0-9_]+) resumed>(.*)$", re.S)
-_RESULT = re.compile(r"^(.*)\) += (-?\d+|\?|0x[0-9a-f]+)(<[^>]*>)?(?: (E[A-Z0-9]+) \(.*?\))?(.*)$", re.S)
+_RESULT = re.compile(
+    r"^(.*)\) += (-?\d+|\?|0x[0-9a-f]+)(<[^>]*>)?(?: (E[A-Z0-9]+) \(.*?\))?(.*)$", re.S
+)
 _HEX = re.compile(r"(?:\\x[0-9a-f]{2})+")
 _FD = re.compile(r"^(-?\d+|AT_FDCWD)<((?:\\x[0-9a-f]{2})*)>$")
 
