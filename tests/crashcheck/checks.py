@@ -189,8 +189,8 @@ class Checker:
     # --- acknowledgements ------------------------------------------------------------
 
     def _acks_of(self, call: Call) -> list[Ack]:
-        if call.name not in ("write", "writev") or not call.ok or not call.args:
-            return []
+        if call.name not in ("write", "writev") or not call.ret or not call.args:
+            return []  # failed, or empty (click writes b"" before a line)
         fd = call.args[0].fd
         if fd not in (1, 2):
             return []
@@ -240,7 +240,7 @@ class Checker:
             return [
                 Ack(call.end, "fetched", n, f"bak/{iface}", source, target=to) for n in text.split()
             ]
-        if cmd not in ("submit", "retry") or proc in self._spoke:
+        if cmd not in ("submit", "retry") or proc in self._spoke or fd != (1 if status == 0 else 2):
             return []
         self._spoke.add(proc)
         if cmd == "submit":
@@ -268,12 +268,18 @@ class Checker:
             for name in sorted(self.model.inodes[runs].entries):
                 self._need(ack, where, name, None)
             return
-        expect = self.expected.get(ack.original or ack.job)
+        expect = self._expected(ack)
         self._need(ack, where, ack.job, expect)
         if ack.kind in ("rejected", "done", "failed", "fetched"):
             self._need(ack, where, ack.job + LOG, b"")
         if ack.kind == "fetched" and ack.target is not None:
             self._need(ack, os.path.relpath(ack.target, self.base), ack.job, expect)
+
+    def _expected(self, ack: Ack) -> bytes | None:
+        """The bytes uploaded as this job, when known by its name."""
+        if ack.original is not None and ack.original != ack.job:
+            return None  # renamed (invalid name, name in use): whatever it holds now
+        return self.expected.get(ack.job)
 
     def _need(self, ack: Ack, rel_dir: str, name: str, expect: bytes | None) -> None:
         """``rel_dir/name`` is durable at the ack: its entry (and parents) and its data.
@@ -441,7 +447,8 @@ class Checker:
             if not any(p.startswith("queue/") for p in after.get(job, [])):
                 bad(f"state/pending/{log} left for a job not queued ({after.get(job)})")
         for job, places in before.items():
-            if places and job not in after:
+            # Drop folders excepted: a file there may get a new name (invalid, in use).
+            if any(not p.startswith("incoming/") for p in places) and job not in after:
                 bad(f"{job} was in {places} before recovery and is gone after it")
         last: dict[str, Ack] = {}
         for ack in self.acks:
@@ -485,7 +492,7 @@ class Checker:
             bad(f"{ack}: after recovery in {place}, not in {sorted(allowed)}")
         folder = spool / place
         data = (folder / job).read_bytes()
-        expect = self.expected.get(ack.original or ack.job)
+        expect = self._expected(ack)
         if expect is not None and data != expect:
             bad(f"{ack}: {place}/{job} holds {len(data)} bytes, not the {len(expect)} uploaded")
         if place == "joberrors" or place.startswith("bak/"):

@@ -1,0 +1,71 @@
+"""The real jobspool under the crash-consistency checker (tests/crashcheck).
+
+One workload (tests/crashcheck/workload.py: init, the daemon, about 150
+drops of every kind, submits, retries, a fetch, schedule results) is
+recorded under strace, three times: as it is, with ``syncfs`` and ``fsync``
+failing now and then, and with renames failing now and then (strace's
+``-e inject=...:error=EIO``; jobspool's own renames are ``rename`` and
+``renameat2``, the partners' ``renameat``, which never fails here). Each
+run must show no acknowledgement that was not durable, no finished job
+without a durable log at any instant, and no crash state (built at
+acknowledgements and at random points, recovered with ``daemon --once``)
+that loses, duplicates or damages an acknowledged job.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.crashcheck import trace as tracing
+from tests.crashcheck import workload
+from tests.crashcheck.checks import Checker, Report
+from tests.kit import JOBSPOOL
+
+DROPS, SUBMITS, RETRIES = 150, 15, 5
+RUNS = {
+    "no faults": (),
+    "sync failures": ("syncfs:error=EIO:when=3+6", "fsync:error=EIO:when=25+19"),
+    "rename failures": ("rename:error=EIO:when=30+17", "renameat2:error=EIO:when=20+23"),
+}
+# Every kind of acknowledgement the workload must produce, so that each is checked.
+KINDS = {"accepted", "rejected", "done", "failed", "submitted", "retried", "fetched", "schedule"}
+
+
+def durability(tmp_path: Path, inject: tuple[str, ...], seed: int) -> Report:
+    """Record the workload under strace and check it; the checker's report."""
+    site = tmp_path / "site"
+    site.mkdir()
+    config = workload.prepare(site)
+    output = tmp_path / "trace"
+    argv = [sys.executable, workload.__file__, str(site), str(JOBSPOOL), str(seed)]
+    run = tracing.record(
+        [*argv, str(DROPS), str(SUBMITS), str(RETRIES)], output, inject=inject, cwd=site
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((site / "manifest.json").read_text())
+    checker = Checker(
+        tracing.parse(output), site, config, site / "spool",
+        expected={name: bytes.fromhex(data) for name, data in manifest.items()},
+        jobspool=JOBSPOOL, seed=seed, points=8, random_points=3, subsets=1,
+    )  # fmt: skip
+    checker.check()
+    checker.crash(tmp_path / "crash")
+    print(checker.report.summary())
+    return checker.report
+
+
+@pytest.mark.parametrize("faults", list(RUNS))
+def test_every_acknowledgement_is_durable_and_every_crash_recovers(
+    tmp_path: Path, faults: str
+) -> None:
+    report = durability(tmp_path, RUNS[faults], seed=20261203)
+    assert KINDS <= set(report.acks), report.summary()
+    if faults != "no faults":
+        assert report.failed_syncs or "rename" in faults, report.summary()
+    assert report.crash_states > 0
+    assert report.recovered == report.crash_states, report.summary()
+    assert report.findings == [], report.summary()
