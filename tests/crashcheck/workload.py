@@ -199,9 +199,8 @@ class Workload:
             elif kind == "inuse":
                 # One taken already: renaming over a file still in the drop
                 # folder would replace that upload, not test the name check.
-                taken = [
-                    n for n in used[:-20] if not (self.spool / "incoming" / iface / n).exists()
-                ]
+                incoming = [self.spool / "incoming" / i for i in ("orders_in", "orders_out")]
+                taken = [n for n in used[:-20] if not any((f / n).exists() for f in incoming)]
                 if not taken:
                     continue
                 name = rng.choice(taken)
