@@ -12,6 +12,7 @@ becomes the start of its log when it is done.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -280,6 +281,7 @@ def take_drop(spool: Spool, iface: Interface, filename: str, *, sync: bool = Tru
         joblog.received(log, "drop")
         joblog.checked(log, result.errors, result.schema)
         if result.errors:
+            sync_dropped(spool, src)  # it is reported as kept: it must be whole on disk
             joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
             spool.write(spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)],
                         replace=True)  # fmt: skip
@@ -367,9 +369,37 @@ def _to_errors(
     via = "queue" if came_from.startswith(QUEUE) else "drop"
     joblog.received(log, via, original_name=original, reason=reason)
     joblog.moved(log, came_from, JOBERRORS)
+    sync_dropped(spool, src)  # before its log: a failed sync leaves nothing half done
     spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
     spool.move(src, spool.joberrors, new_name=name)
     return Taken(name, JOBERRORS, stamp, log, reason)
+
+
+def sync_dropped(spool: Spool, path: Path) -> None:
+    """Make a dropped file's data durable before it is reported anywhere.
+
+    Whoever wrote it never synced it (SFTP clients do not), and a renamed,
+    unsynced file can come back empty after a power cut. A file that cannot
+    be opened (not ours to read) is covered by a sync of the whole file
+    system instead; one that is not a regular file has no data to sync.
+    """
+    with os_errors(f"cannot sync dropped file {path.name}"):
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return  # never opened: a device or a pipe is left untouched
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # gone: the move that follows says so
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            spool.sync()
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _kind(st: os.stat_result) -> str:
