@@ -153,10 +153,23 @@ def retry(cfg: Config, name: str) -> str:
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, JOBERRORS, f"{QUEUE}/{iface.name}")
         spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
-        # The retried job joins the end of its queue: it is accepted now.
-        spool.move(found.path, queue, stamp_ns=spool.stamp())
+        # The retried job joins the end of its queue: it is accepted now,
+        # and that stamp (its mtime) is synced before anyone is told.
+        _stamp_durably(found.path, spool.stamp())
+        spool.move(found.path, queue)
         spool.remove(found.log_path)
     return f"{QUEUE}/{iface.name}"
+
+
+def _stamp_durably(path: Path, stamp_ns: int) -> None:
+    """Set a job's acceptance stamp (its mtime) and fsync it: a rename does not sync it."""
+    with os_errors(f"cannot stamp {path.name}"):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.utime(fd, ns=(stamp_ns, stamp_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def log_so_far(spool: Spool, name: str, interface: str, stamp_ns: int) -> joblog.Log:
