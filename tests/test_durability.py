@@ -69,3 +69,20 @@ def test_every_acknowledgement_is_durable_and_every_crash_recovers(
     assert report.crash_states > 0
     assert report.recovered == report.crash_states, report.summary()
     assert report.findings == [], report.summary()
+
+
+def test_accepted_is_said_only_after_a_sync_that_worked(tmp_path: Path) -> None:
+    """The daemon's first syncs fail: its accepted drops wait, unreported, for one that works."""
+    site = tmp_path / "site"
+    site.mkdir()
+    config = workload.prepare(site)
+    output = tmp_path / "trace"
+    argv = [sys.executable, workload.__file__, str(site), str(JOBSPOOL), "7", "12", "0", "0"]
+    run = tracing.record(argv, output, inject=("syncfs:error=EIO:when=1..3",), cwd=site)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checker = Checker(tracing.parse(output), site, config, site / "spool", jobspool=JOBSPOOL)
+    report = checker.check()
+    print(report.summary())
+    assert report.failed_syncs >= 3
+    assert report.acks["accepted"] > 0, report.summary()
+    assert report.of("acknowledged before durable") == [], report.summary()
