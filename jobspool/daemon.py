@@ -171,7 +171,7 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing waiting, nothing queued that could run (``--once``)."""
-        if self.waiting or self.hints or not self.watcher:
+        if self.waiting or self.hints or self.accepted or not self.watcher:
             return False
         return all(
             lane.depth() == 0 or self.spool.is_paused(name) for name, lane in self.lanes.items()
@@ -260,12 +260,16 @@ class Daemon:
         """Group commit of a turn's accepts: one sync, then they are reported and queued."""
         if not self.accepted:
             return
-        batch, self.accepted = self.accepted, []
-        self.uncommitted.clear()
         try:
             self.spool.sync()
-        except JobspoolError as exc:  # renamed but maybe not durable: a rescan finds them
-            self.log.error("cannot sync the spool", error=str(exc))
+        except JobspoolError as exc:
+            # Renamed but maybe not durable: nothing is said or handed to a
+            # lane before a sync works; the next turn tries again.
+            self.log.error("cannot sync the spool; accepted jobs wait for the next sync",
+                           waiting=len(self.accepted), error=str(exc))  # fmt: skip
+            return
+        batch, self.accepted = self.accepted, []
+        self.uncommitted.clear()
         for iface_name, taken in batch:
             logs.get(job=taken.name, interface=iface_name).info("accepted", to=taken.place)
             lane = self.lanes.get(iface_name)
