@@ -565,7 +565,16 @@ class _Recorder:
                       message=r.message)  # fmt: skip
 
     def _sync(self) -> None:
-        try:
-            self.scheduler.store.spool.sync()
-        except JobspoolError as exc:  # placed anyway: durable later, as far as the disk goes
-            self.scheduler.log.error("cannot sync the spool", error=str(exc))
+        """Sync until it works: no result is placed or reported on a failed sync.
+
+        This thread only records; results and ticks handed over meanwhile wait.
+        """
+        delay = 0.1
+        while True:
+            try:
+                self.scheduler.store.spool.sync()
+                return
+            except JobspoolError as exc:
+                self.scheduler.log.error("cannot sync the spool; results wait", error=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
