@@ -23,6 +23,7 @@ import pytest
 from tests.crashcheck import trace as tracing
 from tests.crashcheck import workload
 from tests.crashcheck.checks import Checker, Report
+from tests.daemonkit import Site, log_events, site_fixture  # noqa: F401 - the `site` fixture
 from tests.kit import JOBSPOOL
 
 DROPS, SUBMITS, RETRIES = 150, 15, 5
@@ -86,3 +87,29 @@ def test_accepted_is_said_only_after_a_sync_that_worked(tmp_path: Path) -> None:
     assert report.failed_syncs >= 3
     assert report.acks["accepted"] > 0, report.summary()
     assert report.of("acknowledged before durable") == [], report.summary()
+
+
+def test_retry_racing_the_daemon_never_removes_the_new_log(site: Site, tmp_path: Path) -> None:
+    """The daemon fails a retried job again while ``retry`` is still syncing: both logs stay.
+
+    Every fsync of the retry is slowed (strace), so the daemon has the time
+    to run the job and fail it again before the retry goes on to remove the
+    old log from joberrors: the log it removes must not be the new one.
+    """
+    site.configure({"orders_in": {"schema": "schemas/order.xsd",
+                                  "command": [site.script("fail", "exit 1")]}})  # fmt: skip
+    site.init()
+    daemon = site.start()
+    site.drop("orders_in", "again.xml")
+    site.wait_for(lambda: daemon.said("failed", job="again.xml"), "the first failure")
+    argv = [str(JOBSPOOL), "-c", str(site.config), "retry", "again.xml"]
+    retried = tracing.record(
+        argv, tmp_path / "trace", inject=("fsync:delay_exit=400000",), env=site.env(), cwd=site.dir
+    )
+    assert retried.returncode == 0, retried.stderr
+    site.wait_for(lambda: len(daemon.said("failed", job="again.xml")) == 2, "the second failure")
+    assert site.where("again.xml") == ["joberrors"]
+    log = site.log("again.xml")
+    assert log.is_file(), site.describe()
+    kinds = [e.tag.rsplit("}", 1)[-1] for e in log_events(log)]
+    assert kinds.count("ran") == 2 and "retried" in kinds, kinds
