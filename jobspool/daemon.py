@@ -293,7 +293,12 @@ class Daemon:
             kept = self.logs.pop(name, None)
         if kept is not None:
             return kept
-        return intake.log_so_far(self.spool, name, interface, stamp), True
+        # Not accepted here: retried, submitted. A retry holds the names lock
+        # from its move into the queue until it has removed the job's old log
+        # from joberrors; waiting for it means this run, failing again, never
+        # has its new log removed by that retry.
+        with self.spool.names_lock():
+            return intake.log_so_far(self.spool, name, interface, stamp), True
 
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""

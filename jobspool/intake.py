@@ -130,6 +130,13 @@ def retry(cfg: Config, name: str) -> str:
 
     Returns where the job now is. A job rejected again stays in joberrors,
     its log gains the new check, and :class:`Rejected` is raised.
+
+    The order keeps a log beside the job at every instant: its history goes
+    to ``state/pending`` (synced), the job moves into the queue (synced),
+    and only then does its old log leave joberrors; a crash in between leaves
+    a stale log beside no job, never a job without one. The daemon reads a
+    retried job's history under the names lock held here throughout, so it
+    cannot fail the job again, and write a new log, before the old one is gone.
     """
     spool = spool_of(cfg)
     with spool.names_lock():
