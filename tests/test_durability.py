@@ -65,8 +65,8 @@ def test_every_acknowledgement_is_durable_and_every_crash_recovers(
 ) -> None:
     report = durability(tmp_path, RUNS[faults], seed=20261203)
     assert set(report.acks) >= KINDS, report.summary()
-    if faults != "no faults":
-        assert report.failed_syncs or "rename" in faults, report.summary()
+    if faults != "no faults":  # the faults did happen, and the daemon lived on
+        assert report.injected, report.summary()
     assert report.crash_states > 0
     assert report.recovered == report.crash_states, report.summary()
     assert report.findings == [], report.summary()

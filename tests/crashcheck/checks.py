@@ -83,6 +83,7 @@ class Report:
     syncs: int = 0
     failed_syncs: int = 0
     acks: collections.Counter[str] = field(default_factory=collections.Counter)
+    injected: collections.Counter[str] = field(default_factory=collections.Counter)  # by call
     findings: list[Finding] = field(default_factory=list)
     crash_points: int = 0
     crash_states: int = 0
@@ -96,7 +97,8 @@ class Report:
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.acks.items()))
         lines = [
-            f"{self.calls} calls, {self.ops} ops, {self.syncs} syncs ({self.failed_syncs} failed); "
+            f"{self.calls} calls, {self.ops} ops, {self.syncs} syncs ({self.failed_syncs} failed), "
+            f"{sum(self.injected.values())} failures injected; "
             f"{sum(self.acks.values())} acknowledgements checked ({kinds}); "
             f"{self.crash_states} crash states at {self.crash_points} points, "
             f"{self.recovered} recovered; {len(self.findings)} findings; {self.seconds:.1f}s",
@@ -168,6 +170,8 @@ class Checker:
         started = time.monotonic()
         for call in self.trace.calls:
             self._started.setdefault(self.trace.leader(call.pid), call.start)
+            if call.injected:
+                self.report.injected[call.name] += 1
             for op in self.model.apply(call):
                 self._after(op)
             for ack in self._acks_of(call):
