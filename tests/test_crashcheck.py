@@ -75,6 +75,7 @@ def test_planted_life_cycle(
 ) -> None:
     report = planted(tmp_path, variant, inject)
     assert report.acks == {"accepted": JOBS, "done": JOBS}, report.summary()
+    assert report.surprises == [], report.summary()
     assert report.crash_states > 0
     assert report.recovered == report.crash_states, report.summary()
     if inject:

@@ -67,6 +67,7 @@ def test_every_acknowledgement_is_durable_and_every_crash_recovers(
     assert set(report.acks) >= KINDS, report.summary()
     if faults != "no faults":  # the faults did happen, and the daemon lived on
         assert report.injected, report.summary()
+    assert report.surprises == [], report.summary()  # the model followed every call
     assert report.crash_states > 0
     assert report.recovered == report.crash_states, report.summary()
     assert report.findings == [], report.summary()
