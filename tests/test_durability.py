@@ -47,6 +47,7 @@ def durability(tmp_path: Path, inject: tuple[str, ...], seed: int) -> Report:
         [*argv, str(DROPS), str(SUBMITS), str(RETRIES)], output, inject=inject, cwd=site
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "gave up" not in run.stderr, run.stderr[-3000:]  # every step of the day was played
     manifest = json.loads((site / "manifest.json").read_text())
     checker = Checker(
         tracing.parse(output), site, config, site / "spool",
