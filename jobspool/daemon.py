@@ -202,7 +202,7 @@ class Daemon:
 
     def idle(self) -> bool:
         """Nothing waiting, nothing queued that could run (``--once``)."""
-        if self.waiting or self.hints or self.checking or not self.watcher:
+        if self.waiting or self.hints or self.checking or self.accepted or not self.watcher:
             return False
         return all(
             lane.depth() == 0 or self.spool.is_paused(name) for name, lane in self.lanes.items()

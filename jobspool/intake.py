@@ -16,6 +16,7 @@ becomes the start of its log when it is done.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -191,6 +192,13 @@ def retry(cfg: Config, name: str) -> str:
 
     Returns where the job now is. A job rejected again stays in joberrors,
     its log gains the new check, and :class:`Rejected` is raised.
+
+    The order keeps a log beside the job at every instant: its history goes
+    to ``state/pending`` (synced), the job moves into the queue (synced),
+    and only then does its old log leave joberrors; a crash in between leaves
+    a stale log beside no job, never a job without one. The daemon reads a
+    retried job's history under the names lock held here throughout, so it
+    cannot fail the job again, and write a new log, before the old one is gone.
     """
     spool = Spool.of(cfg)
     with spool.names_lock():
@@ -213,10 +221,23 @@ def retry(cfg: Config, name: str) -> str:
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, JOBERRORS, f"{QUEUE}/{iface.name}")
         spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
-        # The retried job joins the end of its queue: it is accepted now.
-        spool.move(found.path, queue, stamp_ns=spool.stamp())
+        # The retried job joins the end of its queue: it is accepted now,
+        # and that stamp (its mtime) is synced before anyone is told.
+        _stamp_durably(found.path, spool.stamp())
+        spool.move(found.path, queue)
         spool.remove(found.log_path)
     return f"{QUEUE}/{iface.name}"
+
+
+def _stamp_durably(path: Path, stamp_ns: int) -> None:
+    """Set a job's acceptance stamp (its mtime) and fsync it: a rename does not sync it."""
+    with os_errors(f"cannot stamp {path.name}"):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.utime(fd, ns=(stamp_ns, stamp_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def log_so_far(spool: Spool, name: str, interface: str, stamp_ns: int) -> joblog.Log:
@@ -406,9 +427,8 @@ def settle_drop(
         joblog.received(log, "drop")
         joblog.checked(log, problems, iface.schema)
         if problems:
+            sync_dropped(spool, src)  # it is reported as kept: it must be whole on disk
             joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
-            with os_errors(f"cannot sync {filename}"):
-                fsync_file(src)  # its bytes are durable before anything says where it went
             spool.write(
                 spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)], replace=True
             )
@@ -467,12 +487,37 @@ def _to_errors(
     via = "queue" if came_from.startswith(QUEUE) else "drop"
     joblog.received(log, via, original_name=original, reason=reason)
     joblog.moved(log, came_from, JOBERRORS)
-    if stat.S_ISREG(os.lstat(src).st_mode):
-        with os_errors(f"cannot sync {src.name}"):
-            fsync_file(src)  # its bytes are durable before its log says where it went
+    sync_dropped(spool, src)  # before its log: a failed sync leaves nothing half done
     spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
     spool.move(src, spool.joberrors, new_name=name)
     return Taken(name, JOBERRORS, stamp, log, reason)
+
+
+def sync_dropped(spool: Spool, path: Path) -> None:
+    """Make a dropped file's data durable before it is reported anywhere.
+
+    Whoever wrote it never synced it (SFTP clients do not), and a renamed,
+    unsynced file can come back empty after a power cut. A file that cannot
+    be opened (not ours to read) is covered by a sync of the whole file
+    system instead; one that is not a regular file has no data to sync.
+    """
+    with os_errors(f"cannot sync dropped file {path.name}"):
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return  # never opened: a device or a pipe is left untouched
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # gone: the move that follows says so
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            spool.sync()
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _kind(st: os.stat_result) -> str:

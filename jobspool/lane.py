@@ -379,7 +379,14 @@ class Lane:
             self._forget(name)  # fetched, or moved by hand: nothing to do
             return None
         held = self.ctx.held.take(name)
-        log, has_pending_log = held or (intake.log_so_far(spool, name, iface.name, stamp), True)
+        if held is None:
+            # Not accepted here: retried, submitted. A retry holds the names
+            # lock from its move into the queue until it has removed the job's
+            # old log from joberrors; waiting for it means this run, failing
+            # again, never has its new log removed by that retry.
+            with spool.names_lock():
+                held = intake.log_so_far(spool, name, iface.name, stamp), True
+        log, has_pending_log = held
         bound.debug("started", handler=self._describe())  # not a state change
         if iface.command is not None:
             outcome = handlers.run_command(
