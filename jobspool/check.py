@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, Literal, NamedTuple, cast
 
 from lxml import etree
 
@@ -132,10 +132,14 @@ def _utf32(head: bytes) -> str | None:
     return _UTF32.get(head[:4])
 
 
-def _streaming_parser(validator: etree._Validator | None, head: bytes) -> etree.XMLPullParser:
+def _streaming_parser(
+    validator: etree._Validator | None,
+    head: bytes,
+    events: tuple[Literal["start", "end"], ...] = ("end",),
+) -> etree.XMLPullParser:
     parser = etree.XMLPullParser(
         encoding=_utf32(head),
-        events=("end",),
+        events=events,
         schema=cast(etree.XMLSchema | None, validator),
         resolve_entities=False,
         no_network=True,
@@ -161,12 +165,19 @@ class _Pass(NamedTuple):
     doctype: bool = False
 
 
-def _feed(parser: etree.XMLPullParser, chunk: bytes) -> bool:
-    """Feed a chunk and let go of every element it finished; True once the root has ended."""
+def _feed(parser: etree.XMLPullParser, chunk: bytes) -> tuple[bool, int]:
+    """Feed a chunk and let go of every element it finished.
+
+    Returns whether the root has ended, and the line where the last element
+    seen begins (0: none was seen).
+    """
     if chunk:
         parser.feed(chunk)
-    ended = False
-    for _, el in parser.read_events():
+    ended, line = False, 0
+    for event, el in parser.read_events():
+        line = el.sourceline or line
+        if event != "end":
+            continue
         el.clear(keep_tail=True)
         parent = el.getparent()
         if parent is None:
@@ -174,7 +185,7 @@ def _feed(parser: etree.XMLPullParser, chunk: bytes) -> bool:
             continue
         while (before := el.getprevious()) is not None:
             parent.remove(before)
-    return ended
+    return ended, line
 
 
 def _errors(log: etree._ListErrorLog) -> list[Problem]:
@@ -189,13 +200,13 @@ def _stream(f: BinaryIO, head: bytes, validator: etree._Validator | None) -> _Pa
     chunk, offset, previous, ended = head, 0, 0, False
     try:
         while chunk:
-            ended = _feed(parser, _without_mark(chunk, offset)) or ended
+            ended = _feed(parser, _without_mark(chunk, offset))[0] or ended
             if problems := _errors(parser.feed_error_log):
                 return _Pass(problems, previous)
             previous, offset = offset, offset + len(chunk)
             chunk = f.read(CHUNK)
         root = parser.close()
-        ended = _feed(parser, b"") or ended  # the last events come with the close
+        ended = _feed(parser, b"")[0] or ended  # the last events come with the close
     except etree.XMLSyntaxError as exc:
         return _Pass(
             _errors(parser.feed_error_log) or _syntax_errors(exc, parser.error_log), previous
@@ -231,12 +242,18 @@ def _check_streaming(
 
 
 def _locate(f: BinaryIO, begin: int, validator: etree._Validator | None) -> int:
-    """The line on which the streaming validator first finds an error (0: not found)."""
+    """The line of the element on which the streaming validator first finds an error.
+
+    The document is fed again up to where the error was seen, then a line at
+    a time; the element the validator was at when it complained (the last
+    one begun or ended) gives the line, as a tree check reports it: where
+    the element begins. 0 when it cannot be found.
+    """
     f.seek(0)
     head = f.read(4)
     f.seek(0)
-    parser = _streaming_parser(validator, head)
-    line, done = 1, 0
+    parser = _streaming_parser(validator, head, ("start", "end"))
+    line, done, at = 1, 0, 0
     try:
         while done < begin:
             chunk = f.read(min(CHUNK, begin - done))
@@ -246,14 +263,14 @@ def _locate(f: BinaryIO, begin: int, validator: etree._Validator | None) -> int:
             done += len(chunk)
             line += chunk.count(b"\n")
         for text in f:
-            _feed(parser, _without_mark(text, done))
+            at = _feed(parser, _without_mark(text, done))[1] or at
             done += len(text)
             if _errors(parser.feed_error_log):
-                return line
+                return at or line
             line += 1
         parser.close()
     except etree.XMLSyntaxError:
-        return line
+        return at or line
     return 0
 
 
