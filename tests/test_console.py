@@ -48,6 +48,8 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 PASSWORDS = {"ops": "ops-Secret-1", "acme": "acme-Secret-2"}
 WAIT_MS = int(DEADLINE * 1000)
+# The pages poll every 5 s: assertions wait as long as any other wait in the suite.
+expect.set_options(timeout=WAIT_MS)
 
 # Fails until the operator has fixed the cause (the file "fixed" beside it).
 FLAKY = """\
