@@ -82,6 +82,22 @@ CHUNK = 1 << 20  # bytes fed to the parser at a time
 TREE_LIMIT = 64 << 20  # default: the largest document checked as a whole tree (RELAX NG)
 
 
+def root_name(head: bytes) -> etree.QName | None:
+    """The root element's name, from the first bytes of a document (None: none found there).
+
+    For choosing an interface by the root element; the document's own check
+    comes after, on the whole of it.
+    """
+    parser = _streaming_parser(None, head, ("start",))
+    try:
+        parser.feed(_without_mark(head, 0))
+        for _, el in parser.read_events():
+            return etree.QName(el)
+    except etree.XMLSyntaxError:
+        return None
+    return None
+
+
 def check(data: bytes, schema: Path | None, tree_limit: int = TREE_LIMIT) -> Verdict:
     """Check one document held in memory (see :func:`check_stream`)."""
     return check_stream(io.BytesIO(data), schema, len(data), tree_limit)

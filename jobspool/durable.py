@@ -92,6 +92,41 @@ def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
     return tmp
 
 
+class Staging:
+    """A staging file written piece by piece as its bytes arrive (an HTTP upload).
+
+    Locked while open, like every staging file (:func:`remove_if_abandoned`).
+    :meth:`finish` makes it durable and gives its path; :meth:`discard`
+    removes it.
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        with os_errors(f"cannot write {name}"):
+            self.fd, self.path = _mkstemp(directory, name)
+        self.name = name
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        with os_errors(f"cannot write {self.name}"):
+            _write_all(self.fd, data)
+        self.size += len(data)
+
+    def finish(self) -> str:
+        """Sync and close it; its path, for the caller to rename into place or remove."""
+        with os_errors(f"cannot write {self.name}"):
+            try:
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+        return self.path
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """Make a file's data and metadata durable (its name is its directory's business)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

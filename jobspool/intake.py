@@ -169,16 +169,14 @@ def accept_data(
     return accept_staged(cfg, interface, name, staged, via=via, ref=ref, by=by)
 
 
-def interface_for(cfg: Config, data: bytes) -> str:
-    """The interface whose ``root_elements`` name this document's root (HTTP upload)."""
-    from lxml import etree
+def interface_for(cfg: Config, head: bytes) -> str:
+    """The interface whose ``root_elements`` name this document's root (HTTP upload).
 
-    largest = max(i.max_size for i in cfg.interfaces.values())
-    try:
-        root = checking.parse(data[: largest + 1]).getroot()
-    except etree.XMLSyntaxError as exc:
-        raise BadRequest(f"cannot tell the interface: the document is not XML ({exc})") from None
-    qname = etree.QName(root)
+    ``head`` is the document's first bytes: enough for its root element.
+    """
+    qname = checking.root_name(head)
+    if qname is None:
+        raise BadRequest("cannot tell the interface: the document does not start as XML")
     wanted = {qname.text, qname.localname}
     hits = [i.name for i in cfg.interfaces.values() if wanted & set(i.root_elements)]
     if len(hits) != 1:

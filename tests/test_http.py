@@ -44,6 +44,7 @@ from tests.kit import (
     make_site,
     read_response,
     run,
+    vm_hwm,
     wait_for,
 )
 
@@ -164,6 +165,33 @@ def same_answer(a: httpx.Response, b: httpx.Response, a_name: str, b_name: str) 
 
 
 # --- upload ------------------------------------------------------------------------------
+
+
+def test_a_large_upload_streams_to_disk_and_is_kept_whole(front):
+    # Rejected on their first stray element, after the whole body came in: it
+    # goes to a staging file as it arrives, and the check streams it. A 1 MB one
+    # first loads every code path.
+    def upload(count: int) -> tuple[str, bytes]:
+        junk = b"<junk>" + b"x" * 1000 + b"</junk>\n"
+        data = b'<order id="big">\n<sku>HAM-1</sku>\n<qty>1</qty>\n' + junk * count + b"</order>\n"
+        with front.client() as c:
+            r = c.post(
+                "/xml/upload",
+                params={"Interfacename": "orders_out"},  # max_size 10 MB
+                content=data,
+                headers={"Content-Type": "text/xml"},
+                timeout=30,
+            )
+        assert r.status_code == 400, r.text
+        return r.text.split()[0], data
+
+    upload(1000)
+    upload(3000)  # the peak memory of an upload, whatever its size ...
+    before = vm_hwm(front.server.proc.pid)
+    name, data = upload(9000)  # ... three times as large costs nothing more
+    assert (front.site.root / "joberrors" / name).read_bytes() == data  # kept whole
+    grown = vm_hwm(front.server.proc.pid) - before
+    assert grown < 4 * 1024, f"a 9 MB upload took {grown} kB more than a 3 MB one"
 
 
 def test_upload_queues_the_job_and_answers_201_with_its_name(front: Front) -> None:

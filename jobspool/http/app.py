@@ -31,7 +31,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from jobspool import logs, names
 from jobspool.config import Config, Http, Interface
-from jobspool.durable import os_errors
+from jobspool.durable import Staging, os_errors
 from jobspool.errors import BadRequest, ConfigError, JobspoolError, Rejected, TryLater
 from jobspool.http.auth import Authenticator, parse_basic
 from jobspool.spool import INCOMING, QUEUE, Found, Place, Spool
@@ -274,19 +274,27 @@ class Site:
             raise BadRequest("no interface accepts this document; name one with Interfacename=")
         return max(self.cfg.interfaces[i].max_size for i in granted)
 
-    def upload(self, user: str, interface: str | None, data: bytes, ref: str | None) -> str:
-        from jobspool.intake import accept_data, interface_for
+    def upload(
+        self, user: str, interface: str | None, body: Staging, head: bytes, ref: str | None
+    ) -> str:
+        """Queue an uploaded body, staged on disk as it arrived; ``head`` is its first bytes."""
+        from jobspool.intake import accept_staged, interface_for
 
-        if interface is None:
-            # Only the user's interfaces are candidates: a document never reveals others.
-            mine = {i: self.cfg.interfaces[i] for i in self.granted(user)}
-            interface = interface_for(self.cfg._replace(interfaces=mine), data)
-        iface = self.interface(user, interface)
-        if len(data) > iface.max_size:
-            raise too_large(iface.max_size, iface.name)
+        try:
+            if interface is None:
+                # Only the user's interfaces are candidates: a document never reveals others.
+                mine = {i: self.cfg.interfaces[i] for i in self.granted(user)}
+                interface = interface_for(self.cfg._replace(interfaces=mine), head)
+            iface = self.interface(user, interface)
+            if body.size > iface.max_size:
+                raise too_large(iface.max_size, iface.name)
+            staged = body.finish()
+        except BaseException:
+            body.discard()
+            raise
         name = new_name(iface.name)
         try:
-            return accept_data(self.cfg, iface.name, name, data, via="upload", ref=ref, by=user)
+            return accept_staged(self.cfg, iface.name, name, staged, via="upload", ref=ref, by=user)
         except Rejected as exc:
             count = f"{len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''}"
             raise Rejected(f"{name} rejected into joberrors ({count}; its log: "
@@ -464,17 +472,36 @@ async def upload(request: Request) -> Response:
         raise BadRequest(f"Content-Type must be text/xml or application/xml, not {media}")
     site, user = who(request)
     limit = site.upload_limit(user, p.get("Interfacename"))
-    data = await read_body(request, limit, site.http.timeout, p.get("Interfacename"))
-    if not data:
-        raise BadRequest("the body is empty: send the job as the request body")
-    name = await off_loop(functools.partial(site.upload, user, p.get("Interfacename"), data, ref))
+    body = Staging(site.spool.tmp, "upload")  # streamed to disk, never held in memory
+    try:
+        head = await read_body(request, limit, site.http.timeout, p.get("Interfacename"), body)
+        if not body.size:
+            raise BadRequest("the body is empty: send the job as the request body")
+    except BaseException:
+        body.discard()
+        raise
+    upload = functools.partial(site.upload, user, p.get("Interfacename"), body, head, ref)
+    name = await off_loop(upload)
     return PlainTextResponse(
         name, status_code=201, headers={"Location": f"/xml/job?Jobname={name}"}
     )
 
 
-async def read_body(request: Request, limit: int, deadline: float, interface: str | None) -> bytes:
-    """At most ``limit`` bytes of body, all within ``deadline`` seconds (413, 408)."""
+HEAD = 1 << 16  # an upload's first bytes, kept to find its root element
+
+
+async def read_body(
+    request: Request,
+    limit: int,
+    deadline: float,
+    interface: str | None,
+    body: Staging | None = None,
+) -> bytes:
+    """At most ``limit`` bytes of body, all within ``deadline`` seconds (413, 408).
+
+    Into ``body`` on disk, returning the first bytes (an upload's root element
+    is in there); without one, all of it (a console form: small).
+    """
     what = interface or "any interface granted to you"
     length = request.headers.get("content-length")
     if length is not None:
@@ -482,18 +509,21 @@ async def read_body(request: Request, limit: int, deadline: float, interface: st
             raise BadRequest("invalid Content-Length")
         if int(length) > limit:
             raise too_large(limit, what)
-    chunks, size = [], 0
+    head, size = bytearray(), 0
     try:
         with anyio.fail_after(deadline):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise too_large(limit, what)
-                chunks.append(chunk)
+                if body is None or len(head) < HEAD:
+                    head += chunk if body is None else chunk[: HEAD - len(head)]
+                if body is not None:
+                    body.write(chunk)
     except TimeoutError:
         raise HttpError(408, f"the body did not arrive within {deadline:g} seconds",
                         {"Connection": "close"}) from None  # fmt: skip
-    return b"".join(chunks)
+    return bytes(head)
 
 
 def _routes() -> list[Route]:
