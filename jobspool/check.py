@@ -65,17 +65,21 @@ def hardened_parser(remove_blank_text: bool = False) -> etree.XMLParser:
     Give it bytes (``etree.fromstring``), never a file name: its resolver
     answers every URL with nothing, the document's own file included.
     """
-    parser = etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        collect_ids=False,
-        remove_blank_text=remove_blank_text,
-    )
+    parser: etree.XMLParser = etree.XMLParser(remove_blank_text=remove_blank_text, **_HARDENED)
     parser.resolvers.add(_NothingOutside())
     return parser
+
+
+# What every parser of partner XML is built with: no entities resolved, no
+# network, no DTD loaded or validated, libxml2's limits on text and depth.
+_HARDENED: dict[str, Any] = {
+    "resolve_entities": False,
+    "no_network": True,
+    "load_dtd": False,
+    "dtd_validation": False,
+    "huge_tree": False,
+    "collect_ids": False,
+}
 
 
 CHUNK = 1 << 20  # bytes fed to the parser at a time
@@ -157,12 +161,7 @@ def _streaming_parser(
         encoding=_utf32(head),
         events=events,
         schema=cast(etree.XMLSchema | None, validator),
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        collect_ids=False,
+        **_HARDENED,
     )
     parser.resolvers.add(_NothingOutside())
     return parser
