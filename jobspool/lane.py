@@ -48,7 +48,9 @@ from array import array
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jobspool import handlers, intake, joblog, names
+from lxml import etree
+
+from jobspool import faults, handlers, intake, joblog, names
 from jobspool.config import DaemonSettings, Interface
 from jobspool.durable import BATCH, GroupCommit
 from jobspool.errors import JobspoolError
@@ -68,6 +70,7 @@ class Finished(NamedTuple):
     dest: str
     outcome: handlers.Outcome
     has_pending_log: bool  # state/pending may hold an older copy of its log
+    kept: bool = False  # its outcome is durably in its pending log (a commit failed)
 
 
 FOLD_FROM = 65_536  # jobs in a backlog's heap before they may join its run
@@ -214,8 +217,16 @@ class Lane:
         self.committer: threading.Thread | None = None
         self.workers_done = False  # joined: no job will finish any more
         self.committing_fails = False  # the last commit failed: start no new handler
-        self._trouble_seen: str | None = None  # the last commit error logged
-        self._marker_error: str | None = None  # the blocked marker's last write error
+        logger = ctx.logger.bind(interface=iface.name)
+        # Each fault is one episode: a line when it starts, one when it is over.
+        self.commit_fault = faults.Episode(logger, "cannot commit finished jobs; they wait")
+        self.start_fault = faults.Episode(logger, "cannot start the handler; the job waits")
+        self.keep_fault = faults.Episode(
+            logger, "cannot keep a finished job's outcome on disk; a restart would run it again"
+        )
+        self.marker_fault = faults.Episode(logger, "cannot record blocked interface")
+        self.other_fault = faults.Episode(logger, "processing failed; the job stays queued")
+        self._commit_marked = False  # the blocked marker says commits fail
 
     @property
     def spool(self) -> Spool:
@@ -329,9 +340,11 @@ class Lane:
             done = None
             try:
                 done = self.process(stamp, name)
-            except Exception as exc:  # disk full, permission: the job stays queued
-                bound.error("processing failed; the job stays queued", error=str(exc))
-                self._back_off(stamp, name)
+            except Exception as exc:  # disk full, no descriptors, permission: it stays queued
+                self._not_processed(stamp, name, exc, bound)
+            else:
+                self.start_fault.ok()
+                self.other_fault.ok()
             with self.cond:
                 if done is None:
                     self.in_flight.discard(name)
@@ -358,11 +371,19 @@ class Lane:
             again = self.commit(batch, renamed)
             with self.cond:
                 self.finished[:0] = again  # first in line when the machine recovers
-                if self.committing_fails and not again:
+                recovered = self.committing_fails and not again
+                if recovered:
                     self.cond.notify_all()  # handlers may start again
                 self.committing_fails = bool(again)
             if again:
-                time.sleep(self.ctx.commit.retry_in())  # bounded back-off, not a hot loop
+                self._commit_blocked(again)
+                # A bounded back-off, not a hot loop: at most MACHINE_BACKOFF_MAX seconds.
+                time.sleep(max(self.ctx.commit.retry_in(), self.commit_fault.backoff()))
+            elif recovered:
+                self.commit_fault.ok()
+                if self._commit_marked:
+                    self._commit_marked = False
+                    self._publish_blocked(None)
 
     # --- one job -------------------------------------------------------------------------
 
@@ -375,7 +396,13 @@ class Lane:
             self._forget(name)  # fetched, or moved by hand: nothing to do
             return None
         held = self.ctx.held.take(name)
-        log, has_pending_log = held or (intake.log_so_far(spool, name, iface.name, stamp), True)
+        log, has_pending_log = held or (self._history(name, stamp), True)
+        known = known_outcome(log)
+        if known is not None:  # its handler ran before a restart; only the commit was missing
+            joblog.note(log, "the handler's outcome was kept from before a restart; not run again")
+            bound.info("outcome known from before a restart; committing it", outcome=known.result)
+            dest = BAK if known.result == handlers.DONE else JOBERRORS
+            return Finished(stamp, name, log, dest, known, has_pending_log, kept=True)
         bound.debug("started", handler=self._describe())  # not a state change
         if iface.command is not None:
             outcome = handlers.run_command(
@@ -432,12 +459,13 @@ class Lane:
             try:
                 placed.append((f, *self._place_log(f)))
             except Exception as exc:
-                self._trouble(f, "cannot write the log; the job waits to be committed", exc)
+                self.commit_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
                 again.append(f)
         if not self.ctx.commit.sync():
             # The logs may not be on disk: no job may move past them. Those
             # renamed last time wait for a sync that works to be reported.
-            return again + [f for f, *_ in placed]
+            self.commit_fault.failed("the spool does not sync")
+            return self._keep(again + [f for f, *_ in placed])
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
@@ -449,19 +477,44 @@ class Lane:
                     self.in_flight.discard(f.name)
                 continue
             except Exception as exc:
-                self._trouble(f, "cannot move the job; it waits to be committed", exc)
+                self.commit_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
                 again.append(f)
                 continue
             renamed.append((f, label))
-        if not again:
-            self._trouble_seen = None
-        return again
+        return self._keep(again)
 
-    def _trouble(self, f: Finished, what: str, exc: Exception) -> None:
-        """Log a failed commit once per kind of fault, not once per job and attempt."""
-        if str(exc) != self._trouble_seen:
-            self._trouble_seen = str(exc)
-            self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(what, error=str(exc))
+    def _keep(self, again: list[Finished]) -> list[Finished]:
+        """Jobs whose commit failed: their outcome into their pending log, durably, if it can.
+
+        Then a restart commits the outcome instead of running the handler
+        again (:func:`known_outcome`). On a full disk this write fails too:
+        the outcome is then kept in memory only, and a restart before the
+        commit works would run the handler again (at least once).
+        """
+        out = []
+        for f in again:
+            if not f.kept:
+                try:
+                    self.spool.write(
+                        self.spool.pending_log(f.name), [joblog.to_bytes(f.log)], replace=True
+                    )
+                except Exception as exc:
+                    self.keep_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
+                else:
+                    self.keep_fault.ok()
+                    f = f._replace(kept=True, has_pending_log=True)
+            out.append(f)
+        return out
+
+    def _commit_blocked(self, again: list[Finished]) -> None:
+        """The blocked marker while finished jobs cannot be committed (once per episode)."""
+        if self.commit_fault.active and not self._commit_marked:
+            self._commit_marked = True
+            self._publish_blocked(
+                f"{len(again)} finished job(s), first {again[0].name}, wait to be committed "
+                f"since {joblog.iso(self.commit_fault.since)}: machine fault "
+                f"({self.commit_fault.error}); no new handler starts until it clears"
+            )
 
     def _report(self, renamed: list[tuple[Finished, str]]) -> None:
         """Jobs whose final rename is durable: done (or failed), and forgotten."""
@@ -500,6 +553,23 @@ class Lane:
         spool.write(dest_dir / names.log_name(new_name), [final], replace=True, sync=False)
         return dest_dir, new_name, label
 
+    def _history(self, name: str, stamp: int) -> joblog.Log:
+        """A queued job's pending log, or a new one; an unreadable one is a fault, not none.
+
+        Only "there is none" and "it is damaged" start anew: an I/O error
+        must not hide a kept outcome and run a handler again.
+        """
+        try:
+            data = self.spool.pending_log(name).read_bytes()
+        except FileNotFoundError:
+            data = b""
+        if data:
+            with contextlib.suppress(SyntaxError):
+                return joblog.from_bytes(data)
+        log = joblog.new(name, self.iface.name)
+        joblog.received(log, "queue", at=joblog.iso(stamp / 1e9))
+        return log
+
     # --- bookkeeping -----------------------------------------------------------------------
 
     def _running(self, name: str, proc: subprocess.Popen[bytes]) -> None:
@@ -514,11 +584,32 @@ class Lane:
         if unblocked:
             self._publish_blocked(None)
 
-    def _back_off(self, stamp: int, name: str, reason: str = "error") -> None:
+    def _not_processed(self, stamp: int, name: str, exc: Exception, bound: Any) -> None:
+        """The handler did not run to an outcome: the job keeps its place, and waits.
+
+        A machine fault or a handler that cannot be started waits at most
+        MACHINE_BACKOFF_MAX seconds between attempts, whatever the
+        interface's back-off: it must go on by itself soon after the fault
+        clears. Either is logged once per episode.
+        """
+        if isinstance(exc, faults.HandlerNotStarted) or faults.is_machine_fault(exc):
+            self.start_fault.failed(faults.kind(exc), job=name, detail=str(exc))
+            why = str(exc) if isinstance(exc, faults.HandlerNotStarted) else f"machine fault: {exc}"
+            self._back_off(stamp, name, why, self.start_fault.backoff())
+        else:
+            self.other_fault.failed(faults.kind(exc), job=name, detail=str(exc))
+            bound.debug("processing failed", error=str(exc))
+            self._back_off(stamp, name)
+
+    def _back_off(
+        self, stamp: int, name: str, reason: str = "error", most: float | None = None
+    ) -> None:
         cfg = self.ctx.settings
         with self.cond:
             n = self.attempts[name] = self.attempts.get(name, 0) + 1
             delay = min(cfg.backoff_initial * 2 ** (n - 1), cfg.backoff_max)
+            if most is not None:
+                delay = min(delay, most)
             self.not_before = time.monotonic() + delay
             self.backlog.put_back(stamp, name)  # it keeps its place at the head
             since = self.blocked_since.setdefault(name, time.time())
@@ -531,16 +622,38 @@ class Lane:
         """Say in the spool which job blocks the interface; a failing write is logged once."""
         try:
             self.spool.mark_blocked(self.iface.name, why)
-        except JobspoolError as exc:
-            if str(exc) != self._marker_error:  # one line per fault, not one per attempt
-                self._marker_error = str(exc)
-                self.ctx.logger.error(
-                    "cannot record blocked interface", interface=self.iface.name, error=str(exc)
-                )
+        except (JobspoolError, OSError) as exc:  # one line per fault, not one per attempt
+            self.marker_fault.failed(faults.kind(exc), detail=str(exc))
         else:
-            self._marker_error = None
+            self.marker_fault.ok()
 
     def _describe(self) -> str:
         if self.iface.command is not None:
             return shlex.join(self.iface.command)
         return f"python:{self.iface.handler}"
+
+
+def known_outcome(log: joblog.Log) -> handlers.Outcome | None:
+    """The outcome a pending log already holds: its last event is a finished ``ran``.
+
+    Written by :meth:`Lane._keep` when a commit failed. A retried job's
+    pending log ends with its move back into the queue, and a "try later"
+    run's outcome is ``later``: both run again.
+    """
+    last = log[-1] if len(log) else None
+    if last is None or etree.QName(last).localname != "ran":
+        return None
+    result = last.get("outcome")
+    if result not in (handlers.DONE, handlers.FAILED):
+        return None
+    status, sig = last.get("exit-status"), last.get("signal")
+    now = time.time()
+    return handlers.Outcome(
+        result,
+        now,
+        now,
+        exit_status=int(status) if status is not None else None,
+        signal=int(sig) if sig is not None else None,
+        timed_out=last.get("timed-out") == "true",
+        reason=last.get("reason"),
+    )

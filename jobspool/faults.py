@@ -1,0 +1,183 @@
+"""Whose fault is a failure: the job's, the machine's, or the configuration's.
+
+A job's own failures (an invalid document, a handler exit other than 0 or
+75, a timeout, a signal) send it to ``joberrors``. The machine's (a full
+disk or quota, an I/O error, a read-only file system, no descriptors, no
+memory, no process slot) never do: the job keeps its place, its interface
+says why and since when, and it goes on by itself once the fault clears. A
+handler program that cannot be started (missing, not executable) is the
+configuration's fault: said so, and the job waits like on a machine fault,
+because failing every job of the interface until someone fixes a path would
+hand partners errors that are not theirs.
+
+:func:`is_machine_fault` is the one classification (used by the handlers,
+the lanes and the daemon); :class:`Episode` turns a fault that lasts into
+one log line when it starts and one when it ends, whatever the number of
+attempts in between. This module imports nothing of jobspool's but
+``errors``.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from typing import Any, Protocol
+
+from jobspool.errors import JobspoolError
+
+MACHINE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,  # no space (or no inodes) left
+        errno.EDQUOT,  # quota
+        errno.EIO,
+        errno.EROFS,
+        errno.EMFILE,  # this process's descriptors
+        errno.ENFILE,  # the system's descriptors
+        errno.ENOMEM,
+        errno.EAGAIN,  # fork or spawn: no process slot (RLIMIT_NPROC, pid_max)
+    }
+)
+CONFIG_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP})
+
+MACHINE_BACKOFF_MAX = 5.0  # seconds: a machine fault is retried at least this often
+
+
+class HandlerNotStarted(JobspoolError):
+    """A handler program could not be started: the job did not run and is not failed.
+
+    ``machine`` is true for the machine's faults (no descriptors, no process
+    slot, no memory), false for a configuration error (no such program, not
+    executable).
+    """
+
+    def __init__(self, message: str, machine: bool) -> None:
+        super().__init__(message)
+        self.machine = machine
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or the one it was raised from (``os_errors``)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def is_machine_fault(exc: BaseException) -> bool:
+    """True if ``exc`` is the machine's trouble (disk, I/O, descriptors, memory, processes)."""
+    if isinstance(exc, HandlerNotStarted):
+        return exc.machine
+    if isinstance(exc, MemoryError):
+        return True
+    err = os_error_of(exc)
+    return err is not None and err.errno in MACHINE_ERRNOS
+
+
+def kind(exc: BaseException) -> str:
+    """What kind of fault ``exc`` is, without the file or job it met: one per episode."""
+    if isinstance(exc, HandlerNotStarted):
+        return str(exc)
+    err = os_error_of(exc)
+    if err is not None and err.strerror:
+        return err.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+def spawn_fault(program: str, exc: OSError) -> HandlerNotStarted:
+    """Why a handler program could not be started, as the fault it is."""
+    if exc.errno in CONFIG_ERRNOS:
+        return HandlerNotStarted(
+            f"configuration error: cannot run {program}: {exc.strerror}; "
+            "the job stays queued until the handler can be started",
+            machine=False,
+        )
+    return HandlerNotStarted(f"cannot start {program}: {exc.strerror}", machine=True)
+
+
+class Logger(Protocol):
+    """What :class:`Episode` needs of a logger (structlog's bound loggers have it)."""
+
+    def error(self, event: str, **kw: Any) -> Any: ...
+
+    def info(self, event: str, **kw: Any) -> Any: ...
+
+
+def fault_alert(what: str, error: str | None, **fields: Any) -> None:
+    """Hook for notifications: called once when a fault episode starts and once when it ends.
+
+    ``error`` is None at its end. Nothing happens here yet; the alerts
+    module, once there, is called from this one place (``alerts.fault()``).
+    """
+
+
+class Episode:
+    """A fault that may last: logged when it starts (or changes), and when it is over.
+
+    ``failed`` may be called on every attempt; only the first, and a
+    different error, make a line. ``ok`` after a failure makes the line that
+    says it is over, with how many attempts failed and for how long.
+    Thread-safe.
+    """
+
+    def __init__(self, logger: Logger, what: str, **fields: Any) -> None:
+        self.logger = logger
+        self.what = what
+        self.fields = fields
+        self._lock = threading.Lock()
+        self._error: str | None = None
+        self._failures = 0
+        self._since = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self._failures > 0
+
+    @property
+    def error(self) -> str | None:
+        """The last failure's error, while the episode lasts."""
+        return self._error
+
+    @property
+    def since(self) -> float:
+        """Wall-clock time of the episode's first failure."""
+        return self._since
+
+    def failed(self, exc: BaseException | str, **fields: Any) -> bool:
+        """One more failure; True if it was logged (the first, or a new kind)."""
+        error = str(exc)
+        with self._lock:
+            self._failures += 1
+            first = self._failures == 1
+            if first:
+                self._since = time.time()
+            new = error != self._error
+            self._error = error
+        if new:
+            self.logger.error(self.what, error=error, **self.fields, **fields)
+            if first:
+                fault_alert(self.what, error, **self.fields)
+        return new
+
+    def ok(self) -> None:
+        """It worked: if an episode was running, say it is over."""
+        if not self._failures:  # unlocked fast path: the common case
+            return
+        with self._lock:
+            failures, self._failures, self._error = self._failures, 0, None
+            since = self._since
+        if failures:
+            self.logger.info(
+                f"over: {self.what}",
+                failures=failures,
+                seconds=round(time.time() - since, 3),
+                **self.fields,
+            )
+            fault_alert(self.what, None, **self.fields)
+
+    def backoff(self, initial: float = 0.1, most: float = MACHINE_BACKOFF_MAX) -> float:
+        """Seconds before the next attempt: doubling from ``initial`` up to ``most``."""
+        return float(min(initial * 2.0 ** max(self._failures - 1, 0), most))
