@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobspool import check, config, intake, logs, metrics, names, notify, watch
+from jobspool import check, config, faults, intake, logs, metrics, names, notify, watch
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
 from jobspool.durable import BATCH, GroupCommit, os_errors, remove_if_abandoned
@@ -65,7 +65,10 @@ class Daemon:
         self.accepted: dict[str, tuple[str, intake.Taken]] = {}  # name -> this turn's, until synced
         self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
         self.counters = Counters()
-        self.commit = GroupCommit(self.spool.sync, self.logger)
+        # A failed sync is tried again at least every few seconds: a machine fault clears by itself.
+        self.commit = GroupCommit(
+            self.spool.sync, self.logger, backoff_max=faults.MACHINE_BACKOFF_MAX
+        )
         self.checks = CheckPool(self.cfg.daemon.check_workers)
         self.checking: dict[Path, tuple[str, intake.Screened]] = {}  # drop -> its interface
         # Per interface, drops in the order they were screened: each is settled
@@ -82,6 +85,8 @@ class Daemon:
         self.ping = notify.watchdog_interval()  # seconds between WATCHDOG=1, if systemd asks
         self.next_ping = 0.0
         self._folders: dict[Path, tuple[str, str]] = {}
+        # The main loop survives any error; a fault that lasts is one line, and one at its end.
+        self.turn_fault = faults.Episode(self.logger, "the main loop met a fault; it goes on")
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -102,16 +107,23 @@ class Daemon:
         next_metrics = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            if self.reload_requested:
-                self.reload()
-            due = self.loop(time.time())
-            if self.scheduler is not None and not self.once:
-                next_schedule = self.scheduler.poll(time.time())
-                if next_schedule is not None:
-                    due = min(due, next_schedule) if due is not None else next_schedule
-            if now >= next_rescan:
-                self.rescan()
-                next_rescan = now + self.cfg.daemon.rescan
+            try:
+                if self.reload_requested:
+                    self.reload()
+                due = self.loop(time.time())
+                if self.scheduler is not None and not self.once:
+                    next_schedule = self.scheduler.poll(time.time())
+                    if next_schedule is not None:
+                        due = min(due, next_schedule) if due is not None else next_schedule
+                if now >= next_rescan:
+                    next_rescan = now + self.cfg.daemon.rescan
+                    self.rescan()
+            except Exception as exc:  # an I/O error, a full disk: the loop goes on
+                self.turn_fault.failed(faults.kind(exc), detail=repr(exc))
+                self.keepalive()
+                self.sleep(self.turn_fault.backoff())  # a fault that stays is no hot loop
+                continue
+            self.turn_fault.ok()
             self.keepalive()
             if self.cfg.daemon.metrics is not None and now >= next_metrics:
                 self.write_metrics()
@@ -363,8 +375,10 @@ class Daemon:
     def lock(self) -> None:
         """One daemon per spool: an exclusive lock on state/daemon.lock, holding our pid."""
         path = self.spool.state / "daemon.lock"
+        # Read-only: a descriptor open for writing would keep the file system
+        # from being remounted read-only (EBUSY), and flock needs none.
         with os_errors(f"cannot lock the spool at {self.spool.root}"):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -373,12 +387,30 @@ class Daemon:
             raise TryLater(
                 f"spool {self.spool.root} is already served by jobspool daemon pid {holder}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        pid = f"{os.getpid()}\n".encode()
+        try:  # in place, then cut: no new block needed, so a full disk does not stop us
+            wfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(wfd, pid, 0)
+                os.ftruncate(wfd, len(pid))
+            finally:
+                os.close(wfd)
+        except OSError as exc:  # only what `jobspool` says about the holder suffers
+            self.logger.warning("cannot write the pid into the lock file", error=str(exc))
 
     def clean_up(self) -> None:
-        """After a crash: staging files nobody writes, stale markers, orphan pending logs."""
+        """After a crash: staging files nobody writes, stale markers, orphan pending logs.
+
+        A fault here (a full disk, an I/O error) does not keep the daemon from
+        starting: what is left is cleaned at the next start.
+        """
+        try:
+            self._clean_up()
+        except Exception as exc:
+            self.logger.error("cannot clean up after a crash; going on", error=str(exc))
+
+    def _clean_up(self) -> None:
         with self.spool.names_lock():
             for entry in os.scandir(self.spool.tmp):
                 remove_if_abandoned(entry.path)
@@ -435,7 +467,10 @@ class Daemon:
         for iface in self.cfg.interfaces.values():
             if not iface.outbound and iface.name not in self.lanes:
                 lane = self.lanes[iface.name] = Lane(iface, ctx)
-                lane.refill()
+                try:
+                    lane.refill()
+                except Exception as exc:  # the next rescan fills it
+                    self.logger.error("cannot list the queue", interface=iface.name, error=str(exc))
                 lane.start()
 
     def shut_down(self) -> None:

@@ -368,7 +368,11 @@ class Lane:
                 if self.workers_done and not (self.finished or renamed):
                     return
                 batch, self.finished = self.finished[:BATCH], self.finished[BATCH:]
-            again = self.commit(batch, renamed)
+            try:
+                again = self.commit(batch, renamed)
+            except Exception as exc:  # whatever it was, the outcomes are kept and tried again
+                self.commit_fault.failed(faults.kind(exc), detail=repr(exc))
+                again = batch
             with self.cond:
                 self.finished[:0] = again  # first in line when the machine recovers
                 recovered = self.committing_fails and not again

@@ -456,7 +456,9 @@ def _lock_fd(path: Path) -> int:
     """A lock file's descriptor, opened once per process (an open per job adds up)."""
     fd = _lock_fds.get(path)
     if fd is None:
-        fd = _lock_fds[path] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        # Read-only is enough for flock and for setting its time (as its owner), and
+        # a descriptor open for writing would keep the spool from a read-only remount.
+        fd = _lock_fds[path] = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
     return fd
 
 
