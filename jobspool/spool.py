@@ -21,6 +21,7 @@ nothing slow: the read commands (``status``, ``queue``, ``log``) use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -434,6 +435,10 @@ class Spool:
             self.require()
         with os_errors("cannot lock the spool"):
             fd = _lock_fd(path)
+            # The descriptor is read-only (see _lock_fd): whoever locks means to
+            # write, so a read-only spool is refused here, before anything is done.
+            if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         with _thread_lock(path):
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
