@@ -87,6 +87,7 @@ class Daemon:
         self._folders: dict[Path, tuple[str, str]] = {}
         # The main loop survives any error; a fault that lasts is one line, and one at its end.
         self.turn_fault = faults.Episode(self.logger, "the main loop met a fault; it goes on")
+        self.rescan_fault = faults.Episode(self.logger, "a rescan met a fault; the next one retries")
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -117,7 +118,7 @@ class Daemon:
                         due = min(due, next_schedule) if due is not None else next_schedule
                 if now >= next_rescan:
                     next_rescan = now + self.cfg.daemon.rescan
-                    self.rescan()
+                    self.guarded_rescan()
             except Exception as exc:  # an I/O error, a full disk: the loop goes on
                 self.turn_fault.failed(faults.kind(exc), detail=repr(exc))
                 self.keepalive()
@@ -349,6 +350,15 @@ class Daemon:
                 continue
             self.held.hold(taken.name, taken.log)
             lane.offer(taken.stamp, taken.name)
+
+    def guarded_rescan(self) -> None:
+        """:meth:`rescan`; a fault is one episode of rescans, over when one works again."""
+        try:
+            self.rescan()
+        except Exception as exc:  # the next rescan tries again
+            self.rescan_fault.failed(faults.kind(exc), detail=repr(exc))
+        else:
+            self.rescan_fault.ok()
 
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""
