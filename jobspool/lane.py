@@ -465,6 +465,10 @@ class Lane:
             except Exception as exc:
                 self.commit_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
                 again.append(f)
+                with self.cond:
+                    self.committing_fails = True  # at once: no handler starts meanwhile
+        if not placed and not renamed:  # nothing to sync (a full disk): no syncfs per retry
+            return self._keep(again)
         if not self.ctx.commit.sync():
             # The logs may not be on disk: no job may move past them. Those
             # renamed last time wait for a sync that works to be reported.
