@@ -86,8 +86,10 @@ class Daemon:
         self.next_ping = 0.0
         self._folders: dict[Path, tuple[str, str]] = {}
         # The main loop survives any error; a fault that lasts is one line, and one at its end.
-        self.turn_fault = faults.Episode(self.logger, "the main loop met a fault; it goes on")
-        self.rescan_fault = faults.Episode(self.logger, "a rescan met a fault; the next one retries")
+        log = self.logger
+        self.turn_fault = faults.Episode(log, "the main loop met a fault; it goes on")
+        self.rescan_fault = faults.Episode(log, "a rescan met a fault; the next one retries")
+        self.intake_fault = faults.Episode(log, "cannot take dropped files now; they wait")
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -271,16 +273,20 @@ class Daemon:
         bound = logs.get(job=path.name, interface=iface_name)
         try:
             screened = intake.screen_drop(self.spool, iface, path.name)
-        except Denied as exc:
-            key = (path, _mtime(path))
-            if key not in self.reported:  # once per version of the file, not every rescan
-                self.reported.add(key)
-                bound.error("cannot take dropped file; left in place", error=str(exc))
-            return
         except (TryLater, JobspoolError) as exc:
-            bound.error("cannot take dropped file now; will try again", error=str(exc))
-            self.waiting[path] = (now + 5.0, False)
+            if faults.is_machine_fault(exc):  # a full disk, a read-only remount: one episode
+                self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+                self.waiting[path] = (now + 5.0, False)
+            elif isinstance(exc, Denied):
+                key = (path, _mtime(path))
+                if key not in self.reported:  # once per version of the file, not every rescan
+                    self.reported.add(key)
+                    bound.error("cannot take dropped file; left in place", error=str(exc))
+            else:
+                bound.error("cannot take dropped file now; will try again", error=str(exc))
+                self.waiting[path] = (now + 5.0, False)
             return
+        self.intake_fault.ok()
         if isinstance(screened, intake.Screened):
             self.checking[path] = (iface_name, screened)
             self.check_order[iface_name].append(path)
@@ -304,9 +310,12 @@ class Daemon:
                     self.spool, iface, screened, checked.as_problems(), sync=False
                 )
             except JobspoolError as exc:
-                logs.get(job=path.name, interface=iface_name).error(
-                    "cannot take dropped file now; will try again", error=str(exc)
-                )
+                if faults.is_machine_fault(exc):  # one line per episode, not one per drop
+                    self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+                else:
+                    logs.get(job=path.name, interface=iface_name).error(
+                        "cannot take dropped file now; will try again", error=str(exc)
+                    )
         if taken is None:  # gone, changed while it was checked, or not checked: look again
             self.waiting[path] = (now + self.cfg.daemon.settle, False)
         else:

@@ -168,6 +168,9 @@ def test_a_full_disk_then_freed_finishes_every_job_with_one_handler_run_each(ext
     assert len(daemon.said(COMMIT_FAULT)) == 1, daemon.said(COMMIT_FAULT)
     assert len(daemon.said(f"over: {COMMIT_FAULT}")) == 1
     assert len(daemon.said("cannot record blocked interface")) <= 1
+    errors = [line["event"] for line in daemon.lines() if line.get("level") == "error"]
+    print("error lines:", collections.Counter(errors))
+    assert len(errors) <= 6, errors  # a line per kind of fault, not per job or attempt
 
 
 def test_the_daemon_starts_on_a_full_disk_and_drains_once_space_returns(ext4):
