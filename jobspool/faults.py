@@ -20,6 +20,7 @@ attempts in between. This module imports nothing of jobspool's but
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from typing import Any, Protocol
@@ -181,3 +182,27 @@ class Episode:
     def backoff(self, initial: float = 0.1, most: float = MACHINE_BACKOFF_MAX) -> float:
         """Seconds before the next attempt: doubling from ``initial`` up to ``most``."""
         return float(min(initial * 2.0 ** max(self._failures - 1, 0), most))
+
+
+def room(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """Free blocks and inodes of the file system at ``path`` (None if it cannot be asked)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail, st.f_favail
+
+
+def wait_for_room(path: str | os.PathLike[str], seconds: float, step: float = 0.25) -> None:
+    """Sleep ``seconds``, but wake up as soon as the file system at ``path`` has more room.
+
+    A full disk clears when someone frees space: the retry then comes at
+    once, not at the end of a back-off.
+    """
+    before = room(path)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(step, left))
+        now = room(path)
+        if before is not None and now is not None and (now[0] > before[0] or now[1] > before[1]):
+            return

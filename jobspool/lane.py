@@ -382,7 +382,8 @@ class Lane:
             if again:
                 self._commit_blocked(again)
                 # A bounded back-off, not a hot loop: at most MACHINE_BACKOFF_MAX seconds.
-                time.sleep(max(self.ctx.commit.retry_in(), self.commit_fault.backoff()))
+                delay = max(self.ctx.commit.retry_in(), self.commit_fault.backoff())
+                faults.wait_for_room(self.spool.root, delay)  # at once when space comes back
             elif recovered:
                 self.commit_fault.ok()
                 if self._commit_marked:
