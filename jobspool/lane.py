@@ -23,6 +23,13 @@ lone job, instead of six fsyncs per job.
   ``backoff_initial`` up to ``backoff_max``). ``state/blocked/IFACE`` says
   which job blocks the lane and since when, for ``jobspool interfaces``.
 
+A machine fault (:mod:`jobspool.faults`) never fails a job. A handler that
+cannot be started leaves its job at the head, waiting at most a few seconds
+between attempts. A finished job whose commit fails keeps its outcome: only
+the commit is retried, no new handler starts meanwhile, and the outcome is
+written into the job's pending log, so that a restart commits it
+(:func:`known_outcome`) instead of running the handler again.
+
 A handler that the daemon itself interrupts (shutdown after the grace period)
 leaves its job in the queue: it runs again after the restart. Handlers run at
 least once.
