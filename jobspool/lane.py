@@ -47,6 +47,7 @@ import heapq
 import itertools
 import math
 import operator
+import os
 import shlex
 import subprocess
 import threading
@@ -409,7 +410,7 @@ class Lane:
             return None
         held = self.ctx.held.take(name)
         log, has_pending_log = held or (self._history(name, stamp), True)
-        known = known_outcome(log)
+        known = None if held else known_outcome(log)
         if known is not None:  # its handler ran before a restart; only the commit was missing
             joblog.note(log, "the handler's outcome was kept from before a restart; not run again")
             bound.info("outcome known from before a restart; committing it", outcome=known.result)
@@ -510,9 +511,12 @@ class Lane:
         out = []
         for f in again:
             if not f.kept:
-                try:
+                try:  # stamped with the job's own stamp: see _history
                     self.spool.write(
-                        self.spool.pending_log(f.name), [joblog.to_bytes(f.log)], replace=True
+                        self.spool.pending_log(f.name),
+                        [joblog.to_bytes(f.log)],
+                        replace=True,
+                        stamp_ns=f.stamp,
                     )
                 except Exception as exc:
                     self.keep_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
@@ -573,15 +577,22 @@ class Lane:
         """A queued job's pending log, or a new one; an unreadable one is a fault, not none.
 
         Only "there is none" and "it is damaged" start anew: an I/O error
-        must not hide a kept outcome and run a handler again.
+        must not hide a kept outcome and run a handler again. A kept outcome
+        (:meth:`_keep`) counts only if the pending log's mtime is the job's
+        acceptance stamp: a stale one, left by a job of the same name before,
+        loses its last ``ran``.
         """
         try:
-            data = self.spool.pending_log(name).read_bytes()
+            with open(self.spool.pending_log(name), "rb") as f:
+                data, mtime = f.read(), os.fstat(f.fileno()).st_mtime_ns
         except FileNotFoundError:
-            data = b""
+            data, mtime = b"", 0
         if data:
             with contextlib.suppress(SyntaxError):
-                return joblog.from_bytes(data)
+                log = joblog.from_bytes(data)
+                if mtime != stamp and known_outcome(log) is not None:
+                    log.remove(log[-1])  # not this job's outcome
+                return log
         log = joblog.new(name, self.iface.name)
         joblog.received(log, "queue", at=joblog.iso(stamp / 1e9))
         return log

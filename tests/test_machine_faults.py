@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from jobspool import joblog
+from jobspool.handlers import DONE, Outcome
 from tests.kit import (
     DEADLINE,
     NOBODY,
@@ -440,7 +442,7 @@ def test_a_child_that_left_the_group_holds_the_pipes_for_one_second_at_most(site
             site.drop("orders_in", name)
         all_done(site, ["warm.xml", *jobs], timeout=DEADLINE)
         seconds = time.monotonic() - start
-        assert seconds < 3 * 1.0 + 5, seconds  # a second's grace each, no more
+        assert seconds < 15, seconds  # a second's grace each (it was ten seconds each)
         assert counts(daemon.pid) <= (baseline[0] + 1, baseline[1])
         assert len(processes_running(ESCAPED)) == 4  # out of the group: not ours to kill
         assert "ok" in (site.root / "bak/orders_in" / "escaped-0.xml,log.xml").read_text()
@@ -454,7 +456,7 @@ def test_a_child_that_left_the_group_holds_the_pipes_for_one_second_at_most(site
 # --- no process slot: fork fails --------------------------------------------------------------
 
 
-NPROC = 64  # the daemon's RLIMIT_NPROC: tasks (threads too) of its user, system-wide
+ROOM = 40  # process slots for the daemon (its threads, check workers) under its limit
 
 
 def tasks_of(uid: int) -> int:
@@ -481,8 +483,9 @@ def test_fork_failures_make_jobs_wait_not_fail(nobody_site):
     # exempt from it). Root cannot change another user's limits here (no
     # CAP_SYS_RESOURCE), so the slots are taken instead: sleepers run as nobody until
     # the user is at the limit.
+    nproc = tasks_of(NOBODY) + ROOM  # counted per user, system-wide, threads included
     ours = resource.getrlimit(resource.RLIMIT_NPROC)
-    resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, ours[1]))
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, ours[1]))
     try:
         daemon = Daemon(s, (), NOBODY)
     finally:
@@ -491,7 +494,7 @@ def test_fork_failures_make_jobs_wait_not_fail(nobody_site):
     sleeper = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     taken = []
     try:
-        while tasks_of(NOBODY) < NPROC:
+        while tasks_of(NOBODY) < nproc:
             taken.append(subprocess.Popen([*sleeper, "sleep", "300"]))
             if len(taken) % 8 == 0:
                 time.sleep(0.2)  # setpriv has become nobody
@@ -540,4 +543,38 @@ def test_a_missing_handler_program_is_a_configuration_error_and_the_job_stays_qu
     missing.chmod(0o755)
     site.wait_in("early.xml", "bak/orders_in", timeout=DEADLINE)
     assert runs(site) == {"early.xml": 1}
+    assert daemon.stop() == 0
+
+
+# --- a kept outcome counts only for its own job -----------------------------------------------
+
+
+@pytest.mark.parametrize("same_stamp", [True, False], ids=["kept-for-this-job", "stale"])
+def test_a_pending_log_with_a_finished_run_is_committed_only_if_it_is_this_jobs(site, same_stamp):
+    site.configure(orders(site))
+    site.init()
+    stamp = time.time_ns() - 10**9
+    log = joblog.new("placed.xml", "orders_in")
+    joblog.received(log, "queue", at=joblog.iso(stamp / 1e9))
+    now = time.time()
+    joblog.ran(log, Outcome(DONE, now, now, exit_status=0), "handler")
+    pending = site.root / "state/pending/placed.xml,log.xml"
+    pending.write_bytes(joblog.to_bytes(log))
+    job = site.root / "queue/orders_in/placed.xml"
+    job.write_bytes(order("placed"))
+    os.utime(job, ns=(stamp, stamp))
+    other = stamp if same_stamp else stamp - 10**12  # a job of the same name, long ago
+    os.utime(pending, ns=(other, other))
+
+    daemon = site.start()
+    site.wait_in("placed.xml", "bak/orders_in")
+    final = (site.root / "bak/orders_in/placed.xml,log.xml").read_text()
+    if same_stamp:
+        assert runs(site) == {}  # committed, not run again
+        assert "not run again" in final
+    else:
+        assert runs(site) == {"placed.xml": 1}
+        assert "not run again" not in final
+    assert final.count("<ran ") == 1
+    assert not pending.exists()
     assert daemon.stop() == 0
