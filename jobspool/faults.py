@@ -80,8 +80,8 @@ def is_machine_fault(exc: BaseException) -> bool:
 
 def kind(exc: BaseException) -> str:
     """What kind of fault ``exc`` is, without the file or job it met: one per episode."""
-    if isinstance(exc, HandlerNotStarted):
-        return str(exc)
+    if isinstance(exc, HandlerNotStarted) and not exc.machine:
+        return str(exc)  # a configuration error: which program is the point
     err = os_error_of(exc)
     if err is not None and err.strerror:
         return err.strerror

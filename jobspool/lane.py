@@ -417,21 +417,12 @@ class Lane:
             dest = BAK if known.result == handlers.DONE else JOBERRORS
             return Finished(stamp, name, log, dest, known, has_pending_log, kept=True)
         bound.debug("started", handler=self._describe())  # not a state change
-        if iface.command is not None:
-            outcome = handlers.run_command(
-                [*iface.command, str(path)],  # the job's path is the last argument
-                handlers.job_environment(name, iface.name, spool.root),
-                iface.timeout,
-                output_limit=self.ctx.settings.output_limit,
-                limits=handlers.Limits(iface.memory_limit, math.ceil(iface.cpu_limit or 0) or None)
-                if iface.memory_limit or iface.cpu_limit
-                else None,
-                on_start=lambda proc: self._running(name, proc),
-            )
-        else:
-            assert iface.handler is not None
-            job = handlers.Job(name, iface.name, path)
-            outcome = handlers.run_python(iface.handler, job, beside=self.ctx.config_dir)
+        try:
+            outcome = self._run(name, path)
+        except BaseException:  # not started: the history so far is kept for the next try
+            if held is not None:
+                self.ctx.held.hold(name, log, has_pending_log)
+            raise
         with self.cond:
             self.procs.pop(name, None)
             interrupted = name in self.interrupted
@@ -448,6 +439,24 @@ class Lane:
             return None
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
         return Finished(stamp, name, log, dest, outcome, has_pending_log)
+
+    def _run(self, name: str, path: Path) -> handlers.Outcome:
+        """The handler's run on the job at ``path``."""
+        iface = self.iface
+        if iface.command is not None:
+            return handlers.run_command(
+                [*iface.command, str(path)],  # the job's path is the last argument
+                handlers.job_environment(name, iface.name, self.spool.root),
+                iface.timeout,
+                output_limit=self.ctx.settings.output_limit,
+                limits=handlers.Limits(iface.memory_limit, math.ceil(iface.cpu_limit or 0) or None)
+                if iface.memory_limit or iface.cpu_limit
+                else None,
+                on_start=lambda proc: self._running(name, proc),
+            )
+        assert iface.handler is not None
+        job = handlers.Job(name, iface.name, path)
+        return handlers.run_python(iface.handler, job, beside=self.ctx.config_dir)
 
     def commit(self, batch: list[Finished], renamed: list[tuple[Finished, str]]) -> list[Finished]:
         """Group commit: every log in place, one sync, then every job's one rename.

@@ -524,6 +524,40 @@ def test_fork_failures_make_jobs_wait_not_fail(nobody_site):
     assert daemon.stop() == 0
 
 
+# --- no descriptors left ----------------------------------------------------------------------
+
+
+def test_no_descriptor_left_makes_jobs_wait_not_fail(site):
+    site.configure(orders(site), **PRODUCTION_BACKOFF)
+    site.init()
+    daemon = site.start()
+    site.ok("pause", "orders_in")
+    jobs = [f"fd-{i:02d}.xml" for i in range(10)]
+    for name in jobs:
+        site.drop("orders_in", name)
+    site.wait_for(lambda: len(site.ls("queue", "orders_in")) == len(jobs), "all queued")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = ["prlimit", "--pid", str(daemon.pid)]
+    # The daemon runs as root, as we do: its soft limit is ours to set (up to its hard one).
+    subprocess.run([*limit, f"--nofile={counts(daemon.pid)[0]}:{hard}"], check=True)
+    try:
+        site.ok("resume", "orders_in")
+        site.wait_for(lambda: daemon.said("cannot start the handler; the job waits"), "EMFILE")
+        time.sleep(3)
+        assert daemon.running(), site.describe()
+        assert site.ls("joberrors") == [] and runs(site) == {}
+        assert "Too many open files" in daemon.text()
+    finally:
+        subprocess.run([*limit, f"--nofile={hard}:{hard}"], check=True)
+    seconds = all_done(site, jobs, timeout=30)
+    counted = report(f"no descriptor left (EMFILE): all done {seconds:.1f}s after", site, jobs)
+    assert {counted[j] for j in jobs} == {1}
+    first = (site.root / "bak/orders_in/fd-00.xml,log.xml").read_text()
+    assert 'via="drop"' in first  # the history held in memory survived the failed starts
+    assert len(daemon.said("cannot start the handler; the job waits")) == 1
+    assert daemon.stop() == 0
+
+
 # --- a handler program that does not exist ----------------------------------------------------
 
 
