@@ -216,7 +216,7 @@ def _wait_reading(proc: subprocess.Popen[bytes], pipes: Sequence[_Capture], time
 
 
 def _end_group(proc: subprocess.Popen[bytes]) -> None:
-    """The handler has exited (or its pipes closed): kill what is left of its group, reap it.
+    """The handler has exited: kill what is left of its group, then reap the handler.
 
     The group is killed before the leader is reaped, so its id cannot have
     been given to anyone else yet.
