@@ -127,6 +127,7 @@ class Daemon:
                 self.sleep(self.turn_fault.backoff())  # a fault that stays is no hot loop
                 continue
             self.turn_fault.ok()
+            faults.tick()  # episodes that have been quiet long enough say they are over
             self.keepalive()
             if self.cfg.daemon.metrics is not None and now >= next_metrics:
                 self.write_metrics()
@@ -230,9 +231,12 @@ class Daemon:
         try:
             self._look_at(path, renamed_in, now, *where)
         except Exception as exc:
-            logs.get(job=path.name, interface=where[1]).exception(
-                "cannot look at file; will try again", error=str(exc)
-            )
+            if faults.is_machine_fault(exc):  # one line per episode, not one per file
+                self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+            else:
+                logs.get(job=path.name, interface=where[1]).exception(
+                    "cannot look at file; will try again", error=str(exc)
+                )
             self.waiting[path] = (now + self.cfg.daemon.rescan, renamed_in)
 
     def _look_at(self, path: Path, renamed_in: bool, now: float, state: str, iface: str) -> None:

@@ -23,6 +23,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from typing import Any, Protocol
 
 from jobspool.errors import JobspoolError
@@ -42,6 +43,7 @@ MACHINE_ERRNOS = frozenset(
 CONFIG_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP})
 
 MACHINE_BACKOFF_MAX = 5.0  # seconds: a machine fault is retried at least this often
+QUIET = 2.0  # seconds without a failure before an episode is over
 
 
 class HandlerNotStarted(JobspoolError):
@@ -115,13 +117,28 @@ def fault_alert(what: str, error: str | None, **fields: Any) -> None:
     """
 
 
+_episodes: weakref.WeakSet[Episode] = weakref.WeakSet()
+
+
+def tick() -> None:
+    """Let every episode whose fault has been quiet long enough say it is over.
+
+    The daemon's main loop calls this every turn, so the line comes even
+    when nothing more is tried after the last success.
+    """
+    for episode in list(_episodes):
+        episode.settle()
+
+
 class Episode:
     """A fault that may last: logged when it starts (or changes), and when it is over.
 
     ``failed`` may be called on every attempt; only the first, and a
-    different error, make a line. ``ok`` after a failure makes the line that
-    says it is over, with how many attempts failed and for how long.
-    Thread-safe.
+    different error, make a line. ``ok`` after a failure starts the end:
+    once no failure has come for :data:`QUIET` seconds (seen by ``ok`` or
+    :func:`tick`), one line says it is over, with how many attempts failed
+    and for how long. Intermittent faults (an I/O error now and then) are so
+    one episode, not one per failure. Thread-safe.
     """
 
     def __init__(self, logger: Logger, what: str, **fields: Any) -> None:
@@ -132,6 +149,9 @@ class Episode:
         self._error: str | None = None
         self._failures = 0
         self._since = 0.0
+        self._last = 0.0  # monotonic time of the last failure
+        self._clearing = False  # a success came after the last failure
+        _episodes.add(self)
 
     @property
     def active(self) -> bool:
@@ -157,6 +177,7 @@ class Episode:
                 self._since = time.time()
             new = error != self._error
             self._error = error
+            self._last, self._clearing = time.monotonic(), False
         if new:
             self.logger.error(self.what, error=error, **self.fields, **fields)
             if first:
@@ -164,11 +185,22 @@ class Episode:
         return new
 
     def ok(self) -> None:
-        """It worked: if an episode was running, say it is over."""
+        """It worked: an episode running ends once it has been quiet for a while."""
         if not self._failures:  # unlocked fast path: the common case
             return
         with self._lock:
+            self._clearing = True
+        self.settle()
+
+    def settle(self) -> None:
+        """Say the episode is over if it is ending and has been quiet for :data:`QUIET` s."""
+        if not self._clearing:
+            return
+        with self._lock:
+            if not self._clearing or time.monotonic() - self._last < QUIET:
+                return
             failures, self._failures, self._error = self._failures, 0, None
+            self._clearing = False
             since = self._since
         if failures:
             self.logger.info(

@@ -168,6 +168,7 @@ def test_a_full_disk_then_freed_finishes_every_job_with_one_handler_run_each(ext
     assert daemon.running()
     # One fault, one line when it starts and one when it ends.
     assert len(daemon.said(COMMIT_FAULT)) == 1, daemon.said(COMMIT_FAULT)
+    site.wait_for(lambda: daemon.said(f"over: {COMMIT_FAULT}"), "the line that says it is over")
     assert len(daemon.said(f"over: {COMMIT_FAULT}")) == 1
     assert len(daemon.said("cannot record blocked interface")) <= 1
     errors = [line["event"] for line in daemon.lines() if line.get("level") == "error"]
@@ -519,7 +520,7 @@ def test_fork_failures_make_jobs_wait_not_fail(nobody_site):
     seconds = all_done(s, jobs, timeout=30)
     counted = report(f"fork failures (RLIMIT_NPROC): all done {seconds:.1f}s after", s, jobs)
     assert {counted[j] for j in jobs} == {1}
-    assert daemon.said("over: cannot start the handler; the job waits")
+    s.wait_for(lambda: daemon.said("over: cannot start the handler; the job waits"), "its end")
     assert len(daemon.said("cannot start the handler; the job waits")) == 1
     assert not (s.root / "state/blocked/orders_in").exists()
     assert daemon.stop() == 0
