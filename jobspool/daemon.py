@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobspool import check, config, intake, logs, metrics, names, notify, watch
+from jobspool import check, config, faults, intake, logs, metrics, names, notify, watch
 from jobspool.alerts import Alerts
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
@@ -70,7 +70,14 @@ class Daemon:
         self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
         self.metrics = metrics.Metrics(time.time())
         self.alerts = Alerts(self.cfg.notify, self.logger, str(self.spool.root))
-        self.commit = GroupCommit(self.spool.sync, self.logger, on_fault=self.alerts.fault)
+        faults.on_fault(self.alerts.fault)  # every fault episode's start is a notification
+        # A failed sync is tried again at least every few seconds: a machine fault clears by itself.
+        self.commit = GroupCommit(
+            self.spool.sync,
+            self.logger,
+            backoff_max=faults.MACHINE_BACKOFF_MAX,
+            on_fault=self.alerts.fault,
+        )
         self.checks = CheckPool(self.cfg.daemon.check_workers)
         self.checking: dict[Path, tuple[str, intake.Screened]] = {}  # drop -> its interface
         # Per interface, drops in the order they were screened: each is settled
@@ -87,6 +94,11 @@ class Daemon:
         self.ping = notify.watchdog_interval()  # seconds between WATCHDOG=1, if systemd asks
         self.next_ping = 0.0
         self._folders: dict[Path, tuple[str, str]] = {}
+        # The main loop survives any error; a fault that lasts is one line, and one at its end.
+        log = self.logger
+        self.turn_fault = faults.Episode(log, "the main loop met a fault; it goes on")
+        self.rescan_fault = faults.Episode(log, "a rescan met a fault; the next one retries")
+        self.intake_fault = faults.Episode(log, "cannot take dropped files now; they wait")
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -109,16 +121,24 @@ class Daemon:
         next_metrics = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            if self.reload_requested:
-                self.reload()
-            due = self.loop(time.time())
-            if self.scheduler is not None and not self.once:
-                next_schedule = self.scheduler.poll(time.time())
-                if next_schedule is not None:
-                    due = min(due, next_schedule) if due is not None else next_schedule
-            if now >= next_rescan:
-                self.rescan()
-                next_rescan = now + self.cfg.daemon.rescan
+            try:
+                if self.reload_requested:
+                    self.reload()
+                due = self.loop(time.time())
+                if self.scheduler is not None and not self.once:
+                    next_schedule = self.scheduler.poll(time.time())
+                    if next_schedule is not None:
+                        due = min(due, next_schedule) if due is not None else next_schedule
+                if now >= next_rescan:
+                    next_rescan = now + self.cfg.daemon.rescan
+                    self.guarded_rescan()
+            except Exception as exc:  # an I/O error, a full disk: the loop goes on
+                self.turn_fault.failed(faults.kind(exc), detail=repr(exc))
+                self.keepalive()
+                self.sleep(self.turn_fault.backoff())  # a fault that stays is no hot loop
+                continue
+            self.turn_fault.ok()
+            faults.tick()  # episodes that have been quiet long enough say they are over
             self.keepalive()
             if self.cfg.daemon.metrics is not None and now >= next_metrics:
                 self.write_metrics()
@@ -222,9 +242,12 @@ class Daemon:
         try:
             self._look_at(path, renamed_in, now, *where)
         except Exception as exc:
-            logs.get(job=path.name, interface=where[1]).exception(
-                "cannot look at file; will try again", error=str(exc)
-            )
+            if faults.is_machine_fault(exc):  # one line per episode, not one per file
+                self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+            else:
+                logs.get(job=path.name, interface=where[1]).exception(
+                    "cannot look at file; will try again", error=str(exc)
+                )
             self.waiting[path] = (now + self.cfg.daemon.rescan, renamed_in)
 
     def _look_at(self, path: Path, renamed_in: bool, now: float, state: str, iface: str) -> None:
@@ -265,16 +288,20 @@ class Daemon:
         bound = logs.get(job=path.name, interface=iface_name)
         try:
             screened = intake.screen_drop(self.spool, iface, path.name)
-        except Denied as exc:
-            key = (path, _mtime(path))
-            if key not in self.reported:  # once per version of the file, not every rescan
-                self.reported.add(key)
-                bound.error("cannot take dropped file; left in place", error=str(exc))
-            return
         except (TryLater, JobspoolError) as exc:
-            bound.error("cannot take dropped file now; will try again", error=str(exc))
-            self.waiting[path] = (now + 5.0, False)
+            if faults.is_machine_fault(exc):  # a full disk, a read-only remount: one episode
+                self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+                self.waiting[path] = (now + 5.0, False)
+            elif isinstance(exc, Denied):
+                key = (path, _mtime(path))
+                if key not in self.reported:  # once per version of the file, not every rescan
+                    self.reported.add(key)
+                    bound.error("cannot take dropped file; left in place", error=str(exc))
+            else:
+                bound.error("cannot take dropped file now; will try again", error=str(exc))
+                self.waiting[path] = (now + 5.0, False)
             return
+        self.intake_fault.ok()
         if isinstance(screened, intake.Screened):
             self.checking[path] = (iface_name, screened)
             self.check_order[iface_name].append(path)
@@ -298,9 +325,12 @@ class Daemon:
                     self.spool, iface, screened, checked.as_problems(), sync=False
                 )
             except JobspoolError as exc:
-                logs.get(job=path.name, interface=iface_name).error(
-                    "cannot take dropped file now; will try again", error=str(exc)
-                )
+                if faults.is_machine_fault(exc):  # one line per episode, not one per drop
+                    self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+                else:
+                    logs.get(job=path.name, interface=iface_name).error(
+                        "cannot take dropped file now; will try again", error=str(exc)
+                    )
         if taken is None:  # gone, changed while it was checked, or not checked: look again
             self.waiting[path] = (now + self.cfg.daemon.settle, False)
         else:
@@ -346,6 +376,15 @@ class Daemon:
             self.held.hold(taken.name, taken.log)
             lane.offer(taken.stamp, taken.name)
 
+    def guarded_rescan(self) -> None:
+        """:meth:`rescan`; a fault is one episode of rescans, over when one works again."""
+        try:
+            self.rescan()
+        except Exception as exc:  # the next rescan tries again
+            self.rescan_fault.failed(faults.kind(exc), detail=repr(exc))
+        else:
+            self.rescan_fault.ok()
+
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""
         now = time.time()
@@ -371,8 +410,10 @@ class Daemon:
     def lock(self) -> None:
         """One daemon per spool: an exclusive lock on state/daemon.lock, holding our pid."""
         path = self.spool.state / "daemon.lock"
+        # Read-only: a descriptor open for writing would keep the file system
+        # from being remounted read-only (EBUSY), and flock needs none.
         with os_errors(f"cannot lock the spool at {self.spool.root}"):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         # "Is a daemon running?" (jobspool interfaces, daemon-status) takes a
         # shared lock for an instant: a few tries keep that from failing a start.
         for _ in range(20):
@@ -387,12 +428,30 @@ class Daemon:
             raise TryLater(
                 f"spool {self.spool.root} is already served by jobspool daemon pid {holder}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        pid = f"{os.getpid()}\n".encode()
+        try:  # in place, then cut: no new block needed, so a full disk does not stop us
+            wfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(wfd, pid, 0)
+                os.ftruncate(wfd, len(pid))
+            finally:
+                os.close(wfd)
+        except OSError as exc:  # only what `jobspool` says about the holder suffers
+            self.logger.warning("cannot write the pid into the lock file", error=str(exc))
 
     def clean_up(self) -> None:
-        """After a crash: staging files nobody writes, stale markers, orphan pending logs."""
+        """After a crash: staging files nobody writes, stale markers, orphan pending logs.
+
+        A fault here (a full disk, an I/O error) does not keep the daemon from
+        starting: what is left is cleaned at the next start.
+        """
+        try:
+            self._clean_up()
+        except Exception as exc:
+            self.logger.error("cannot clean up after a crash; going on", error=str(exc))
+
+    def _clean_up(self) -> None:
         with self.spool.names_lock():
             for entry in os.scandir(self.spool.tmp):
                 remove_if_abandoned(entry.path)
@@ -450,7 +509,10 @@ class Daemon:
         for iface in self.cfg.interfaces.values():
             if not iface.outbound and iface.name not in self.lanes:
                 lane = self.lanes[iface.name] = Lane(iface, ctx)
-                lane.refill()
+                try:
+                    lane.refill()
+                except Exception as exc:  # the next rescan fills it
+                    self.logger.error("cannot list the queue", interface=iface.name, error=str(exc))
                 lane.start()
 
     def shut_down(self) -> None:

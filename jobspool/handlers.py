@@ -4,7 +4,15 @@ A *command* gets the job's path as its last argument and the ``JOBSPOOL_*``
 environment. It runs in a process group of its own, so a timeout kills it and
 everything it started. Its output is captured, bounded (head and tail kept),
 into the job's log. Exit 0 is done, 75 is try later, anything else, a
-signal or the timeout is failed.
+signal or the timeout is failed. When the handler exits, what is left of
+its group is killed and its pipes are read for at most ``PIPE_GRACE``
+seconds more, then closed: a background child cannot keep the daemon
+waiting, nor hold its descriptors.
+
+A command that cannot be started is no outcome at all:
+:class:`~jobspool.faults.HandlerNotStarted` is raised, the machine's fault
+(no descriptors, no process slot) or the configuration's (no such program),
+and the job is not failed for it (:mod:`jobspool.faults`).
 
 A *Python handler* (``module:function``) is called in-process with a
 :class:`Job`; returning is done, raising :class:`jobspool.TryLater` is try
@@ -18,23 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import os
+import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple, cast
 
+from jobspool import faults
 from jobspool.errors import TryLater
 
 DONE, LATER, FAILED = "done", "later", "failed"
 EX_TEMPFAIL = 75
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a timed-out group
+PIPE_GRACE = 1.0  # seconds a handler's pipes are still read after it exited
 
 
 class Job:
@@ -118,22 +127,13 @@ def run_command(
             group=_primary_group(user) if user else None,
             extra_groups=[] if user else None,
         )
-    except OSError as exc:
-        return Outcome(FAILED, started, time.time(), reason=f"cannot run {argv[0]}: {exc.strerror}")
+    except OSError as exc:  # no descriptors, no process slot, no such program
+        raise faults.spawn_fault(argv[0], exc) from exc
     if on_start is not None:
         on_start(proc)
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Capture(proc.stdout, output_limit), _Capture(proc.stderr, output_limit)
-    timed_out = False
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_group(proc)
-    # The group is gone; a grandchild that left the group may still hold the
-    # pipes, so the readers get a bounded wait.
-    out.join(KILL_GRACE)
-    err.join(KILL_GRACE)
+    timed_out = not _wait_reading(proc, (out, err), timeout)
     status = proc.returncode
     sig = -status if status is not None and status < 0 else None
     if timed_out:
@@ -159,6 +159,71 @@ def run_command(
         stderr_dropped=err.dropped,
         reason=reason,
     )
+
+
+def _wait_reading(proc: subprocess.Popen[bytes], pipes: Sequence[_Capture], timeout: float) -> bool:
+    """Read the handler's output until it exits, then end it all; False if it timed out.
+
+    The rule (docs/spec.rst, "Handlers"): when the handler process exits,
+    whatever is left of its process group is killed (SIGKILL), and its pipes
+    are read for at most :data:`PIPE_GRACE` more seconds (a process that
+    left the group may still hold them), then closed. One thread, no reader
+    threads: nothing a handler leaves behind can hold a descriptor or a
+    thread of the daemon.
+    """
+    poller = select.poll()
+    by_fd = {capture.fd: capture for capture in pipes}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    exit_fd: int | None = None
+    with contextlib.suppress(OSError):  # an old kernel, or no descriptor left: poll every 50 ms
+        exit_fd = os.pidfd_open(proc.pid)
+        poller.register(exit_fd, select.POLLIN)
+    watching = exit_fd is not None
+    exit_seen = False
+    deadline = time.monotonic() + timeout
+    grace_until: float | None = None  # set when the handler has exited
+    timed_out = False
+    try:
+        while by_fd or grace_until is None:
+            now = time.monotonic()
+            until = deadline if grace_until is None else grace_until
+            if now >= until:
+                if grace_until is not None:
+                    break  # the grace is over: the pipes are closed unread
+                timed_out = True
+                kill_group(proc)  # TERM, then KILL after a grace; reaped
+                grace_until = time.monotonic() + PIPE_GRACE
+                continue
+            wait = until - now if watching or grace_until is not None else min(until - now, 0.05)
+            for fd, _ in poller.poll(wait * 1000):
+                if fd == exit_fd:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    exit_fd, exit_seen = None, True
+                elif fd in by_fd and not by_fd[fd].read():
+                    poller.unregister(fd)
+                    by_fd.pop(fd).close()
+            if grace_until is None and (exit_seen if watching else proc.poll() is not None):
+                _end_group(proc)
+                grace_until = time.monotonic() + PIPE_GRACE
+    finally:
+        if exit_fd is not None:
+            os.close(exit_fd)
+        for capture in by_fd.values():
+            capture.close()
+    return not timed_out
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """The handler has exited: kill what is left of its group, then reap the handler.
+
+    The group is killed before the leader is reaped, so its id cannot have
+    been given to anyone else yet.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _primary_group(user: str) -> int:
@@ -224,31 +289,38 @@ def _rlimits(limits: Limits) -> Callable[[], None]:
 
 
 class _Capture:
-    """Reads a pipe to its end, keeping the head and the tail within ``limit`` bytes."""
+    """One output pipe of a handler, read when it is readable, keeping the head and the tail
+    within ``limit`` bytes."""
 
     def __init__(self, pipe: IO[bytes], limit: int) -> None:
-        self.pipe = cast(io.BufferedReader, pipe)  # what Popen gives with PIPE
+        self.pipe = pipe
+        self.fd = pipe.fileno()
+        os.set_blocking(self.fd, False)
         self.half = max(limit // 2, 1)
         self.head = bytearray()
         self.tail = bytearray()
         self.dropped = 0
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
 
-    def _read(self) -> None:
-        with self.pipe:
-            while chunk := self.pipe.read1(65536):
-                room = self.half - len(self.head)
-                if room > 0:
-                    self.head += chunk[:room]
-                    chunk = chunk[room:]
-                self.tail += chunk
-                if len(self.tail) > self.half:
-                    self.dropped += len(self.tail) - self.half
-                    del self.tail[: len(self.tail) - self.half]
+    def read(self) -> bool:
+        """Read what is there; False at the end of the output."""
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        self.tail += chunk
+        if len(self.tail) > self.half:
+            self.dropped += len(self.tail) - self.half
+            del self.tail[: len(self.tail) - self.half]
+        return True
 
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
+    def close(self) -> None:
+        self.pipe.close()
 
     def data(self) -> bytes:
         if self.dropped:

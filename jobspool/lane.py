@@ -23,6 +23,13 @@ lone job, instead of six fsyncs per job.
   ``backoff_initial`` up to ``backoff_max``). ``state/blocked/IFACE`` says
   which job blocks the lane and since when, for ``jobspool interfaces``.
 
+A machine fault (:mod:`jobspool.faults`) never fails a job. A handler that
+cannot be started leaves its job at the head, waiting at most a few seconds
+between attempts. A finished job whose commit fails keeps its outcome: only
+the commit is retried, no new handler starts meanwhile, and the outcome is
+written into the job's pending log, so that a restart commits it
+(:func:`known_outcome`) instead of running the handler again.
+
 A handler that the daemon itself interrupts (shutdown after the grace period)
 leaves its job in the queue: it runs again after the restart. Handlers run at
 least once.
@@ -40,6 +47,7 @@ import heapq
 import itertools
 import math
 import operator
+import os
 import shlex
 import subprocess
 import threading
@@ -48,7 +56,9 @@ from array import array
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jobspool import handlers, intake, joblog, names
+from lxml import etree
+
+from jobspool import faults, handlers, intake, joblog, names
 from jobspool.alerts import Alerts
 from jobspool.config import DaemonSettings, Interface
 from jobspool.durable import BATCH, GroupCommit
@@ -70,6 +80,7 @@ class Finished(NamedTuple):
     dest: str
     outcome: handlers.Outcome
     has_pending_log: bool  # state/pending may hold an older copy of its log
+    kept: bool = False  # its outcome is durably in its pending log (a commit failed)
 
 
 FOLD_FROM = 65_536  # jobs in a backlog's heap before they may join its run
@@ -217,8 +228,16 @@ class Lane:
         self.committer: threading.Thread | None = None
         self.workers_done = False  # joined: no job will finish any more
         self.committing_fails = False  # the last commit failed: start no new handler
-        self._trouble_seen: str | None = None  # the last commit error logged
-        self._marker_error: str | None = None  # the blocked marker's last write error
+        logger = ctx.logger.bind(interface=iface.name)
+        # Each fault is one episode: a line when it starts, one when it is over.
+        self.commit_fault = faults.Episode(logger, "cannot commit finished jobs; they wait")
+        self.start_fault = faults.Episode(logger, "cannot start the handler; the job waits")
+        self.keep_fault = faults.Episode(
+            logger, "cannot keep a finished job's outcome on disk; a restart would run it again"
+        )
+        self.marker_fault = faults.Episode(logger, "cannot record blocked interface")
+        self.other_fault = faults.Episode(logger, "processing failed; the job stays queued")
+        self._commit_marked = False  # the blocked marker says commits fail
 
     @property
     def spool(self) -> Spool:
@@ -332,10 +351,11 @@ class Lane:
             done = None
             try:
                 done = self.process(stamp, name)
-            except Exception as exc:  # disk full, permission: the job stays queued
-                bound.error("processing failed; the job stays queued", error=str(exc))
-                self.ctx.alerts.fault(f"{name}: processing failed: {exc}")
-                self._back_off(stamp, name)
+            except Exception as exc:  # disk full, no descriptors, permission: it stays queued
+                self._not_processed(stamp, name, exc, bound)
+            else:
+                self.start_fault.ok()
+                self.other_fault.ok()
             with self.cond:
                 if done is None:
                     self.in_flight.discard(name)
@@ -359,14 +379,27 @@ class Lane:
                 if self.workers_done and not (self.finished or renamed):
                     return
                 batch, self.finished = self.finished[:BATCH], self.finished[BATCH:]
-            again = self.commit(batch, renamed)
+            try:
+                again = self.commit(batch, renamed)
+            except Exception as exc:  # whatever it was, the outcomes are kept and tried again
+                self.commit_fault.failed(faults.kind(exc), detail=repr(exc))
+                again = batch
             with self.cond:
                 self.finished[:0] = again  # first in line when the machine recovers
-                if self.committing_fails and not again:
+                recovered = self.committing_fails and not again
+                if recovered:
                     self.cond.notify_all()  # handlers may start again
                 self.committing_fails = bool(again)
             if again:
-                time.sleep(self.ctx.commit.retry_in())  # bounded back-off, not a hot loop
+                self._commit_blocked(again)
+                # A bounded back-off, not a hot loop: at most MACHINE_BACKOFF_MAX seconds.
+                delay = max(self.ctx.commit.retry_in(), self.commit_fault.backoff())
+                faults.wait_for_room(self.spool.root, delay)  # at once when space comes back
+            elif recovered:
+                self.commit_fault.ok()
+                if self._commit_marked:
+                    self._commit_marked = False
+                    self._publish_blocked(None)
 
     # --- one job -------------------------------------------------------------------------
 
@@ -385,24 +418,23 @@ class Lane:
             # old log from joberrors; waiting for it means this run, failing
             # again, never has its new log removed by that retry.
             with spool.names_lock():
-                held = intake.log_so_far(spool, name, iface.name, stamp), True
-        log, has_pending_log = held
-        bound.debug("started", handler=self._describe())  # not a state change
-        if iface.command is not None:
-            outcome = handlers.run_command(
-                [*iface.command, str(path)],  # the job's path is the last argument
-                handlers.job_environment(name, iface.name, spool.root),
-                iface.timeout,
-                output_limit=self.ctx.settings.output_limit,
-                limits=handlers.Limits(iface.memory_limit, math.ceil(iface.cpu_limit or 0) or None)
-                if iface.memory_limit or iface.cpu_limit
-                else None,
-                on_start=lambda proc: self._running(name, proc),
-            )
+                held = self._history(name, stamp), True
+            known = known_outcome(held[0])
         else:
-            assert iface.handler is not None
-            job = handlers.Job(name, iface.name, path)
-            outcome = handlers.run_python(iface.handler, job, beside=self.ctx.config_dir)
+            known = None
+        log, has_pending_log = held
+        if known is not None:  # its handler ran before a restart; only the commit was missing
+            joblog.note(log, "the handler's outcome was kept from before a restart; not run again")
+            bound.info("outcome known from before a restart; committing it", outcome=known.result)
+            dest = BAK if known.result == handlers.DONE else JOBERRORS
+            return Finished(stamp, name, log, dest, known, has_pending_log, kept=True)
+        bound.debug("started", handler=self._describe())  # not a state change
+        try:
+            outcome = self._run(name, path)
+        except BaseException:  # not started: the history so far is kept for the next try
+            if held is not None:
+                self.ctx.held.hold(name, log, has_pending_log)
+            raise
         with self.cond:
             self.procs.pop(name, None)
             interrupted = name in self.interrupted
@@ -420,6 +452,24 @@ class Lane:
             return None
         dest = BAK if outcome.result == handlers.DONE else JOBERRORS
         return Finished(stamp, name, log, dest, outcome, has_pending_log)
+
+    def _run(self, name: str, path: Path) -> handlers.Outcome:
+        """The handler's run on the job at ``path``."""
+        iface = self.iface
+        if iface.command is not None:
+            return handlers.run_command(
+                [*iface.command, str(path)],  # the job's path is the last argument
+                handlers.job_environment(name, iface.name, self.spool.root),
+                iface.timeout,
+                output_limit=self.ctx.settings.output_limit,
+                limits=handlers.Limits(iface.memory_limit, math.ceil(iface.cpu_limit or 0) or None)
+                if iface.memory_limit or iface.cpu_limit
+                else None,
+                on_start=lambda proc: self._running(name, proc),
+            )
+        assert iface.handler is not None
+        job = handlers.Job(name, iface.name, path)
+        return handlers.run_python(iface.handler, job, beside=self.ctx.config_dir)
 
     def commit(self, batch: list[Finished], renamed: list[tuple[Finished, str]]) -> list[Finished]:
         """Group commit: every log in place, one sync, then every job's one rename.
@@ -444,12 +494,17 @@ class Lane:
             try:
                 placed.append((f, *self._place_log(f)))
             except Exception as exc:
-                self._trouble(f, "cannot write the log; the job waits to be committed", exc)
+                self.commit_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
                 again.append(f)
+                with self.cond:
+                    self.committing_fails = True  # at once: no handler starts meanwhile
+        if not placed and not renamed:  # nothing to sync (a full disk): no syncfs per retry
+            return self._keep(again)
         if not self.ctx.commit.sync():
             # The logs may not be on disk: no job may move past them. Those
             # renamed last time wait for a sync that works to be reported.
-            return again + [f for f, *_ in placed]
+            self.commit_fault.failed("the spool does not sync")
+            return self._keep(again + [f for f, *_ in placed])
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
@@ -461,19 +516,47 @@ class Lane:
                     self.in_flight.discard(f.name)
                 continue
             except Exception as exc:
-                self._trouble(f, "cannot move the job; it waits to be committed", exc)
+                self.commit_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
                 again.append(f)
                 continue
             renamed.append((f, label))
-        if not again:
-            self._trouble_seen = None
-        return again
+        return self._keep(again)
 
-    def _trouble(self, f: Finished, what: str, exc: Exception) -> None:
-        """Log a failed commit once per kind of fault, not once per job and attempt."""
-        if str(exc) != self._trouble_seen:
-            self._trouble_seen = str(exc)
-            self.ctx.logger.bind(job=f.name, interface=self.iface.name).error(what, error=str(exc))
+    def _keep(self, again: list[Finished]) -> list[Finished]:
+        """Jobs whose commit failed: their outcome into their pending log, durably, if it can.
+
+        Then a restart commits the outcome instead of running the handler
+        again (:func:`known_outcome`). On a full disk this write fails too:
+        the outcome is then kept in memory only, and a restart before the
+        commit works would run the handler again (at least once).
+        """
+        out = []
+        for f in again:
+            if not f.kept:
+                try:  # stamped with the job's own stamp: see _history
+                    self.spool.write(
+                        self.spool.pending_log(f.name),
+                        [joblog.to_bytes(f.log)],
+                        replace=True,
+                        stamp_ns=f.stamp,
+                    )
+                except Exception as exc:
+                    self.keep_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
+                else:
+                    self.keep_fault.ok()
+                    f = f._replace(kept=True, has_pending_log=True)
+            out.append(f)
+        return out
+
+    def _commit_blocked(self, again: list[Finished]) -> None:
+        """The blocked marker while finished jobs cannot be committed (once per episode)."""
+        if self.commit_fault.active and not self._commit_marked:
+            self._commit_marked = True
+            self._publish_blocked(
+                f"{len(again)} finished job(s), first {again[0].name}, wait to be committed "
+                f"since {joblog.iso(self.commit_fault.since)}: machine fault "
+                f"({self.commit_fault.error}); no new handler starts until it clears"
+            )
 
     def _report(self, renamed: list[tuple[Finished, str]]) -> None:
         """Jobs whose final rename is durable: done (or failed), and forgotten."""
@@ -516,6 +599,30 @@ class Lane:
         spool.write(dest_dir / names.log_name(new_name), [final], replace=True, sync=False)
         return dest_dir, new_name, label
 
+    def _history(self, name: str, stamp: int) -> joblog.Log:
+        """A queued job's pending log, or a new one; an unreadable one is a fault, not none.
+
+        Only "there is none" and "it is damaged" start anew: an I/O error
+        must not hide a kept outcome and run a handler again. A kept outcome
+        (:meth:`_keep`) counts only if the pending log's mtime is the job's
+        acceptance stamp: a stale one, left by a job of the same name before,
+        loses its last ``ran``.
+        """
+        try:
+            with open(self.spool.pending_log(name), "rb") as f:
+                data, mtime = f.read(), os.fstat(f.fileno()).st_mtime_ns
+        except FileNotFoundError:
+            data, mtime = b"", 0
+        if data:
+            with contextlib.suppress(SyntaxError):
+                log = joblog.from_bytes(data)
+                if mtime != stamp and known_outcome(log) is not None:
+                    log.remove(log[-1])  # not this job's outcome
+                return log
+        log = joblog.new(name, self.iface.name)
+        joblog.received(log, "queue", at=joblog.iso(stamp / 1e9))
+        return log
+
     # --- bookkeeping -----------------------------------------------------------------------
 
     def _running(self, name: str, proc: subprocess.Popen[bytes]) -> None:
@@ -530,11 +637,32 @@ class Lane:
         if unblocked:
             self._publish_blocked(None)
 
-    def _back_off(self, stamp: int, name: str, reason: str = "error") -> None:
+    def _not_processed(self, stamp: int, name: str, exc: Exception, bound: Any) -> None:
+        """The handler did not run to an outcome: the job keeps its place, and waits.
+
+        A machine fault or a handler that cannot be started waits at most
+        MACHINE_BACKOFF_MAX seconds between attempts, whatever the
+        interface's back-off: it must go on by itself soon after the fault
+        clears. Either is logged once per episode.
+        """
+        if isinstance(exc, faults.HandlerNotStarted) or faults.is_machine_fault(exc):
+            self.start_fault.failed(faults.kind(exc), job=name, detail=str(exc))
+            why = str(exc) if isinstance(exc, faults.HandlerNotStarted) else f"machine fault: {exc}"
+            self._back_off(stamp, name, why, self.start_fault.backoff())
+        else:
+            self.other_fault.failed(faults.kind(exc), job=name, detail=str(exc))
+            bound.debug("processing failed", error=str(exc))
+            self._back_off(stamp, name)
+
+    def _back_off(
+        self, stamp: int, name: str, reason: str = "error", most: float | None = None
+    ) -> None:
         cfg = self.ctx.settings
         with self.cond:
             n = self.attempts[name] = self.attempts.get(name, 0) + 1
             delay = min(cfg.backoff_initial * 2 ** (n - 1), cfg.backoff_max)
+            if most is not None:
+                delay = min(delay, most)
             self.not_before = time.monotonic() + delay
             self.backlog.put_back(stamp, name)  # it keeps its place at the head
             since = self.blocked_since.setdefault(name, time.time())
@@ -548,16 +676,38 @@ class Lane:
         """Say in the spool which job blocks the interface; a failing write is logged once."""
         try:
             self.spool.mark_blocked(self.iface.name, why)
-        except JobspoolError as exc:
-            if str(exc) != self._marker_error:  # one line per fault, not one per attempt
-                self._marker_error = str(exc)
-                self.ctx.logger.error(
-                    "cannot record blocked interface", interface=self.iface.name, error=str(exc)
-                )
+        except (JobspoolError, OSError) as exc:  # one line per fault, not one per attempt
+            self.marker_fault.failed(faults.kind(exc), detail=str(exc))
         else:
-            self._marker_error = None
+            self.marker_fault.ok()
 
     def _describe(self) -> str:
         if self.iface.command is not None:
             return shlex.join(self.iface.command)
         return f"python:{self.iface.handler}"
+
+
+def known_outcome(log: joblog.Log) -> handlers.Outcome | None:
+    """The outcome a pending log already holds: its last event is a finished ``ran``.
+
+    Written by :meth:`Lane._keep` when a commit failed. A retried job's
+    pending log ends with its move back into the queue, and a "try later"
+    run's outcome is ``later``: both run again.
+    """
+    last = log[-1] if len(log) else None
+    if last is None or etree.QName(last).localname != "ran":
+        return None
+    result = last.get("outcome")
+    if result not in (handlers.DONE, handlers.FAILED):
+        return None
+    status, sig = last.get("exit-status"), last.get("signal")
+    now = time.time()
+    return handlers.Outcome(
+        result,
+        now,
+        now,
+        exit_status=int(status) if status is not None else None,
+        signal=int(sig) if sig is not None else None,
+        timed_out=last.get("timed-out") == "true",
+        reason=last.get("reason"),
+    )

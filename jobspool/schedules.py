@@ -36,6 +36,7 @@ from jobspool import config, handlers, joblog, templates, timing
 from jobspool.config import Config, Schedule
 from jobspool.durable import rename_noreplace, write_file, write_staged
 from jobspool.errors import BadRequest, ConfigError, JobspoolError
+from jobspool.faults import HandlerNotStarted
 from jobspool.handlers import Outcome
 from jobspool.spool import Spool
 
@@ -438,9 +439,12 @@ def _run(
         env = dict(os.environ, JOBSPOOL_SCHEDULE=s.id, JOBSPOOL_SPOOL=str(store.spool.root))
         as_user = s.owner if os.geteuid() == 0 and s.owner not in (None, "root") else None
         limit = store.cfg.daemon.output_limit
-        o = handlers.run_command(
-            s.target, env, s.timeout, output_limit=limit, user=as_user, on_start=on_start
-        )
+        try:
+            o = handlers.run_command(
+                s.target, env, s.timeout, output_limit=limit, user=as_user, on_start=on_start
+            )
+        except HandlerNotStarted as exc:  # a run that could not start is a failed run
+            return result("failed", str(exc))
         return Result(s.id, trigger, "ok" if o.result == handlers.DONE else "failed", o, due)
     try:
         if s.action == "template":

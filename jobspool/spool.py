@@ -21,6 +21,7 @@ nothing slow: the read commands (``status``, ``queue``, ``log``) use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -404,6 +405,10 @@ class Spool:
             self.require()
         with os_errors("cannot lock the spool"):
             fd = _lock_fd(path)
+            # The descriptor is read-only (see _lock_fd): whoever locks means to
+            # write, so a read-only spool is refused here, before anything is done.
+            if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         with _thread_lock(path):
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -426,7 +431,9 @@ def _lock_fd(path: Path) -> int:
     """A lock file's descriptor, opened once per process (an open per job adds up)."""
     fd = _lock_fds.get(path)
     if fd is None:
-        fd = _lock_fds[path] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        # Read-only is enough for flock and for setting its time (as its owner), and
+        # a descriptor open for writing would keep the spool from a read-only remount.
+        fd = _lock_fds[path] = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
     return fd
 
 

@@ -14,6 +14,7 @@ import pytest
 from lxml import etree
 
 from jobspool import handlers
+from jobspool.faults import HandlerNotStarted
 from jobspool.handlers import DONE, FAILED, LATER, Job, Limits
 from tests.kit import (
     order,
@@ -71,10 +72,13 @@ def test_the_exit_status_decides_the_outcome(tmp_path, job, body, result, exit_s
     assert outcome.started <= outcome.ended
 
 
-def test_a_program_that_cannot_be_run_is_a_failure_not_a_crash(tmp_path, job):
-    outcome = run(tmp_path, [str(tmp_path / "no-such-handler")], job)
-    assert outcome.result == FAILED
-    assert "no-such-handler" in (outcome.reason or "")
+def test_a_program_that_cannot_be_run_is_a_configuration_error_not_an_outcome(tmp_path, job):
+    # No outcome at all: the job is not failed for a path in the configuration.
+    with pytest.raises(HandlerNotStarted) as raised:
+        run(tmp_path, [str(tmp_path / "no-such-handler")], job)
+    assert raised.value.machine is False
+    assert "configuration error" in str(raised.value)
+    assert "no-such-handler" in str(raised.value)
 
 
 # --- what the command sees --------------------------------------------------------------
