@@ -49,6 +49,10 @@ class Interface(NamedTuple):
     cpu_limit: float | None = None
     root_elements: tuple[str, ...] = ()  # an upload naming no interface is matched by these
     xslt: Mapping[str, Path] = {}  # name -> stylesheet, for the HTTP download's xslt=NAME
+    max_tries: int | None = None  # handler runs that said "try later" before joberrors
+    max_age: float | None = None  # seconds since acceptance after which "try later" fails
+    duplicates: str | None = None  # "reject" or "flag" a job whose content came before
+    duplicates_window: float = 86400.0  # seconds a job's content hash is remembered
 
     @property
     def outbound(self) -> bool:
@@ -311,7 +315,8 @@ T = TypeVar("T")
 
 _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
-    "cpu_limit", "root_elements", "xslt",
+    "cpu_limit", "root_elements", "xslt", "max_tries", "max_age", "duplicates",
+    "duplicates_window",
 }  # fmt: skip
 _DAEMON_KEYS = set(DaemonSettings._fields)
 _HTTP_KEYS = {
@@ -452,7 +457,22 @@ class _Reader:
             else self.positive(raw["cpu_limit"], f"{key}.cpu_limit"),
             root_elements=self.strings(raw.get("root_elements", []), f"{key}.root_elements"),
             xslt=self.stylesheets(raw.get("xslt"), f"{key}.xslt"),
+            max_tries=None
+            if raw.get("max_tries") is None
+            else self.count(raw["max_tries"], f"{key}.max_tries"),
+            max_age=None
+            if raw.get("max_age") is None
+            else self.positive(raw["max_age"], f"{key}.max_age"),
+            duplicates=self.duplicates(raw.get("duplicates"), f"{key}.duplicates"),
+            duplicates_window=self.convert(
+                raw.get("duplicates_window", 86400.0), f"{key}.duplicates_window", parse_duration
+            ),
         )
+
+    def duplicates(self, value: object, key: str) -> str | None:
+        if value is None or value in ("reject", "flag"):
+            return None if value is None else str(value)
+        raise self.fail(key, "reject or flag", value)
 
     def stylesheets(self, value: object, key: str) -> dict[str, Path]:
         out = {}

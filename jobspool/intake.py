@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from jobspool import check as checking
-from jobspool import joblog, names
+from jobspool import joblog, names, reuse
 from jobspool.config import Config, Interface
 from jobspool.durable import fsync_file, os_errors, write_staged
 from jobspool.errors import BadRequest, Denied, Problem, Rejected
@@ -342,10 +342,11 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
     """The first look at a whole drop, before its check.
 
     None when the file is gone. An unreadable file raises :class:`Denied` and
-    stays where it is. A name that is invalid or in use, or something other
+    stays where it is. A name that is invalid, or something other
     than a plain file, sends it to joberrors unread, under a safe unique name;
-    the log keeps the original (a :class:`Taken`). Anything else is to be
-    checked (a :class:`Screened`).
+    the log keeps the original (a :class:`Taken`). Anything else, a name in
+    use too, is to be checked (a :class:`Screened`); :func:`settle_drop`
+    gives a name in use a derived one (:mod:`jobspool.reuse`).
     """
     src = spool.dir(INCOMING, iface.name) / filename
     with spool.names_lock():
@@ -358,9 +359,7 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
         if not names.is_valid(filename):
             why = f"invalid job name: {names.why_invalid(filename)}"
             return _to_errors(spool, iface, src, spool.stamp(), why)
-        found = spool.locate(filename, besides=src)
-        if found is not None:
-            return _to_errors(spool, iface, src, spool.stamp(), f"job name in use ({found.place})")
+        # A name in use is no reason to refuse: settle_drop gives it a derived name.
     with os_errors(f"cannot read dropped file {src}"):  # unreadable: reported, left in place
         os.close(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
     return Screened(src, st)
@@ -399,39 +398,43 @@ def settle_drop(
         ):
             return None
         stamp = spool.stamp()
-        found = spool.locate(filename, besides=src)
-        if found is not None:  # taken by a submit while this one was checked
-            return _to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
-        log = joblog.new(filename, iface.name)
-        joblog.received(log, "drop")
+        name, original = filename, None
+        if spool.locate(filename, besides=src) is not None:
+            # The partner sends orders.xml every day: each is a job of its own.
+            name = reuse.free_name(filename, stamp, lambda n: spool.locate(n) is not None)
+            original = filename
+        log = joblog.new(name, iface.name)
+        joblog.received(log, "drop", original_name=original)
         joblog.checked(log, problems, iface.schema)
+        if original is not None:
+            reuse.remember(spool, original, name, sync=sync)
         if problems:
             joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
             with os_errors(f"cannot sync {filename}"):
                 fsync_file(src)  # its bytes are durable before anything says where it went
             spool.write(
-                spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)], replace=True
+                spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True
             )
-            spool.move(src, spool.joberrors)
-            return Taken(filename, JOBERRORS, stamp, log, str(problems[0]))
+            spool.move(src, spool.joberrors, new_name=name)
+            return Taken(name, JOBERRORS, stamp, log, str(problems[0]))
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
         if iface.outbound:
             # It waits for a fetch, maybe for days, not for a handler in this
             # process: its history goes to disk now, like a submitted job's.
-            pending = spool.pending_log(filename)
+            pending = spool.pending_log(name)
             spool.write(pending, [joblog.to_bytes(log)], replace=True, sync=sync)
         try:
-            spool.move(src, queue, stamp_ns=stamp, sync=sync)
+            spool.move(src, queue, stamp_ns=stamp, new_name=name, sync=sync)
         except Denied:
             # Not the file's owner, so its mtime (the queue order) cannot be
             # set: queue a copy we own instead, then drop the original.
             # Synced at once whatever the caller batches: the original goes,
             # so the copy must be on disk first.
             with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
-                spool.write(queue / filename, _chunks(f), stamp_ns=stamp)
+                spool.write(queue / name, _chunks(f), stamp_ns=stamp)
             spool.remove(src, sync=sync)
-        return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
+        return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
 
 
 def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:

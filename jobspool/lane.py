@@ -48,7 +48,7 @@ from array import array
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jobspool import handlers, intake, joblog, names
+from jobspool import annotate, handlers, hold, intake, joblog, names, tries
 from jobspool.config import DaemonSettings, Interface
 from jobspool.durable import BATCH, GroupCommit
 from jobspool.errors import JobspoolError
@@ -216,6 +216,8 @@ class Lane:
         self.committing_fails = False  # the last commit failed: start no new handler
         self._trouble_seen: str | None = None  # the last commit error logged
         self._marker_error: str | None = None  # the blocked marker's last write error
+        self.aside: dict[str, int] = {}  # held jobs passed over: name -> stamp
+        self._held_seen = 0.0  # when the held jobs' markers were last looked at
 
     @property
     def spool(self) -> Spool:
@@ -259,7 +261,7 @@ class Lane:
 
     def depth(self) -> int:
         with self.cond:
-            return len(self.backlog.known)
+            return len(self.backlog.known) - len(self.aside)  # held jobs wait for no one
 
     def wake(self) -> None:
         with self.cond:
@@ -314,12 +316,29 @@ class Lane:
                 # While finished jobs cannot be committed (a machine fault), no
                 # new handler starts: its outcome could not be kept either.
                 runnable = self.backlog and not self.committing_fails
+                if wait > 0 and tries.take_now(self.spool, self.iface.name):
+                    self.not_before, wait = 0.0, 0.0  # jobspool retry --now
+                self._release_held()
                 if runnable and wait <= 0 and not self.spool.is_paused(self.iface.name):
                     item = self.backlog.pop()
+                    if hold.is_held(self.spool, item[1]):
+                        self.aside[item[1]] = item[0]  # known still: it keeps its place
+                        continue
                     self.in_flight.add(item[1])
                     return item
                 # Pause markers are files: look again every second.
                 self.cond.wait(min(max(wait, 0.05), 1.0) if self.backlog else 1.0)
+
+    def _release_held(self) -> None:
+        """Held jobs whose marker is gone go back where they were (about once a second)."""
+        now = time.monotonic()
+        if not self.aside or now < self._held_seen + 1.0:
+            return
+        self._held_seen = now
+        for name, stamp in list(self.aside.items()):
+            if not hold.is_held(self.spool, name):
+                del self.aside[name]
+                self.backlog.put_back(stamp, name)
 
     def _work(self) -> None:
         """A worker thread: run handlers, one job after another, and hand finished ones over."""
@@ -376,6 +395,8 @@ class Lane:
             return None
         held = self.ctx.held.take(name)
         log, has_pending_log = held or (intake.log_so_far(spool, name, iface.name, stamp), True)
+        if held is not None and self._notes_from_disk(log, name):
+            has_pending_log = True  # to be removed once the job is done
         bound.debug("started", handler=self._describe())  # not a state change
         if iface.command is not None:
             outcome = handlers.run_command(
@@ -401,6 +422,10 @@ class Lane:
             return None
         joblog.ran(log, outcome, self._describe())
         self.ctx.counters.count(iface.name, outcome)
+        if outcome.result == handlers.LATER and (why := self._give_up(log, stamp)):
+            joblog.note(log, f"{why}: {outcome.reason or 'try later'}")
+            outcome = outcome._replace(result=handlers.FAILED, reason=f"{why}: {outcome.reason}")
+            has_pending_log = True  # written at its earlier tries
         if outcome.result == handlers.LATER:
             spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.info("try later", reason=outcome.reason)
@@ -499,6 +524,22 @@ class Lane:
             f.log.remove(moved)
         spool.write(dest_dir / names.log_name(new_name), [final], replace=True, sync=False)
         return dest_dir, new_name, label
+
+    def _give_up(self, log: joblog.Log, stamp: int) -> str | None:
+        """Past ``max_tries`` or ``max_age``: why the job goes to joberrors (see tries)."""
+        if self.iface.max_tries is None and self.iface.max_age is None:
+            return None
+        later = sum(1 for r in log.iter(f"{{{joblog.NS}}}ran") if r.get("outcome") == "later")
+        return tries.give_up(later, stamp, self.iface.max_tries, self.iface.max_age)
+
+    def _notes_from_disk(self, log: joblog.Log, name: str) -> bool:
+        """An operator's notes (held, released) written while the log was held in memory."""
+        try:
+            pending = self.spool.pending_log(name).read_bytes()
+        except OSError:
+            return False
+        annotate.merge_notes(log, pending)
+        return True
 
     # --- bookkeeping -----------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ the read commands must start fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -74,3 +76,19 @@ def fail(message: str, code: int) -> NoReturn:
     """One line on stderr, then exit with ``code``."""
     warn(message)
     sys.exit(code)
+
+
+def isos(stamps: Iterable[int]) -> Iterator[str]:
+    """Stamps (ns) as local times with milliseconds and UTC offset, as the job logs show them.
+
+    Each distinct second is converted once: jobs accepted in a burst share
+    their seconds, and the conversion is most of a row's cost.
+    """
+    seconds: dict[int, tuple[str, str]] = {}
+    for ns in stamps:
+        second, rest = divmod(ns, 1_000_000_000)
+        parts = seconds.get(second)
+        if parts is None:
+            text = datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
+            parts = seconds[second] = (text[:19], text[19:])  # the time, the offset
+        yield f"{parts[0]}.{rest // 1_000_000:03d}{parts[1]}"
