@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Any
 
-from tests.kit import DEADLINE, VALID, child, log_events, log_root, order, plain
+from tests.kit import DEADLINE, VALID, Site, child, log_events, log_root, order, plain
 
 DERIVED = re.compile(r"orders\.\d{8}T\d{6}\.\d{3}\.xml")
 
@@ -47,7 +48,7 @@ def test_a_partner_sending_orders_xml_on_three_days_gets_all_three_processed(sit
     daemon.stop()
 
 
-def _later(site, **limits):
+def _later(site: Site, **limits: Any) -> None:
     """An interface whose handler always says "try later" (exit 75), with limits."""
     script = site.script("later.sh", 'echo "$(basename "$1")" >> "$T/ran"\nexit 75')
     site.configure({"orders_in": {"command": [script], **limits}})
