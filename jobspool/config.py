@@ -241,7 +241,7 @@ def _read_yaml(path: Path) -> object:
     return data
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: files with a key given twice are refused
 
 
 def _cache_file(path: Path) -> Path:
@@ -265,15 +265,46 @@ def _store(cache: Path, key: tuple[int | str, ...], data: Any) -> None:
 def _parse_yaml(text: str, path: Path) -> object:
     import yaml  # 15-25 ms: only when the cache misses
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)
+        data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f": line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     return data
+
+
+def _strict_loader() -> Any:
+    """PyYAML's safe loader (the C one where built), refusing a key given twice.
+
+    YAML says keys are unique, PyYAML lets the last one win: two
+    ``orders_in:`` would silently drop the first interface.
+    """
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class Strict(base):  # type: ignore[misc, valid-type]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen: dict[object, int] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the constructor says so
+                        continue
+                    if first is not None:
+                        problem = f"duplicate key {key!r} (first on line {first})"
+                        mark = key_node.start_mark
+                        raise yaml.constructor.ConstructorError(None, None, problem, mark)
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return Strict
 
 
 # --- units -------------------------------------------------------------------

@@ -29,17 +29,23 @@ def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> 
         wanted = list(jobs) or [n for _, n in spool.queued(interface)]
         for name in wanted:  # all or nothing: every named job must be queued
             _queued(spool, interface, name)
+        clashes = []
         for name in wanted:
 
             def deliver(data: bytes, name: str = name) -> None:
-                try:
-                    write_file(to / name, [data], staging=to)
-                except FileExistsError:
-                    raise BadRequest(f"{to / name} already exists; fetch into an empty "
-                                     "directory or move it away first") from None  # fmt: skip
+                write_file(to / name, [data], staging=to)
 
-            _retrieve(spool, interface, name, deliver, f"fetched to {to}")
+            try:
+                _retrieve(spool, interface, name, deliver, f"fetched to {to}")
+            except FileExistsError:
+                clashes.append(name)  # the others are fetched all the same; it stays queued
+                continue
             yield name
+        if clashes:
+            raise BadRequest(
+                f"{', '.join(str(to / n) for n in clashes)} already exist(s) in the directory: "
+                "left queued; move them away and fetch again"
+            )
 
 
 def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> tuple[str, bytes]:

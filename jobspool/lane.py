@@ -418,13 +418,20 @@ class Lane:
             interrupted = name in self.interrupted
             self.interrupted.discard(name)
         if interrupted:
+            # The run happened and is part of the job's story: its <ran> goes
+            # into the pending log, which the next run's log starts from.
+            why = "interrupted by shutdown; the job stays queued and runs again"
+            joblog.ran(log, outcome._replace(result=handlers.FAILED, reason=why), self._describe())
+            with contextlib.suppress(Exception):  # a full disk must not stop the shutdown
+                spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.warning("interrupted by shutdown; it stays queued and runs again")
             return None
         joblog.ran(log, outcome, self._describe())
         self.ctx.counters.count(iface.name, outcome)
-        if outcome.result == handlers.LATER and (why := self._give_up(log, stamp)):
-            joblog.note(log, f"{why}: {outcome.reason or 'try later'}")
-            outcome = outcome._replace(result=handlers.FAILED, reason=f"{why}: {outcome.reason}")
+        if outcome.result == handlers.LATER and (gave_up := self._give_up(log, stamp)):
+            because = f"{gave_up}: {outcome.reason or 'try later'}"
+            joblog.note(log, because)
+            outcome = outcome._replace(result=handlers.FAILED, reason=because)
             has_pending_log = True  # written at its earlier tries
         if outcome.result == handlers.LATER:
             spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)

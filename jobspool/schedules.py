@@ -158,9 +158,12 @@ class Store:
         self.get(sid)  # an unknown id is a bad request
         base = self.cfg.schedules[sid]
         merged = {**self.overrides(sid), **changes}
+        # An empty value (name=) drops the change: the file's value holds again.
+        for key in [k for k, v in changes.items() if v is None]:
+            del merged[key]
         # Setting one timing (or action) replaces the other ones.
         for group in (TIMINGS, ACTIONS):
-            chosen = [k for k in group if k in changes]
+            chosen = [k for k in group if changes.get(k) is not None]
             for k in group:
                 if chosen and k not in chosen:
                     merged[k] = None

@@ -85,13 +85,21 @@ def show(state: State, sid: str, as_json: bool) -> None:
 
     store = _store(state)
     s = store.get(sid)
-    info = {**_describe(s), "next": [_when(t) for t in preview(s, time.time())],
-            "last_run": _last(store, sid)}  # fmt: skip
+    upcoming = [_when(t) for t in preview(s, time.time())] if s.enabled else []
+    info = {**_describe(s), "next": upcoming, "last_run": _last(store, sid)}
     if as_json:
         print_json(info)
         return
+    _print_info(info)
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    """A schedule as ``show`` prints it: one ``key: value`` line each, lists indented."""
     for key, value in info.items():
         if key == "next":
+            if not value:
+                click.echo("next: - (disabled)" if info.get("enabled") is False else "next: -")
+                continue
             click.echo("next:")
             for t in value:
                 click.echo(f"  {t}")
@@ -100,7 +108,7 @@ def show(state: State, sid: str, as_json: bool) -> None:
                 "last run: " + (" ".join(f"{k}={v}" for k, v in value.items()) if value else "-")
             )
         elif key == "with":
-            click.echo("with: " + (", ".join(f"{k}={v}" for k, v in value.items()) or "-"))
+            click.echo("with: " + (", ".join(f"{k}={_text(v)}" for k, v in value.items()) or "-"))
         else:
             click.echo(f"{key}: {'-' if value is None else value}")
 
@@ -177,28 +185,12 @@ def chown(state: State, sid: str, user: str) -> None:
 @pass_state
 def set_(state: State, sid: str, pairs: tuple[str, ...]) -> None:
     """Change properties, as YAML values: cron="0 4 * * *", timeout=10m, with.older_than=7d."""
-    import yaml
-
-    from jobspool.errors import BadRequest
+    from jobspool.schedules import changes_from_pairs
 
     store = _store(state)
-    changes: dict[str, Any] = {}
-    settings = dict(store.get(sid).settings)
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
-        if key.startswith("with."):
-            settings[key[5:]] = value
-            changes["with"] = settings
-        else:
-            changes[key] = value
+    changes = changes_from_pairs(store, sid, pairs)
     s = store.change(sid, changes)
-    click.echo(f"{sid}: " + ", ".join(f"{k}={v}" for k, v in _describe(s).items() if k != "id"))
+    _print_info(_describe(s))
 
 
 @schedule.command()
@@ -212,6 +204,8 @@ def history(state: State, sid: str, as_json: bool) -> None:
     store = _store(state)
     store.get(sid)
     runs = [read_result(p) for p in store.results(sid)]
+    # By start, newest first: a long run's result is placed after shorter later ones.
+    runs.sort(key=lambda r: _started(r.get("start")), reverse=True)
     if as_json:
         print_json(runs)
         return
@@ -220,6 +214,24 @@ def history(state: State, sid: str, as_json: bool) -> None:
                r.get("message", "").splitlines()[0] if r.get("message") else "")
               for r in runs]  # fmt: skip
     print_table(table)
+
+
+def _text(value: object) -> str:
+    """A setting's value as a user wrote it, not as Python shows it."""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
+    return "-" if value is None else str(value)
+
+
+def _started(text: str | None) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text or "").timestamp()
+    except ValueError:
+        return 0.0
 
 
 @schedule.command()
