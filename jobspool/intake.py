@@ -186,11 +186,12 @@ def interface_for(cfg: Config, data: bytes) -> str:
     return hits[0]
 
 
-def retry(cfg: Config, name: str) -> str:
+def retry(cfg: Config, name: str, by: str | None = None) -> str:
     """Take a job out of joberrors, check it again and queue it on its interface.
 
     Returns where the job now is. A job rejected again stays in joberrors,
-    its log gains the new check, and :class:`Rejected` is raised.
+    its log gains the new check, and :class:`Rejected` is raised. ``by``
+    (who asked) goes into the log as a note.
     """
     spool = Spool.of(cfg)
     with spool.names_lock():
@@ -206,6 +207,8 @@ def retry(cfg: Config, name: str) -> str:
         with os_errors(f"cannot read {name}"):
             result = verdict(cfg, iface, found.path, os.lstat(found.path).st_size)
         joblog.event(log, "retried")
+        if by is not None:
+            joblog.note(log, f"retried by {by}")
         joblog.checked(log, result.problems, result.schema)
         if result.problems:
             spool.write(found.log_path, [joblog.to_bytes(log)], replace=True)

@@ -45,7 +45,7 @@ def failed(cfg: Config, interface: str | None = None) -> list[Failed]:
 
 
 def retry_all(
-    cfg: Config, interface: str | None, *, dry_run: bool = False
+    cfg: Config, interface: str | None, *, dry_run: bool = False, by: str | None = None
 ) -> list[tuple[str, str]]:
     """Retry every job in joberrors (of ``interface``): (job, where it went or why not)."""
     done = []
@@ -57,7 +57,7 @@ def retry_all(
             done.append((f.job, f"would be retried on {f.interface}"))
             continue
         try:
-            done.append((f.job, retry(cfg, f.job)))
+            done.append((f.job, retry(cfg, f.job, by)))
         except Rejected as exc:
             done.append((f.job, f"rejected again: {exc}"))
         except BadRequest as exc:  # gone meanwhile, or its log is damaged

@@ -11,7 +11,6 @@ reason in its log, and the jobs behind it run.
 ``jobspool retry --now JOB`` (``postqueue -i``) ends the back-off of the
 job blocking its interface at once: it writes ``state/now/IFACE``, which
 the lane looks for while it waits (at least once a second) and removes.
-Only the standard library and :mod:`jobspool.spool` at import time.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from jobspool import annotate
 from jobspool.errors import BadRequest
 from jobspool.spool import QUEUE, STATE, Spool
 
@@ -53,7 +53,7 @@ def take_now(spool: Spool, interface: str) -> bool:
     return True
 
 
-def retry_now(spool: Spool, name: str) -> str:
+def retry_now(spool: Spool, name: str, by: str) -> str:
     """Ask the lane of a queued job to try again now; its interface."""
     found = spool.find(name)
     if found.place.state != QUEUE or found.place.interface is None:
@@ -68,5 +68,7 @@ def retry_now(spool: Spool, name: str) -> str:
         raise BadRequest(f"{name} is not waiting to try again: it does not block {iface}")
     path = now_marker(spool, iface)
     path.parent.mkdir(exist_ok=True)
+    with spool.names_lock():
+        annotate.note(spool, found, f"retry now asked by {by}")
     spool.write(path, [name.encode() + b"\n"], replace=True)
     return iface

@@ -200,3 +200,41 @@ def test_queue_all_shows_every_interface_and_the_reason_a_head_blocks(site):
     assert "blocker.xml" in text and "s.xml" in text
     assert "not both" in site.fails(2, "queue", "orders_in", "--all")
     daemon.stop()
+
+
+def test_every_manual_action_is_in_the_audit_log_with_who_and_when(site):
+    site.configure(plain(), schedules={"tick": {"every": "1:00:00", "command": ["true"]}})
+    site.init()
+    site.drop("orders_in", "bad.xml", b"<broken")
+    site.once()
+    (site.root / "joberrors" / "bad.xml").write_bytes(VALID)
+    sudo = {"SUDO_USER": "alice"}
+    assert site.run("retry", "bad.xml", env=sudo).returncode == 0
+    for args in (
+        ("schedule", "run", "tick"),
+        ("schedule", "disable", "tick"),
+        ("schedule", "enable", "tick"),
+        ("schedule", "rename", "tick", "Tick tock"),
+        ("schedule", "chown", "tick", "nobody"),
+        ("schedule", "set", "tick", "timeout=1m"),
+    ):
+        site.ok(*args)
+    entries = json.loads(site.ok("audit", "--json"))
+    assert [(e["action"], e["target"]) for e in entries] == [
+        ("retry", "bad.xml"),
+        ("schedule run", "tick"),
+        ("schedule disable", "tick"),
+        ("schedule enable", "tick"),
+        ("schedule rename", "tick"),
+        ("schedule chown", "tick"),
+        ("schedule set", "tick"),
+    ]
+    assert entries[0]["who"] == "root (sudo by alice)"
+    assert all(e["who"] == "root" for e in entries[1:])
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d", e["time"]) for e in entries)
+    text = site.ok("audit")
+    assert text.splitlines()[0].split() == ["TIME", "WHO", "ACTION", "TARGET", "DETAIL"]
+    # The job's own log says who retried it.
+    site.once()
+    notes = [n.text for n in log_events(site.log("bad.xml", "orders_in"), "note")]
+    assert "retried by root (sudo by alice)" in notes

@@ -17,6 +17,7 @@ import click
 from jobspool import __version__
 from jobspool.cli.common import (
     State,
+    audited,
     complete_interface,
     fail,
     iface_arg,
@@ -245,7 +246,7 @@ def retry(
     IFACE or of all interfaces (postsuper -r), each reported on a line; exits
     65 if any was rejected again.
     """
-    from jobspool.cli.queue import audited
+    from jobspool import audit
     from jobspool.errors import BadRequest
 
     if sum((job is not None, iface is not None, every)) != 1:
@@ -257,20 +258,20 @@ def retry(
         from jobspool.tries import retry_now
 
         spool = Spool.of(state.config)
-        on = retry_now(spool, job)
+        on = retry_now(spool, job, audit.invoker())
         audited(state, "retry-now", job, interface=on)
         click.echo(f"{job}: {on} tries it again now")
         return
     if job is not None:
         from jobspool.intake import retry as retry_job
 
-        where = retry_job(state.config, job)
+        where = retry_job(state.config, job, audit.invoker())
         audited(state, "retry", job, to=where)
         click.echo(where)
         return
     from jobspool.joberrors import retry_all
 
-    results = retry_all(state.config, iface, dry_run=dry_run)
+    results = retry_all(state.config, iface, dry_run=dry_run, by=audit.invoker())
     if not dry_run:
         audited(state, "retry", iface or "*", jobs=len(results))
     for name, outcome in results:
@@ -290,8 +291,6 @@ def pause(state: State, interface: str) -> None:
 
     state.config.interface(interface)
     Spool.of(state.config).pause(interface)
-    from jobspool.cli.queue import audited
-
     audited(state, "pause", interface)
     click.echo(f"{interface} paused")
 
@@ -305,8 +304,6 @@ def resume(state: State, interface: str) -> None:
 
     state.config.interface(interface)
     Spool.of(state.config).resume(interface)
-    from jobspool.cli.queue import audited
-
     audited(state, "resume", interface)
     click.echo(f"{interface} resumed")
 

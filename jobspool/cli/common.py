@@ -52,6 +52,23 @@ iface_arg = click.argument("interface", metavar="IFACE", shell_complete=complete
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
+def audited(state: State, action: str, target: str, **detail: Any) -> str:
+    """Record a manual action in the spool's audit log (who, when, what); returns who.
+
+    Without a spool (``user add`` before ``init``) there is nowhere to record
+    it: the command says so on stderr.
+    """
+    from jobspool import audit
+
+    who = audit.invoker()
+    root = state.config.spool
+    if not (root / "state").is_dir():
+        warn(f"{action} {target}: not in the audit log (no spool at {root} yet)")
+        return who
+    audit.record(root, who, action, target, {k: v for k, v in detail.items() if v is not None})
+    return who
+
+
 def print_table(rows: list[tuple[Any, ...]]) -> None:
     """Rows as columns aligned for a terminal, two spaces apart (a header first)."""
     cells = [[str(c) for c in row] for row in rows]

@@ -7,12 +7,13 @@ one line where it cannot act. The core is imported inside each command.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from jobspool.cli.common import (
     State,
+    audited,
     complete_interface,
     isos,
     json_opt,
@@ -31,15 +32,6 @@ def _spool(state: State) -> Spool:
     spool = Spool.of(state.config)
     spool.require()
     return spool
-
-
-def audited(state: State, action: str, target: str, **detail: Any) -> str:
-    """Record a manual action in the audit log; returns who did it."""
-    from jobspool import audit
-
-    who = audit.invoker()
-    audit.record(state.config.spool, who, action, target, detail or None)
-    return who
 
 
 def _who() -> str:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobspool.cli.common import State, json_opt, pass_state, print_json, print_table
+from jobspool.cli.common import State, audited, json_opt, pass_state, print_json, print_table
 
 if TYPE_CHECKING:
     from jobspool.config import Schedule
@@ -126,6 +126,7 @@ def run(state: State, sid: str) -> None:
     if not s.enabled:
         raise BadRequest(f"schedule {sid} is disabled; 'jobspool schedule enable {sid}' first")
     result = execute(store, s, "manual")
+    audited(state, "schedule run", sid, outcome=result.outcome)
     if result.outcome == "skipped":
         raise TryLater(f"schedule {sid} is running now; try again when it is done")
     click.echo(f"{sid}: {result.outcome}" + (f": {result.message}" if result.message else ""))
@@ -139,6 +140,7 @@ def run(state: State, sid: str) -> None:
 def enable(state: State, sid: str) -> None:
     """Enable ID (persistent; a running daemon follows within a second)."""
     _store(state).change(sid, {"enabled": True})
+    audited(state, "schedule enable", sid)
     click.echo(f"{sid} enabled")
 
 
@@ -148,6 +150,7 @@ def enable(state: State, sid: str) -> None:
 def disable(state: State, sid: str) -> None:
     """Disable ID: it runs neither on time nor by hand."""
     _store(state).change(sid, {"enabled": False})
+    audited(state, "schedule disable", sid)
     click.echo(f"{sid} disabled")
 
 
@@ -158,6 +161,7 @@ def disable(state: State, sid: str) -> None:
 def rename(state: State, sid: str, name: str) -> None:
     """Change ID's display name (the id stays)."""
     _store(state).change(sid, {"name": name})
+    audited(state, "schedule rename", sid, name=name)
     click.echo(f"{sid} renamed {name!r}")
 
 
@@ -176,6 +180,7 @@ def chown(state: State, sid: str, user: str) -> None:
     except KeyError:
         raise BadRequest(f"no such user {user!r}") from None
     _store(state).change(sid, {"owner": user})
+    audited(state, "schedule chown", sid, owner=user)
     click.echo(f"{sid} owned by {user}")
 
 
@@ -190,6 +195,7 @@ def set_(state: State, sid: str, pairs: tuple[str, ...]) -> None:
     store = _store(state)
     changes = changes_from_pairs(store, sid, pairs)
     s = store.change(sid, changes)
+    audited(state, "schedule set", sid, changes=" ".join(pairs))
     _print_info(_describe(s))
 
 
