@@ -52,7 +52,7 @@ class Interface(NamedTuple):
     max_tries: int | None = None  # handler runs that said "try later" before joberrors
     max_age: float | None = None  # seconds since acceptance after which "try later" fails
     duplicates: str | None = None  # "reject" or "flag" a job whose content came before
-    duplicates_window: float = 86400.0  # seconds a job's content hash is remembered
+    dup_window: float = 86400.0  # seconds a job's content hash is remembered
 
     @property
     def outbound(self) -> bool:
@@ -347,7 +347,7 @@ T = TypeVar("T")
 _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
     "cpu_limit", "root_elements", "xslt", "max_tries", "max_age", "duplicates",
-    "duplicates_window",
+    "dup_window",
 }  # fmt: skip
 _DAEMON_KEYS = set(DaemonSettings._fields)
 _HTTP_KEYS = {
@@ -495,9 +495,7 @@ class _Reader:
             if raw.get("max_age") is None
             else self.positive(raw["max_age"], f"{key}.max_age"),
             duplicates=self.duplicates(raw.get("duplicates"), f"{key}.duplicates"),
-            duplicates_window=self.convert(
-                raw.get("duplicates_window", 86400.0), f"{key}.duplicates_window", parse_duration
-            ),
+            dup_window=self.positive(raw.get("dup_window", 86400.0), f"{key}.dup_window"),
         )
 
     def duplicates(self, value: object, key: str) -> str | None:
