@@ -46,7 +46,8 @@ def _describe(s: Schedule) -> dict[str, Any]:
 
 @click.group()
 def schedule() -> None:
-    """Scheduled handlers: list, show, run, enable, disable, rename, chown, history, set."""
+    """Scheduled handlers: list, show, run, enable, disable, rename, chown, set, history,
+    result, add, remove."""
 
 
 @schedule.command("list")
@@ -238,6 +239,128 @@ def _started(text: str | None) -> float:
         return datetime.fromisoformat(text or "").timestamp()
     except ValueError:
         return 0.0
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@click.argument("run_id", metavar="[RUN]", required=False)
+@json_opt
+@pass_state
+def result(state: State, sid: str, run_id: str | None, as_json: bool) -> None:
+    """One run's details: trigger, times, outcome, exit status, captured output.
+
+    RUN is 1 for the newest run (the default), 2 for the one before, ...,
+    or a result's file name in state/schedules/ID/runs/ (with or without .xml).
+    """
+    from jobspool.errors import BadRequest
+    from jobspool.schedules import read_run
+
+    store = _store(state)
+    store.get(sid)
+    paths = store.results(sid)
+    runs = sorted((read_run(p) for p in paths), key=lambda r: _started(r.get("start")),
+                  reverse=True)  # fmt: skip
+    wanted = run_id or "1"
+    if wanted.isdigit() and 1 <= int(wanted) <= min(len(runs), 10_000):
+        found = runs[int(wanted) - 1]
+    else:
+        hits = [r for r in runs if r["file"] in (wanted, f"{wanted}.xml")]
+        if not hits:
+            raise BadRequest(f"schedule {sid} has no run {wanted!r} ({len(runs)} recorded; "
+                             f"see 'jobspool schedule history {sid}')")  # fmt: skip
+        found = hits[0]
+    if as_json:
+        print_json(found)
+        return
+    streams = ("stdout", "stderr", "traceback")
+    for key, value in found.items():
+        if key not in streams and key != "message":
+            click.echo(f"{key}: {value}")
+    if "message" in found:
+        click.echo(f"message: {found['message']}")
+    for stream in streams:
+        if found.get(stream):
+            click.echo(f"--- {stream} ---")
+            click.echo(found[stream], nl=not found[stream].endswith("\n"))
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@click.option("--template", help="A built-in template (jobspool schedule templates).")
+@click.option("--command", "command", help="A command line (split as a shell would; no shell).")
+@click.option("--handler", help="A Python callable as module:function.")
+@click.option("--every", help="An interval as h:m:s.")
+@click.option("--cron", help="A cron expression.")
+@click.option("--at", "at", help="A date and time, once.")
+@click.option(
+    "--with",
+    "settings",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="A setting of the template or handler (a YAML value); repeatable.",
+)
+@click.option("--set", "extra", metavar="KEY=VALUE", multiple=True,
+              help="Any other key of a schedule (name, owner, timezone, timeout, catchup, "
+              "enabled), as in the configuration; repeatable.")  # fmt: skip
+@pass_state
+def add(
+    state: State,
+    sid: str,
+    template: str | None,
+    command: str | None,
+    handler: str | None,
+    every: str | None,
+    cron: str | None,
+    at: str | None,
+    settings: tuple[str, ...],
+    extra: tuple[str, ...],
+) -> None:
+    """Define schedule ID without editing the file; a running daemon takes it within a second.
+
+    Checked as strictly as the configuration file (exit 2 and nothing
+    stored). An id the file defines is refused: the file wins.
+    """
+    from jobspool.schedules import pairs_as_values
+
+    raw: dict[str, object] = {}
+    for key, value in (("template", template), ("command", command), ("handler", handler),
+                       ("every", every), ("cron", cron), ("at", at)):  # fmt: skip
+        if value is not None:
+            raw[key] = value
+    if command is not None:
+        raw["command"] = _absolute(command)
+    raw.update(pairs_as_values(extra))
+    if settings:
+        raw["with"] = pairs_as_values(settings)
+    s = _store(state).add(sid, raw)
+    audited(state, "schedule add", sid, definition=raw)
+    _print_info(_describe(s))
+
+
+@schedule.command()
+@click.argument("sid", metavar="ID")
+@pass_state
+def remove(state: State, sid: str) -> None:
+    """Remove a schedule added with 'schedule add' (its recorded runs stay)."""
+    _store(state).remove(sid)
+    audited(state, "schedule remove", sid)
+    click.echo(f"{sid} removed")
+
+
+def _absolute(command: str) -> list[str]:
+    """A command given on the command line: a relative program is relative to here."""
+    import os
+    import shlex
+
+    from jobspool.errors import BadRequest
+
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise BadRequest(f"--command: {exc}") from None
+    if argv and "/" in argv[0]:
+        argv[0] = os.path.abspath(argv[0])
+    return argv
 
 
 @schedule.command()
