@@ -51,8 +51,8 @@ class Interface(NamedTuple):
     xslt: Mapping[str, Path] = {}  # name -> stylesheet, for the HTTP download's xslt=NAME
     max_tries: int | None = None  # handler runs that said "try later" before joberrors
     max_age: float | None = None  # seconds since acceptance after which "try later" fails
-    duplicates: str | None = None  # "reject" or "flag" a job whose content came before
-    dup_window: float = 86400.0  # seconds a job's content hash is remembered
+    same_content: str | None = None  # "reject" or "flag" a job whose content came before
+    same_within: float = 86400.0  # seconds a job's content hash is remembered
 
     @property
     def outbound(self) -> bool:
@@ -346,8 +346,8 @@ T = TypeVar("T")
 
 _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
-    "cpu_limit", "root_elements", "xslt", "max_tries", "max_age", "duplicates",
-    "dup_window",
+    "cpu_limit", "root_elements", "xslt", "max_tries", "max_age", "same_content",
+    "same_within",
 }  # fmt: skip
 _DAEMON_KEYS = set(DaemonSettings._fields)
 _HTTP_KEYS = {
@@ -494,11 +494,11 @@ class _Reader:
             max_age=None
             if raw.get("max_age") is None
             else self.positive(raw["max_age"], f"{key}.max_age"),
-            duplicates=self.duplicates(raw.get("duplicates"), f"{key}.duplicates"),
-            dup_window=self.positive(raw.get("dup_window", 86400.0), f"{key}.dup_window"),
+            same_content=self.same_content(raw.get("same_content"), f"{key}.same_content"),
+            same_within=self.positive(raw.get("same_within", 86400.0), f"{key}.same_within"),
         )
 
-    def duplicates(self, value: object, key: str) -> str | None:
+    def same_content(self, value: object, key: str) -> str | None:
         if value is None or value in ("reject", "flag"):
             return None if value is None else str(value)
         raise self.fail(key, "reject or flag", value)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from jobspool import check as checking
-from jobspool import joblog, names, reuse
+from jobspool import content, joblog, names, reuse
 from jobspool.config import Config, Interface
 from jobspool.durable import fsync_file, os_errors, write_staged
 from jobspool.errors import BadRequest, Denied, Problem, Rejected
@@ -125,6 +125,10 @@ def accept_staged(
         spool.require(iface.name)
         # Check outside the lock: a slow check must not hold up the daemon's intake.
         result = verdict(cfg, iface, staged, os.stat(staged).st_size)
+        problems = result.problems
+        hexdigest = None
+        if iface.same_content is not None and not problems:
+            hexdigest = content.digest(staged)
         with spool.names_lock():
             found = spool.locate(name)
             if found is not None:
@@ -136,17 +140,22 @@ def accept_staged(
             joblog.received(log, via, ref=ref)
             if by is not None:
                 joblog.note(log, f"uploaded by {by}")
-            joblog.checked(log, result.problems, result.schema)
-            if result.problems:
-                _reject(spool, name, log, staged, result.problems)
+            same = content.judge(spool, iface, hexdigest, log)
+            if same is not None:
+                problems = [same]
+            joblog.checked(log, problems, result.schema)
+            if problems:
+                _reject(spool, name, log, staged, problems)
             joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
             pending = spool.pending_log(name)
             spool.write(pending, [joblog.to_bytes(log)], replace=True)
             try:
-                spool.place(staged, spool.dir(QUEUE, iface.name) / name, stamp_ns=spool.stamp())
+                stamp = spool.stamp()
+                spool.place(staged, spool.dir(QUEUE, iface.name) / name, stamp_ns=stamp)
             except BaseException:
                 spool.remove(pending)  # the job is not there: its history must not be either
                 raise
+            content.remember(spool, iface, hexdigest, name, stamp)
     finally:
         with suppress(FileNotFoundError):
             os.unlink(staged)  # still there only if it was not placed
@@ -388,6 +397,10 @@ def settle_drop(
     """
     src = screened.path
     filename = src.name
+    hexdigest = None
+    if iface.same_content is not None and not problems:
+        with suppress(Denied):  # unreadable now: its check said otherwise; look again later
+            hexdigest = content.digest(src)
     with spool.names_lock():
         try:
             st = os.lstat(src)
@@ -408,6 +421,9 @@ def settle_drop(
             original = filename
         log = joblog.new(name, iface.name)
         joblog.received(log, "drop", original_name=original)
+        same = content.judge(spool, iface, hexdigest, log)
+        if same is not None:
+            problems = [same]
         joblog.checked(log, problems, iface.schema)
         if original is not None:
             reuse.remember(spool, original, name, sync=sync)
@@ -437,6 +453,7 @@ def settle_drop(
             with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
                 spool.write(queue / name, _chunks(f), stamp_ns=stamp)
             spool.remove(src, sync=sync)
+        content.remember(spool, iface, hexdigest, name, stamp)
         return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
 
 

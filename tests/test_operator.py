@@ -238,3 +238,49 @@ def test_every_manual_action_is_in_the_audit_log_with_who_and_when(site):
     site.once()
     notes = [n.text for n in log_events(site.log("bad.xml", "orders_in"), "note")]
     assert "retried by root (sudo by alice)" in notes
+
+
+def test_the_same_content_under_another_name_is_rejected_naming_the_earlier_job(site):
+    site.configure({"orders_in": {"command": ["/bin/true"], "same_content": "reject"},
+                    **plain("stock_in")})  # fmt: skip
+    site.init()
+    daemon = site.start()
+    site.drop("orders_in", "first.xml", order("same"))
+    site.wait_in("first.xml", "bak/orders_in")
+    site.drop("orders_in", "again.xml", order("same"))
+    site.wait_in("again.xml", "joberrors")
+    (checked,) = log_events(site.log("again.xml"), "checked")
+    assert checked.get("outcome") == "rejected"
+    assert "the same content as first.xml" in child(checked, "error").text
+    # Other content, and the same content on an interface without the option, pass.
+    site.drop("orders_in", "other.xml", order("other"))
+    site.drop("stock_in", "copy.xml", order("same"))
+    site.wait_in("other.xml", "bak/orders_in")
+    site.wait_in("copy.xml", "bak/stock_in")
+    # submit is judged alike (exit 65).
+    assert site.submit("third.xml", order("same")).returncode == 65
+    daemon.stop()
+
+
+def test_flagged_same_content_is_processed_with_a_note_and_the_window_ends(site):
+    site.configure(
+        {"orders_in": {"command": ["/bin/true"], "same_content": "flag", "same_within": "2s"}}
+    )
+    site.init()
+    daemon = site.start()
+    site.drop("orders_in", "a.xml", order("x"))
+    site.wait_in("a.xml", "bak/orders_in")
+    site.drop("orders_in", "b.xml", order("x"))
+    site.wait_in("b.xml", "bak/orders_in")
+    notes = [n.text for n in log_events(site.log("b.xml", "orders_in"), "note")]
+    assert any("the same content as a.xml" in n for n in notes), notes
+    time.sleep(2.5)  # past the window (b.xml's acceptance renewed it)
+    site.drop("orders_in", "c.xml", order("x"))
+    site.wait_in("c.xml", "bak/orders_in")
+    assert log_events(site.log("c.xml", "orders_in"), "note") == []
+    daemon.stop()
+
+
+def test_a_bad_same_content_setting_is_refused(site):
+    site.configure({"orders_in": {"command": ["/bin/true"], "same_content": "maybe"}})
+    assert "reject or flag" in site.fails(78, "init")
