@@ -16,6 +16,7 @@ from jobspool import joblog, names
 from jobspool.config import Config
 from jobspool.durable import os_errors, write_file
 from jobspool.errors import BadRequest
+from jobspool.hold import is_held
 from jobspool.intake import log_so_far
 from jobspool.spool import BAK, QUEUE, Spool
 
@@ -26,9 +27,12 @@ def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> 
         raise BadRequest(f"--to {to}: not a directory")
     spool = _outbound(cfg, interface)
     with spool.locked("fetch"):
-        wanted = list(jobs) or [n for _, n in spool.queued(interface)]
-        for name in wanted:  # all or nothing: every named job must be queued
+        # Held jobs (jobspool hold) wait, as they would for a handler.
+        wanted = list(jobs) or [n for _, n in spool.queued(interface) if not is_held(spool, n)]
+        for name in wanted:  # all or nothing: every named job must be queued, and not held
             _queued(spool, interface, name)
+            if is_held(spool, name):
+                raise BadRequest(f"{name} is held ('jobspool release {name}' first)")
         clashes = []
         for name in wanted:
 
@@ -60,7 +64,10 @@ def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> 
             queued = spool.queued(interface)
             if not queued:
                 raise BadRequest(f"no job queued on {interface}")
-            name = queued[0][1]
+            free = [n for _, n in queued if not is_held(spool, n)]
+            if not free:
+                raise BadRequest(f"no job queued on {interface} that is not held")
+            name = free[0]
         _queued(spool, interface, name)
         got: list[bytes] = []
         _retrieve(spool, interface, name, got.append, f"downloaded{' by ' + by if by else ''}")

@@ -284,3 +284,20 @@ def test_flagged_same_content_is_processed_with_a_note_and_the_window_ends(site)
 def test_a_bad_same_content_setting_is_refused(site):
     site.configure({"orders_in": {"command": ["/bin/true"], "same_content": "maybe"}})
     assert "reject or flag" in site.fails(78, "init")
+
+
+def test_a_held_outbound_job_is_not_fetched_until_released(site):
+    site.configure({"orders_out": {}})
+    site.init()
+    for name in ("a.xml", "b.xml"):
+        site.drop("orders_out", name, order(name))
+    site.once()
+    site.ok("hold", "a.xml")
+    to = site.dir / "outbox"
+    to.mkdir()
+    assert site.ok("fetch", "orders_out", "--to", str(to)).split() == ["b.xml"]
+    assert "is held" in site.fails(2, "fetch", "orders_out", "--to", str(to), "a.xml")
+    site.ok("release", "a.xml")
+    assert site.ok("fetch", "orders_out", "--to", str(to)).split() == ["a.xml"]
+    notes = [n.text for n in log_events(site.dir_of("bak", "orders_out") / "a.xml,log.xml", "note")]
+    assert [n.split(" by ")[0] for n in notes][:2] == ["held", "released"]
