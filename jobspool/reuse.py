@@ -63,7 +63,11 @@ def remember(spool: Spool, original: str, derived: str, *, sync: bool = True) ->
 
 
 def newest(spool: Spool, original: str) -> Found | None:
-    """The newest job dropped as ``original`` under a derived name, if it is still there."""
+    """The newest job dropped as ``original``, if that is one under a derived name.
+
+    None when no file dropped as ``original`` was renamed, when the newest
+    such job is gone, or when the job named ``original`` itself is newer.
+    """
     names.check_name(original)
     try:
         with open(os.path.join(spool.root, STATE, FOLDER, original), encoding="ascii") as f:
@@ -72,7 +76,18 @@ def newest(spool: Spool, original: str) -> Found | None:
         return None
     if not names.is_valid(derived):
         return None
-    return spool.locate(derived)
+    found = spool.locate(derived)
+    own = spool.locate(original)
+    if found is None or own is None:
+        return found
+    # The name was free again when a later file came (the old job purged):
+    # the newest is whichever was accepted last (a job's mtime is its stamp).
+    try:
+        if os.lstat(own.path).st_mtime_ns > os.lstat(found.path).st_mtime_ns:
+            return None
+    except OSError:
+        pass
+    return found
 
 
 def _split(name: str) -> tuple[str, str]:

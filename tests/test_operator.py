@@ -301,3 +301,20 @@ def test_a_held_outbound_job_is_not_fetched_until_released(site):
     assert site.ok("fetch", "orders_out", "--to", str(to)).split() == ["a.xml"]
     notes = [n.text for n in log_events(site.dir_of("bak", "orders_out") / "a.xml,log.xml", "note")]
     assert [n.split(" by ")[0] for n in notes][:2] == ["held", "released"]
+
+
+def test_status_of_a_name_free_again_answers_for_the_newest_job(site):
+    site.configure(plain())
+    site.init()
+    daemon = site.start()
+    site.drop("orders_in", "orders.xml", order("one"))
+    site.wait_in("orders.xml", "bak/orders_in")
+    site.drop("orders_in", "orders.xml", order("two"))
+    site.wait_for(lambda: len(site.ls("bak", "orders_in")) == 2, "the second one done")
+    site.ok("delete", "orders.xml")  # the first goes: its name is free again
+    site.drop("orders_in", "orders.xml", order("three"))
+    site.wait_in("orders.xml", "bak/orders_in")
+    result = site.run("status", "orders.xml")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "bak/orders_in\n", "")
+    assert (site.dir_of("bak", "orders_in") / "orders.xml").read_bytes() == order("three")
+    daemon.stop()
