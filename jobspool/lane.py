@@ -476,11 +476,14 @@ class Lane:
             try:
                 queued = spool.dir(QUEUE, self.iface.name) / f.name
                 spool.move(queued, dest_dir, new_name=new_name, sync=False)
-            except FileNotFoundError:  # moved by hand meanwhile: nothing more to commit
-                with self.cond:
-                    self.in_flight.discard(f.name)
-                continue
             except Exception as exc:
+                if not queued.exists():  # deleted or moved by hand meanwhile: nothing to commit
+                    with contextlib.suppress(Exception):  # and no log without its job
+                        spool.remove(dest_dir / names.log_name(new_name), sync=False)
+                    self._forget(f.name)
+                    with self.cond:
+                        self.in_flight.discard(f.name)
+                    continue
                 self._trouble(f, "cannot move the job; it waits to be committed", exc)
                 again.append(f)
                 continue

@@ -4,6 +4,7 @@ hold/release/delete, retry in bulk, errors, the audit trail (docs/cli.rst)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from typing import Any
@@ -317,4 +318,20 @@ def test_status_of_a_name_free_again_answers_for_the_newest_job(site):
     result = site.run("status", "orders.xml")
     assert (result.returncode, result.stdout, result.stderr) == (0, "bak/orders_in\n", "")
     assert (site.dir_of("bak", "orders_in") / "orders.xml").read_bytes() == order("three")
+    daemon.stop()
+
+
+def test_a_job_deleted_while_it_runs_leaves_no_log_behind_in_bak(site):
+    script = site.script("slow.sh", 'touch "$T/began"\nwhile [ ! -e "$T/go" ]; do sleep 0.1; done')
+    site.configure({"orders_in": {"command": [script]}})
+    site.init()
+    daemon = site.start()
+    site.submit("busy.xml")
+    site.wait_for(lambda: (site.dir / "began").exists(), "the handler to start")
+    site.ok("delete", "busy.xml")
+    (site.dir / "go").write_text("")
+    site.submit("after.xml")
+    site.wait_in("after.xml", "bak/orders_in")
+    assert sorted(os.listdir(site.dir_of("bak", "orders_in"))) == ["after.xml", "after.xml,log.xml"]
+    assert (site.root / "state/deleted/busy.xml").exists()
     daemon.stop()
