@@ -47,8 +47,8 @@ def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> 
             yield name
         if clashes:
             raise BadRequest(
-                f"{', '.join(str(to / n) for n in clashes)} already exist(s) in the directory: "
-                "left queued; move them away and fetch again"
+                f"{', '.join(str(to / n) for n in clashes)}: already exists, so never "
+                "overwritten; the job stays queued (move the file away and fetch again)"
             )
 
 

@@ -200,7 +200,7 @@ def retry(cfg: Config, name: str, by: str | None = None) -> str:
 
     Returns where the job now is. A job rejected again stays in joberrors,
     its log gains the new check, and :class:`Rejected` is raised. ``by``
-    (who asked) goes into the log as a note.
+    (who asked) is kept in the log's ``retried``.
     """
     spool = Spool.of(cfg)
     with spool.names_lock():
@@ -215,9 +215,7 @@ def retry(cfg: Config, name: str, by: str | None = None) -> str:
         iface = cfg.interface(iface_name)
         with os_errors(f"cannot read {name}"):
             result = verdict(cfg, iface, found.path, os.lstat(found.path).st_size)
-        joblog.event(log, "retried")
-        if by is not None:
-            joblog.note(log, f"retried by {by}")
+        joblog.event(log, "retried", by=by)
         joblog.checked(log, result.problems, result.schema)
         if result.problems:
             spool.write(found.log_path, [joblog.to_bytes(log)], replace=True)
