@@ -1,7 +1,7 @@
 """The audit log: who changed what in the spool, one JSON line per action.
 
 ``state/audit.log`` holds one line per action taken through the operator
-console (and, later, the command line): when, who, what, on which target,
+console and the command line (``jobspool audit`` lists them): when, who, what, on which target,
 and details such as the outcome. Each line is appended under an exclusive
 ``flock`` on the file and fsynced before :func:`record` returns; a new file's
 directory is fsynced too. A line torn by a crash is skipped when reading,
@@ -24,6 +24,22 @@ from jobspool.spool import STATE
 
 FILE = "audit.log"
 _lock = threading.Lock()  # flock on one open file description does not exclude threads
+
+
+def invoker() -> str:
+    """Who runs this command: the user of our uid, and who became it with sudo.
+
+    ``alice`` for alice; ``root (sudo by alice)`` for ``sudo jobspool ...``.
+    """
+    import pwd
+
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
 
 
 def path_of(spool_root: Path) -> Path:

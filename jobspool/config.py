@@ -49,6 +49,10 @@ class Interface(NamedTuple):
     cpu_limit: float | None = None
     root_elements: tuple[str, ...] = ()  # an upload naming no interface is matched by these
     xslt: Mapping[str, Path] = {}  # name -> stylesheet, for the HTTP download's xslt=NAME
+    max_tries: int | None = None  # handler runs that said "try later" before joberrors
+    max_age: float | None = None  # seconds since acceptance after which "try later" fails
+    same_content: str | None = None  # "reject" or "flag" a job whose content came before
+    same_within: float = 86400.0  # seconds a job's content hash is remembered
 
     @property
     def outbound(self) -> bool:
@@ -294,7 +298,7 @@ def _read_yaml(path: Path) -> object:
     return data
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: files with a key given twice are refused
 
 
 def _cache_file(path: Path) -> Path:
@@ -318,15 +322,46 @@ def _store(cache: Path, key: tuple[int | str, ...], data: Any) -> None:
 def _parse_yaml(text: str, path: Path) -> object:
     import yaml  # 15-25 ms: only when the cache misses
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)
+        data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f": line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     return data
+
+
+def _strict_loader() -> Any:
+    """PyYAML's safe loader (the C one where built), refusing a key given twice.
+
+    YAML says keys are unique, PyYAML lets the last one win: two
+    ``orders_in:`` would silently drop the first interface.
+    """
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class Strict(base):  # type: ignore[misc, valid-type]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen: dict[object, int] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the constructor says so
+                        continue
+                    if first is not None:
+                        problem = f"duplicate key {key!r} (first on line {first})"
+                        mark = key_node.start_mark
+                        raise yaml.constructor.ConstructorError(None, None, problem, mark)
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return Strict
 
 
 # --- units -------------------------------------------------------------------
@@ -399,7 +434,8 @@ T = TypeVar("T")
 
 _INTERFACE_KEYS = {
     "schema", "command", "handler", "timeout", "max_size", "concurrency", "memory_limit",
-    "cpu_limit", "root_elements", "xslt",
+    "cpu_limit", "root_elements", "xslt", "max_tries", "max_age", "same_content",
+    "same_within",
 }  # fmt: skip
 _DAEMON_KEYS = set(DaemonSettings._fields)
 _HTTP_KEYS = {
@@ -658,7 +694,20 @@ class _Reader:
             else self.positive(raw["cpu_limit"], f"{key}.cpu_limit"),
             root_elements=self.strings(raw.get("root_elements", []), f"{key}.root_elements"),
             xslt=self.stylesheets(raw.get("xslt"), f"{key}.xslt"),
+            max_tries=None
+            if raw.get("max_tries") is None
+            else self.count(raw["max_tries"], f"{key}.max_tries"),
+            max_age=None
+            if raw.get("max_age") is None
+            else self.positive(raw["max_age"], f"{key}.max_age"),
+            same_content=self.same_content(raw.get("same_content"), f"{key}.same_content"),
+            same_within=self.positive(raw.get("same_within", 86400.0), f"{key}.same_within"),
         )
+
+    def same_content(self, value: object, key: str) -> str | None:
+        if value is None or value in ("reject", "flag"):
+            return None if value is None else str(value)
+        raise self.fail(key, "reject or flag", value)
 
     def stylesheets(self, value: object, key: str) -> dict[str, Path]:
         out = {}

@@ -16,6 +16,7 @@ from jobspool import joblog, names
 from jobspool.config import Config
 from jobspool.durable import os_errors, write_file
 from jobspool.errors import BadRequest
+from jobspool.hold import is_held
 from jobspool.intake import log_so_far
 from jobspool.spool import BAK, QUEUE, Spool
 
@@ -26,20 +27,29 @@ def fetch(cfg: Config, interface: str, to: Path, jobs: tuple[str, ...] = ()) -> 
         raise BadRequest(f"--to {to}: not a directory")
     spool = _outbound(cfg, interface)
     with spool.locked("fetch"):
-        wanted = list(jobs) or [n for _, n in spool.queued(interface)]
-        for name in wanted:  # all or nothing: every named job must be queued
+        # Held jobs (jobspool hold) wait, as they would for a handler.
+        wanted = list(jobs) or [n for _, n in spool.queued(interface) if not is_held(spool, n)]
+        for name in wanted:  # all or nothing: every named job must be queued, and not held
             _queued(spool, interface, name)
+            if is_held(spool, name):
+                raise BadRequest(f"{name} is held ('jobspool release {name}' first)")
+        clashes = []
         for name in wanted:
 
             def deliver(data: bytes, name: str = name) -> None:
-                try:
-                    write_file(to / name, [data], staging=to)
-                except FileExistsError:
-                    raise BadRequest(f"{to / name} already exists; fetch into an empty "
-                                     "directory or move it away first") from None  # fmt: skip
+                write_file(to / name, [data], staging=to)
 
-            _retrieve(spool, interface, name, deliver, f"fetched to {to}")
+            try:
+                _retrieve(spool, interface, name, deliver, f"fetched to {to}")
+            except FileExistsError:
+                clashes.append(name)  # the others are fetched all the same; it stays queued
+                continue
             yield name
+        if clashes:
+            raise BadRequest(
+                f"{', '.join(str(to / n) for n in clashes)}: already exists, so never "
+                "overwritten; the job stays queued (move the file away and fetch again)"
+            )
 
 
 def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> tuple[str, bytes]:
@@ -54,7 +64,10 @@ def take(cfg: Config, interface: str, name: str | None = None, by: str = "") -> 
             queued = spool.queued(interface)
             if not queued:
                 raise BadRequest(f"no job queued on {interface}")
-            name = queued[0][1]
+            free = [n for _, n in queued if not is_held(spool, n)]
+            if not free:
+                raise BadRequest(f"no job queued on {interface} that is not held")
+            name = free[0]
         _queued(spool, interface, name)
         got: list[bytes] = []
         _retrieve(spool, interface, name, got.append, f"downloaded{' by ' + by if by else ''}")

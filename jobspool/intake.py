@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from jobspool import check as checking
-from jobspool import joblog, names
+from jobspool import content, joblog, names, reuse
 from jobspool.config import Config, Interface
 from jobspool.durable import fsync_file, os_errors, write_staged
 from jobspool.errors import BadRequest, Denied, Problem, Rejected
@@ -126,6 +126,10 @@ def accept_staged(
         spool.require(iface.name)
         # Check outside the lock: a slow check must not hold up the daemon's intake.
         result = verdict(cfg, iface, staged, os.stat(staged).st_size)
+        problems = result.problems
+        hexdigest = None
+        if iface.same_content is not None and not problems:
+            hexdigest = content.digest(staged)
         with spool.names_lock():
             found = spool.locate(name)
             if found is not None:
@@ -137,17 +141,22 @@ def accept_staged(
             joblog.received(log, via, ref=ref)
             if by is not None:
                 joblog.note(log, f"uploaded by {by}")
-            joblog.checked(log, result.problems, result.schema)
-            if result.problems:
-                _reject(spool, name, log, staged, result.problems)
+            same = content.judge(spool, iface, hexdigest, log)
+            if same is not None:
+                problems = [same]
+            joblog.checked(log, problems, result.schema)
+            if problems:
+                _reject(spool, name, log, staged, problems)
             joblog.moved(log, "outside", f"{QUEUE}/{iface.name}")
             pending = spool.pending_log(name)
             spool.write(pending, [joblog.to_bytes(log)], replace=True)
             try:
-                spool.place(staged, spool.dir(QUEUE, iface.name) / name, stamp_ns=spool.stamp())
+                stamp = spool.stamp()
+                spool.place(staged, spool.dir(QUEUE, iface.name) / name, stamp_ns=stamp)
             except BaseException:
                 spool.remove(pending)  # the job is not there: its history must not be either
                 raise
+            content.remember(spool, iface, hexdigest, name, stamp)
     finally:
         with suppress(FileNotFoundError):
             os.unlink(staged)  # still there only if it was not placed
@@ -185,7 +194,7 @@ def interface_for(cfg: Config, head: bytes) -> str:
     return hits[0]
 
 
-def retry(cfg: Config, name: str) -> str:
+def retry(cfg: Config, name: str, by: str | None = None) -> str:
     """Take a job out of joberrors, check it again and queue it on its interface.
 
     Returns where the job now is. A job rejected again stays in joberrors,
@@ -197,6 +206,7 @@ def retry(cfg: Config, name: str) -> str:
     a stale log beside no job, never a job without one. The daemon reads a
     retried job's history under the names lock held here throughout, so it
     cannot fail the job again, and write a new log, before the old one is gone.
+    ``by`` (who asked) is kept in the log's ``retried``.
     """
     spool = Spool.of(cfg)
     with spool.names_lock():
@@ -211,7 +221,7 @@ def retry(cfg: Config, name: str) -> str:
         iface = cfg.interface(iface_name)
         with os_errors(f"cannot read {name}"):
             result = verdict(cfg, iface, found.path, os.lstat(found.path).st_size)
-        joblog.event(log, "retried")
+        joblog.event(log, "retried", by=by)
         joblog.checked(log, result.problems, result.schema)
         if result.problems:
             spool.write(found.log_path, [joblog.to_bytes(log)], replace=True)
@@ -361,10 +371,11 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
     """The first look at a whole drop, before its check.
 
     None when the file is gone. An unreadable file raises :class:`Denied` and
-    stays where it is. A name that is invalid or in use, or something other
+    stays where it is. A name that is invalid, or something other
     than a plain file, sends it to joberrors unread, under a safe unique name;
-    the log keeps the original (a :class:`Taken`). Anything else is to be
-    checked (a :class:`Screened`).
+    the log keeps the original (a :class:`Taken`). Anything else, a name in
+    use too, is to be checked (a :class:`Screened`); :func:`settle_drop`
+    gives a name in use a derived one (:mod:`jobspool.reuse`).
     """
     src = spool.dir(INCOMING, iface.name) / filename
     with spool.names_lock():
@@ -377,9 +388,7 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
         if not names.is_valid(filename):
             why = f"invalid job name: {names.why_invalid(filename)}"
             return _to_errors(spool, iface, src, spool.stamp(), why)
-        found = spool.locate(filename, besides=src)
-        if found is not None:
-            return _to_errors(spool, iface, src, spool.stamp(), f"job name in use ({found.place})")
+        # A name in use is no reason to refuse: settle_drop gives it a derived name.
     with os_errors(f"cannot read dropped file {src}"):  # unreadable: reported, left in place
         os.close(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
     return Screened(src, st)
@@ -405,6 +414,10 @@ def settle_drop(
     """
     src = screened.path
     filename = src.name
+    hexdigest = None
+    if iface.same_content is not None and not problems:
+        with suppress(Denied):  # unreadable now: its check said otherwise; look again later
+            hexdigest = content.digest(src)
     with spool.names_lock():
         try:
             st = os.lstat(src)
@@ -418,38 +431,46 @@ def settle_drop(
         ):
             return None
         stamp = spool.stamp()
-        found = spool.locate(filename, besides=src)
-        if found is not None:  # taken by a submit while this one was checked
-            return _to_errors(spool, iface, src, stamp, f"job name in use ({found.place})")
-        log = joblog.new(filename, iface.name)
-        joblog.received(log, "drop")
+        name, original = filename, None
+        if spool.locate(filename, besides=src) is not None:
+            # The partner sends orders.xml every day: each is a job of its own.
+            name = reuse.free_name(filename, stamp, lambda n: spool.locate(n) is not None)
+            original = filename
+        log = joblog.new(name, iface.name)
+        joblog.received(log, "drop", original_name=original)
+        same = content.judge(spool, iface, hexdigest, log)
+        if same is not None:
+            problems = [same]
         joblog.checked(log, problems, iface.schema)
+        if original is not None:
+            reuse.remember(spool, original, name, sync=sync)
         if problems:
             sync_dropped(spool, src)  # it is reported as kept: it must be whole on disk
             joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
             spool.write(
-                spool.joberrors / names.log_name(filename), [joblog.to_bytes(log)], replace=True
+                spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True
             )
-            spool.move(src, spool.joberrors)
-            return Taken(filename, JOBERRORS, stamp, log, str(problems[0]))
+            spool.move(src, spool.joberrors, new_name=name)
+            return Taken(name, JOBERRORS, stamp, log, str(problems[0]))
         queue = spool.dir(QUEUE, iface.name)
         joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
         if iface.outbound:
             # It waits for a fetch, maybe for days, not for a handler in this
             # process: its history goes to disk now, like a submitted job's.
-            pending = spool.pending_log(filename)
+            pending = spool.pending_log(name)
             spool.write(pending, [joblog.to_bytes(log)], replace=True, sync=sync)
         try:
-            spool.move(src, queue, stamp_ns=stamp, sync=sync)
+            spool.move(src, queue, stamp_ns=stamp, new_name=name, sync=sync)
         except Denied:
             # Not the file's owner, so its mtime (the queue order) cannot be
             # set: queue a copy we own instead, then drop the original.
             # Synced at once whatever the caller batches: the original goes,
             # so the copy must be on disk first.
             with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
-                spool.write(queue / filename, _chunks(f), stamp_ns=stamp)
+                spool.write(queue / name, _chunks(f), stamp_ns=stamp)
             spool.remove(src, sync=sync)
-        return Taken(filename, f"{QUEUE}/{iface.name}", stamp, log)
+        content.remember(spool, iface, hexdigest, name, stamp)
+        return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
 
 
 def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:

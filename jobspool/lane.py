@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 
 from lxml import etree
 
-from jobspool import faults, handlers, intake, joblog, names
+from jobspool import annotate, faults, handlers, hold, intake, joblog, names, tries
 from jobspool.alerts import Alerts
 from jobspool.config import DaemonSettings, Interface
 from jobspool.durable import BATCH, GroupCommit
@@ -238,6 +238,8 @@ class Lane:
         self.marker_fault = faults.Episode(logger, "cannot record blocked interface")
         self.other_fault = faults.Episode(logger, "processing failed; the job stays queued")
         self._commit_marked = False  # the blocked marker says commits fail
+        self.aside: dict[str, int] = {}  # held jobs passed over: name -> stamp
+        self._held_seen = 0.0  # when the held jobs' markers were last looked at
 
     @property
     def spool(self) -> Spool:
@@ -281,7 +283,7 @@ class Lane:
 
     def depth(self) -> int:
         with self.cond:
-            return len(self.backlog.known)
+            return len(self.backlog.known) - len(self.aside)  # held jobs wait for no one
 
     def wake(self) -> None:
         with self.cond:
@@ -336,12 +338,29 @@ class Lane:
                 # While finished jobs cannot be committed (a machine fault), no
                 # new handler starts: its outcome could not be kept either.
                 runnable = self.backlog and not self.committing_fails
+                if wait > 0 and tries.take_now(self.spool, self.iface.name):
+                    self.not_before, wait = 0.0, 0.0  # jobspool retry --now
+                self._release_held()
                 if runnable and wait <= 0 and not self.spool.is_paused(self.iface.name):
                     item = self.backlog.pop()
+                    if hold.is_held(self.spool, item[1]):
+                        self.aside[item[1]] = item[0]  # known still: it keeps its place
+                        continue
                     self.in_flight.add(item[1])
                     return item
                 # Pause markers are files: look again every second.
                 self.cond.wait(min(max(wait, 0.05), 1.0) if self.backlog else 1.0)
+
+    def _release_held(self) -> None:
+        """Held jobs whose marker is gone go back where they were (about once a second)."""
+        now = time.monotonic()
+        if not self.aside or now < self._held_seen + 1.0:
+            return
+        self._held_seen = now
+        for name, stamp in list(self.aside.items()):
+            if not hold.is_held(self.spool, name):
+                del self.aside[name]
+                self.backlog.put_back(stamp, name)
 
     def _work(self) -> None:
         """A worker thread: run handlers, one job after another, and hand finished ones over."""
@@ -412,6 +431,7 @@ class Lane:
             self._forget(name)  # fetched, or moved by hand: nothing to do
             return None
         held = self.ctx.held.take(name)
+        from_memory = held is not None  # (operators' notes since then are on disk)
         if held is None:
             # Not accepted here: retried, submitted. A retry holds the names
             # lock from its move into the queue until it has removed the job's
@@ -423,6 +443,8 @@ class Lane:
         else:
             known = None
         log, has_pending_log = held
+        if from_memory and self._notes_from_disk(log, name):
+            has_pending_log = True  # to be removed once the job is done
         if known is not None:  # its handler ran before a restart; only the commit was missing
             joblog.note(log, "the handler's outcome was kept from before a restart; not run again")
             bound.info("outcome known from before a restart; committing it", outcome=known.result)
@@ -440,11 +462,22 @@ class Lane:
             interrupted = name in self.interrupted
             self.interrupted.discard(name)
         if interrupted:
+            # The run happened and is part of the job's story: its <ran> goes
+            # into the pending log, which the next run's log starts from.
+            why = "interrupted by shutdown; the job stays queued and runs again"
+            joblog.ran(log, outcome._replace(result=handlers.FAILED, reason=why), self._describe())
+            with contextlib.suppress(Exception):  # a full disk must not stop the shutdown
+                spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.warning("interrupted by shutdown; it stays queued and runs again")
             return None
         joblog.ran(log, outcome, self._describe())
         self.ctx.metrics.count(iface.name, outcome.result)
         self.ctx.metrics.handler(iface.name, outcome.ended - outcome.started)
+        if outcome.result == handlers.LATER and (gave_up := self._give_up(log, stamp)):
+            because = f"{gave_up}: {outcome.reason or 'try later'}"
+            joblog.note(log, because)
+            outcome = outcome._replace(result=handlers.FAILED, reason=because)
+            has_pending_log = True  # written at its earlier tries
         if outcome.result == handlers.LATER:
             spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.info("try later", reason=outcome.reason)
@@ -511,11 +544,14 @@ class Lane:
             try:
                 queued = spool.dir(QUEUE, self.iface.name) / f.name
                 spool.move(queued, dest_dir, new_name=new_name, sync=False)
-            except FileNotFoundError:  # moved by hand meanwhile: nothing more to commit
-                with self.cond:
-                    self.in_flight.discard(f.name)
-                continue
             except Exception as exc:
+                if not queued.exists():  # deleted or moved by hand meanwhile: nothing to commit
+                    with contextlib.suppress(Exception):  # and no log without its job
+                        spool.remove(dest_dir / names.log_name(new_name), sync=False)
+                    self._forget(f.name)
+                    with self.cond:
+                        self.in_flight.discard(f.name)
+                    continue
                 self.commit_fault.failed(faults.kind(exc), job=f.name, detail=str(exc))
                 again.append(f)
                 continue
@@ -622,6 +658,22 @@ class Lane:
         log = joblog.new(name, self.iface.name)
         joblog.received(log, "queue", at=joblog.iso(stamp / 1e9))
         return log
+
+    def _give_up(self, log: joblog.Log, stamp: int) -> str | None:
+        """Past ``max_tries`` or ``max_age``: why the job goes to joberrors (see tries)."""
+        if self.iface.max_tries is None and self.iface.max_age is None:
+            return None
+        later = sum(1 for r in log.iter(f"{{{joblog.NS}}}ran") if r.get("outcome") == "later")
+        return tries.give_up(later, stamp, self.iface.max_tries, self.iface.max_age)
+
+    def _notes_from_disk(self, log: joblog.Log, name: str) -> bool:
+        """An operator's notes (held, released) written while the log was held in memory."""
+        try:
+            pending = self.spool.pending_log(name).read_bytes()
+        except OSError:
+            return False
+        annotate.merge_notes(log, pending)
+        return True
 
     # --- bookkeeping -----------------------------------------------------------------------
 

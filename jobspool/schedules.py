@@ -8,6 +8,12 @@ schedule is the configuration's mapping with those keys laid over it,
 checked exactly as strictly as the file itself. The daemon notices a changed
 settings file within a second, so changes take effect without a restart.
 
+``jobspool schedule add`` defines a schedule without the file: its mapping
+(the same keys as in the file) is kept in ``state/schedules/added.json``,
+checked as strictly; the file wins over it for an id both define. A
+running daemon notices a change of that file within a second, as of a
+settings file. ``schedule remove`` takes one out again (only one added so).
+
 Per schedule, under ``state/schedules/ID/``:
 
 - ``settings.json``: the command line's changes;
@@ -106,6 +112,8 @@ class Store:
         self.root = self.spool.state / "schedules"
         self._path_cache: dict[str, _Paths] = {}
         self._settings: list[tuple[str, str]] | None = None
+        self._added: dict[str, Schedule] | None = None
+        self._added_seen = -1
 
     def folder(self, sid: str) -> Path:
         return self.root / sid
@@ -113,17 +121,82 @@ class Store:
     # --- definitions -----------------------------------------------------------------------
 
     def ids(self) -> list[str]:
-        return list(self.cfg.schedules)
+        return list(self.bases())
+
+    def bases(self) -> dict[str, Schedule]:
+        """Every schedule as defined: the file's, then those added by command.
+
+        The file wins: an id the file defines is never taken from
+        ``state/schedules/added.json`` (``schedule add`` refuses it, and one
+        added before the file defined it is shadowed).
+        """
+        if self._added is None:
+            self._added = {}
+            for sid, raw in _read_added(self.added_path()).items():
+                if sid not in self.cfg.schedules and isinstance(raw, dict):
+                    try:
+                        self._added[sid] = config.read_schedule(self.cfg.path, sid, raw)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{self.added_path()}: {exc}") from None
+        return {**self.cfg.schedules, **self._added}
+
+    def added_path(self) -> Path:
+        """The schedules added by ``jobspool schedule add``, one JSON object."""
+        return self.root / "added.json"
+
+    def is_added(self, sid: str) -> bool:
+        """True for a schedule added by command (not defined in the file)."""
+        return sid not in self.cfg.schedules and sid in self.bases()
 
     def get(self, sid: str) -> Schedule:
         """The effective schedule ``sid``; :class:`BadRequest` if there is none."""
-        if sid not in self.cfg.schedules:
-            known = ", ".join(self.cfg.schedules) or "none configured"
+        bases = self.bases()
+        if sid not in bases:
+            known = ", ".join(bases) or "none configured"
             raise BadRequest(f"unknown schedule {sid!r} (known: {known})")
-        return self._merge(self.cfg.schedules[sid], self.overrides(sid))
+        return self._merge(bases[sid], self.overrides(sid))
 
     def all(self) -> dict[str, Schedule]:
-        return {sid: self.get(sid) for sid in self.cfg.schedules}
+        return {sid: self.get(sid) for sid in self.bases()}
+
+    def add(self, sid: str, raw: Mapping[str, Any]) -> Schedule:
+        """Define a schedule by command, checked as strictly as the file; persisted."""
+        if sid in self.cfg.schedules:
+            raise BadRequest(f"schedule {sid} is defined in {self.cfg.path}: change it "
+                             "with 'jobspool schedule set' or there")  # fmt: skip
+        if sid in self.bases():
+            raise BadRequest(f"schedule {sid} exists already ('jobspool schedule remove {sid}')")
+        try:
+            s = config.read_schedule(self.cfg.path, sid, raw)  # the file's own reader
+            check(s, self.cfg.path)
+        except ConfigError as exc:
+            raise BadRequest(str(exc).removeprefix(f"{self.cfg.path}: ")) from None
+        added = _read_added(self.added_path())
+        added[sid] = dict(raw)
+        self._write_added(added)
+        with contextlib.suppress(FileNotFoundError):  # a stale one from an earlier schedule
+            os.unlink(self.folder(sid) / "settings.json")
+        return s
+
+    def remove(self, sid: str) -> None:
+        """Remove a schedule added by command; its results stay until pruned by hand."""
+        if sid in self.cfg.schedules:
+            raise BadRequest(f"schedule {sid} is defined in {self.cfg.path}: remove it there "
+                             "(or 'jobspool schedule disable' it)")  # fmt: skip
+        added = _read_added(self.added_path())
+        if sid not in added:
+            self.get(sid)  # the unknown-schedule message
+        del added[sid]
+        self._write_added(added)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.folder(sid) / "settings.json")
+
+    def _write_added(self, added: Mapping[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(added, indent=2, sort_keys=True, default=str).encode()
+        write_file(self.added_path(), [text], staging=self.root, replace=True)
+        self._added = None
+        self._settings = None
 
     def overrides(self, sid: str) -> dict[str, Any]:
         try:
@@ -142,6 +215,13 @@ class Store:
         """
         out = []
         stat = os.stat
+        try:
+            added = stat(self.added_path()).st_mtime_ns
+        except OSError:
+            added = 0
+        if added != self._added_seen:  # schedules added or removed: read them again
+            self._added_seen, self._added, self._settings = added, None, None
+        out.append(("", added))
         for sid, path in self._settings_files():
             try:
                 out.append((sid, stat(path).st_mtime_ns))
@@ -151,17 +231,20 @@ class Store:
 
     def _settings_files(self) -> list[tuple[str, str]]:
         if self._settings is None:
-            self._settings = [(sid, self._paths(sid).settings) for sid in self.cfg.schedules]
+            self._settings = [(sid, self._paths(sid).settings) for sid in self.bases()]
         return self._settings
 
     def change(self, sid: str, changes: Mapping[str, Any]) -> Schedule:
         """Store changed keys, checked as strictly as the configuration; return the result."""
         self.get(sid)  # an unknown id is a bad request
-        base = self.cfg.schedules[sid]
+        base = self.bases()[sid]
         merged = {**self.overrides(sid), **changes}
+        # An empty value (name=) drops the change: the file's value holds again.
+        for key in [k for k, v in changes.items() if v is None]:
+            del merged[key]
         # Setting one timing (or action) replaces the other ones.
         for group in (TIMINGS, ACTIONS):
-            chosen = [k for k in group if k in changes]
+            chosen = [k for k in group if changes.get(k) is not None]
             for k in group:
                 if chosen and k not in chosen:
                     merged[k] = None
@@ -305,6 +388,16 @@ class Store:
             os.close(fd)
 
 
+def _read_added(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
 def _result_stem(result: Result, stems: list[int]) -> int:
     # Named by start, but always after the newest: a clock that went back
     # must not make a new result the first to be pruned.
@@ -393,6 +486,23 @@ def run_by_hand(store: Store, sid: str) -> Result:
     if result.outcome == "skipped":
         raise TryLater(f"schedule {sid} is running now; try again when it is done")
     return result
+
+
+def pairs_as_values(pairs: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts as a mapping, each value read as YAML (``schedule add``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            out[key] = text
+    return out
 
 
 def changes_from_pairs(store: Store, sid: str, pairs: Iterable[str]) -> dict[str, Any]:
@@ -486,6 +596,26 @@ def result_xml(s: Schedule, r: Result) -> bytes:
         etree.SubElement(el, q + "message").text = joblog.xml_text(run.reason)
     joblog.run_details(el, run, q)
     return etree.tostring(el, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """A result with everything in it: attributes, message, output streams, traceback."""
+    from jobspool.check import parse
+
+    root = parse(path.read_bytes()).getroot()
+    out: dict[str, Any] = {str(k): str(v) for k, v in root.attrib.items()}
+    out["file"] = path.name
+    for el in root:
+        tag = el.tag.split("}")[-1] if isinstance(el.tag, str) else ""
+        if tag == "message":
+            out["message"] = el.text or ""
+        elif tag == "output":
+            out[str(el.get("stream"))] = el.text or ""
+            if el.get("truncated"):
+                out[f"{el.get('stream')}-truncated"] = str(el.get("truncated"))
+        elif tag == "traceback":
+            out["traceback"] = el.text or ""
+    return out
 
 
 def read_result(path: Path) -> dict[str, str]:

@@ -112,11 +112,13 @@ def test_status_of_an_invalid_name(seen):
 def test_status_json(seen):
     result = seen.run("status", "--json", "waiting.xml", "done.xml")
     assert json.loads(assert_ok(result)) == [
-        {"job": "waiting.xml", "status": "queue/orders_in"},
-        {"job": "done.xml", "status": "bak/orders_out"},
+        {"job": "waiting.xml", "status": "queue/orders_in", "name": "waiting.xml", "held": False},
+        {"job": "done.xml", "status": "bak/orders_out", "name": "done.xml", "held": False},
     ]
     result = seen.run("status", "--json", "rejected.xml")
-    assert json.loads(assert_ok(result)) == [{"job": "rejected.xml", "status": "joberrors"}]
+    assert json.loads(assert_ok(result)) == [
+        {"job": "rejected.xml", "status": "joberrors", "name": "rejected.xml", "held": False}
+    ]
 
 
 # --- queue ---------------------------------------------------------------------

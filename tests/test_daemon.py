@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -729,7 +730,7 @@ def test_a_file_with_an_invalid_name_goes_to_joberrors_under_a_safe_name(site, b
     assert ledger(site) == []
 
 
-def test_a_file_whose_name_is_in_use_goes_to_joberrors_and_overwrites_nothing(site):
+def test_a_file_whose_name_is_in_use_is_processed_under_a_derived_name_overwriting_nothing(site):
     started(site)
     site.drop("orders_in", "dup.xml", order("original"))
     site.wait_in("dup.xml", "bak/orders_in")
@@ -738,18 +739,16 @@ def test_a_file_whose_name_is_in_use_goes_to_joberrors_and_overwrites_nothing(si
     log_before = (bak / "dup.xml,log.xml").read_bytes()
 
     site.drop("orders_in", "dup.xml", order("impostor"))
-    site.wait_for(lambda: site.ls("joberrors"), "the second dup.xml in joberrors")
-    (name,) = site.ls("joberrors")
-    assert name != "dup.xml"
-    assert is_valid(name)
-    assert (site.root / "joberrors" / name).read_bytes() == order("impostor")
-    (received,) = log_events(site.log(name), "received")
+    site.wait_for(lambda: len(site.ls("bak", "orders_in")) == 2, "the second dup.xml done")
+    (name,) = [n for n in site.ls("bak", "orders_in") if n != "dup.xml"]
+    assert re.fullmatch(r"dup\.\d{8}T\d{6}\.\d{3}\.xml", name)
+    assert (bak / name).read_bytes() == order("impostor")
+    (received,) = log_events(site.log(name, "orders_in"), "received")
     assert received.get("original-name") == "dup.xml"
-    assert "in use" in received.get("reason")
-    assert "bak/orders_in" in received.get("reason")
+    assert site.ls("joberrors") == []
     assert (bak / "dup.xml").read_bytes() == job_before
     assert (bak / "dup.xml,log.xml").read_bytes() == log_before
-    assert ledger(site) == ["dup.xml"]
+    assert ledger(site) == ["dup.xml", name]
 
 
 def _secret(s: Site) -> tuple[str, bytes]:

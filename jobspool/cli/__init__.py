@@ -19,8 +19,10 @@ from jobspool import __version__
 from jobspool.cli import complete
 from jobspool.cli.common import (
     State,
+    audited,
     fail,
     iface_arg,
+    isos,
     json_opt,
     pass_state,
     print_json,
@@ -63,44 +65,62 @@ def status(state: State, jobs: tuple[str, ...], as_json: bool) -> None:
     """Where a job is: incoming/IFACE, queue/IFACE, bak/IFACE or joberrors.
 
     With several jobs, each line is 'JOB STATUS'. Exits 2 if any is unknown.
+    A name dropped again (orders.xml every day) answers for the newest job
+    dropped under it, and says its derived name on stderr.
     """
+    from jobspool import hold, reuse
     from jobspool.errors import BadRequest
     from jobspool.spool import Spool
 
     spool = Spool.of(state.config)
-    answers: list[tuple[str, str | None]] = []
+    answers: list[tuple[str, str | None, str | None, bool]] = []
     with _reading(spool.root):
         spool.require()
         for name in jobs:
             try:
-                found = spool.find(name)
+                found = reuse.newest(spool, name) or spool.find(name)
             except BadRequest as exc:
                 if len(jobs) == 1:
                     raise
                 warn(str(exc))
-                answers.append((name, None))
+                answers.append((name, None, None, False))
             else:
-                answers.append((name, str(found.place)))
+                if found.name != name:
+                    warn(f"{name}: the newest job dropped as {name} is {found.name}")
+                held = found.place.state == "queue" and hold.is_held(spool, found.name)
+                answers.append((name, str(found.place), found.name, held))
     if as_json:
-        print_json([{"job": j, "status": s} for j, s in answers])
+        print_json([{"job": j, "status": s, "name": n, "held": h} for j, s, n, h in answers])
     elif len(jobs) == 1:
         click.echo(answers[0][1])
     else:
-        click.echo("".join(f"{j} {s}\n" for j, s in answers if s), nl=False)
-    if any(s is None for _, s in answers):
+        click.echo("".join(f"{j} {s}\n" for j, s, _, _ in answers if s), nl=False)
+    if any(s is None for _, s, _, _ in answers):
         sys.exit(BadRequest.exit_code)
 
 
 @cli.command()
-@iface_arg
+@click.argument("interface", metavar="[IFACE]", required=False, shell_complete=complete.interfaces)
+@click.option("--all", "every", is_flag=True, help="Every interface, with each job's state.")
 @json_opt
 @pass_state
-def queue(state: State, interface: str, as_json: bool) -> None:
-    """The jobs queued on IFACE, one per line, in processing order."""
+def queue(state: State, interface: str | None, every: bool, as_json: bool) -> None:
+    """The jobs queued on IFACE, one per line, in processing order.
+
+    With --all (postqueue -p): every interface's jobs, each with its state
+    (waiting, held, blocking, paused) and, for a blocking head, the reason.
+    """
     import os
 
     from jobspool.spool import Spool
 
+    if every or interface is None:
+        if interface is not None or not every:
+            from jobspool.errors import BadRequest
+
+            raise BadRequest("name one interface, or --all for every one (not both)")
+        _queue_all(state, as_json)
+        return
     state.config.interface(interface)
     workers = min(len(os.sched_getaffinity(0)), 4)  # a stat per job: share them among CPUs
     spool = Spool.of(state.config)
@@ -252,13 +272,57 @@ def submit(state: State, interface: str, file: str, name: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job", shell_complete=complete.failed_jobs)
+@click.argument("job", required=False, shell_complete=complete.failed_jobs)
+@click.option("--now", is_flag=True, help="JOB is queued and waits to try again: try it now.")
+@click.option("--interface", "iface", metavar="IFACE", shell_complete=complete.interfaces,
+              help="Every job in joberrors that came from IFACE.")  # fmt: skip
+@click.option("--all", "every", is_flag=True, help="Every job in joberrors.")
+@click.option("--dry-run", is_flag=True, help="With --interface/--all: only list them.")
 @pass_state
-def retry(state: State, job: str) -> None:
-    """Take JOB out of joberrors, check it again, queue it on its interface."""
-    from jobspool.intake import retry as retry_job
+def retry(
+    state: State, job: str | None, now: bool, iface: str | None, every: bool, dry_run: bool
+) -> None:
+    """Take JOB out of joberrors, check it again, queue it on its interface.
 
-    click.echo(retry_job(state.config, job))
+    --now JOB ends the back-off of a queued JOB that said "try later"
+    (postqueue -i). --interface IFACE or --all retries every failed job of
+    IFACE or of all interfaces (postsuper -r), each reported on a line; exits
+    65 if any was rejected again.
+    """
+    from jobspool import audit
+    from jobspool.errors import BadRequest
+
+    if sum((job is not None, iface is not None, every)) != 1:
+        raise BadRequest("retry takes one of: JOB, --interface IFACE, --all")
+    if (now and job is None) or (dry_run and job is not None):
+        raise BadRequest("--now goes with JOB, --dry-run with --interface or --all")
+    if job is not None and now:
+        from jobspool.spool import Spool
+        from jobspool.tries import retry_now
+
+        spool = Spool.of(state.config)
+        on = retry_now(spool, job, audit.invoker())
+        audited(state, "retry-now", job, interface=on)
+        click.echo(f"{job}: {on} tries it again now")
+        return
+    if job is not None:
+        from jobspool.intake import retry as retry_job
+
+        where = retry_job(state.config, job, audit.invoker())
+        audited(state, "retry", job, to=where)
+        click.echo(where)
+        return
+    from jobspool.joberrors import retry_all
+
+    results = retry_all(state.config, iface, dry_run=dry_run, by=audit.invoker())
+    if not dry_run:
+        audited(state, "retry", iface or "*", jobs=len(results))
+    for name, outcome in results:
+        click.echo(f"{name} {outcome}")
+    if any(o.startswith("rejected") for _, o in results):
+        from jobspool.errors import Rejected
+
+        sys.exit(Rejected.exit_code)
 
 
 @cli.command()
@@ -270,6 +334,7 @@ def pause(state: State, interface: str) -> None:
 
     state.config.interface(interface)
     Spool.of(state.config).pause(interface)
+    audited(state, "pause", interface)
     click.echo(f"{interface} paused")
 
 
@@ -282,6 +347,7 @@ def resume(state: State, interface: str) -> None:
 
     state.config.interface(interface)
     Spool.of(state.config).resume(interface)
+    audited(state, "resume", interface)
     click.echo(f"{interface} resumed")
 
 
@@ -340,27 +406,26 @@ def _queue_json(stamps: Iterable[int], names: list[str]) -> str:
         return "[]\n"
     rows = ",\n".join(
         f'  {{\n    "job": "{name}",\n    "accepted": "{at}"\n  }}'
-        for name, at in zip(names, _isos(stamps), strict=True)
+        for name, at in zip(names, isos(stamps), strict=True)
     )
     return f"[\n{rows}\n]\n"
 
 
-def _isos(stamps: Iterable[int]) -> Iterator[str]:
-    """Stamps (ns) as local times with milliseconds and UTC offset, as the job logs show them.
+def _queue_all(state: State, as_json: bool) -> None:
+    from jobspool.queues import every_queue
+    from jobspool.spool import Spool
 
-    Each distinct second is converted once: jobs accepted in a burst share
-    their seconds, and the conversion is most of a row's cost.
-    """
-    from datetime import datetime
-
-    seconds: dict[int, tuple[str, str]] = {}
-    for ns in stamps:
-        second, rest = divmod(ns, 1_000_000_000)
-        parts = seconds.get(second)
-        if parts is None:
-            text = datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
-            parts = seconds[second] = (text[:19], text[19:])  # the time, the offset
-        yield f"{parts[0]}.{rest // 1_000_000:03d}{parts[1]}"
+    rows = every_queue(Spool.of(state.config))
+    whens = list(isos(r.stamp for r in rows))
+    if as_json:
+        print_json([{"interface": r.interface, "job": r.job, "accepted": w, "state": r.state,
+                     "reason": r.reason} for r, w in zip(rows, whens, strict=True)])  # fmt: skip
+        return
+    if rows:
+        table = [("INTERFACE", "JOB", "ACCEPTED", "STATE", "REASON")]
+        table += [(r.interface, r.job, w, r.state, r.reason or "")
+                  for r, w in zip(rows, whens, strict=True)]  # fmt: skip
+        print_table(table)
 
 
 def _age(seconds: float) -> str:
@@ -432,6 +497,16 @@ class _LazyNotify(click.Group):
 
 
 cli.add_command(_LazyNotify("notify", help="Try the notification routes of the notify: section."))
+
+
+def _add_queue_commands() -> None:
+    from jobspool.cli.queue import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_queue_commands()
 
 
 def _add_http_commands() -> None:

@@ -7,6 +7,8 @@ the read commands must start fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -41,6 +43,23 @@ iface_arg = click.argument("interface", metavar="IFACE", shell_complete=complete
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
+def audited(state: State, action: str, target: str, **detail: Any) -> str:
+    """Record a manual action in the spool's audit log (who, when, what); returns who.
+
+    Without a spool (``user add`` before ``init``) there is nowhere to record
+    it: the command says so on stderr.
+    """
+    from jobspool import audit
+
+    who = audit.invoker()
+    root = state.config.spool
+    if not (root / "state").is_dir():
+        warn(f"{action} {target}: not in the audit log (no spool at {root} yet)")
+        return who
+    audit.record(root, who, action, target, {k: v for k, v in detail.items() if v is not None})
+    return who
+
+
 def print_table(rows: list[tuple[Any, ...]]) -> None:
     """Rows as columns aligned for a terminal, two spaces apart (a header first)."""
     cells = [[str(c) for c in row] for row in rows]
@@ -65,3 +84,19 @@ def fail(message: str, code: int) -> NoReturn:
     """One line on stderr, then exit with ``code``."""
     warn(message)
     sys.exit(code)
+
+
+def isos(stamps: Iterable[int]) -> Iterator[str]:
+    """Stamps (ns) as local times with milliseconds and UTC offset, as the job logs show them.
+
+    Each distinct second is converted once: jobs accepted in a burst share
+    their seconds, and the conversion is most of a row's cost.
+    """
+    seconds: dict[int, tuple[str, str]] = {}
+    for ns in stamps:
+        second, rest = divmod(ns, 1_000_000_000)
+        parts = seconds.get(second)
+        if parts is None:
+            text = datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds")
+            parts = seconds[second] = (text[:19], text[19:])  # the time, the offset
+        yield f"{parts[0]}.{rest // 1_000_000:03d}{parts[1]}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from jobspool.cli import complete
-from jobspool.cli.common import State, pass_state, print_json
+from jobspool.cli.common import State, audited, pass_state, print_json
 from jobspool.errors import BadRequest, ConfigError
 from jobspool.http import DEFAULT_COST  # not from .auth: --help must not load bcrypt
 
@@ -127,6 +127,7 @@ cost_opt = click.option(
 def add(state: State, name: str, password_stdin: bool, cost: int) -> None:
     """Add user NAME with a password (asked twice, or --password-stdin)."""
     path = _set_password(state, name, password_stdin, cost, new=True)
+    audited(state, "user add", name)
     click.echo(f"user {name} added to {path}")
     http = state.config.http
     if http is not None and not http.granted(name):
@@ -142,6 +143,7 @@ def add(state: State, name: str, password_stdin: bool, cost: int) -> None:
 def passwd(state: State, name: str, password_stdin: bool, cost: int) -> None:
     """Change the password of user NAME (a running server uses it at once)."""
     path = _set_password(state, name, password_stdin, cost, new=False)
+    audited(state, "user passwd", name)
     click.echo(f"password of {name} changed in {path}")
 
 
@@ -157,6 +159,7 @@ def remove(state: State, name: str) -> None:
         if name not in users:
             raise BadRequest(f"no user {name} in {path}")
         del users[name]
+    audited(state, "user remove", name)
     click.echo(f"user {name} removed from {path}")
 
 

@@ -278,7 +278,7 @@ def do_retry(site: Site, user: str, form: Mapping[str, str]) -> Done:
 
     name = _field(form, "job")
     site.job(user, name)  # only a job of a granted interface
-    now = retry(site.cfg, name)
+    now = retry(site.cfg, name, by=f"{user} (console)")
     return name, f"{name} retried: it is in {now}", {"outcome": "ok", "now": now}
 
 

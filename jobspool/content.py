@@ -1,0 +1,86 @@
+"""Jobs with the same content: per interface and opt-in (``same_content: reject|flag``).
+
+A partner's system that sends one order twice, under two names, must not
+have it processed twice. With ``same_content`` set on an interface, the
+SHA-256 of each job accepted there is remembered for ``same_within``
+(default one day) as ``state/content/IFACE/HEX``: the file holds the
+job's name, its modification time is when it was accepted. A later job of
+that interface with the same content within the window is
+
+- ``reject``: rejected into joberrors, its check saying "the same content
+  as JOB, accepted at TIME";
+- ``flag``: accepted and processed, its log noting the same.
+
+Only accepted jobs are remembered, so a rejected copy never shadows a good
+one. An entry older than the window is simply ignored (and replaced by the
+next job with that content); the folder holds one small file per distinct
+content accepted: a purge schedule over ``state/content`` keeps it short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from jobspool import joblog
+from jobspool.config import Interface
+from jobspool.durable import os_errors
+from jobspool.errors import Problem
+from jobspool.spool import STATE, Spool
+
+FOLDER = "content"
+_CHUNK = 1 << 20
+
+
+def digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, read in chunks (a large job costs no memory)."""
+    h = hashlib.sha256()
+    with os_errors(f"cannot read {os.fspath(path)}"), open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _entry(spool: Spool, iface: str, hexdigest: str) -> Path:
+    return spool.root / STATE / FOLDER / iface / hexdigest
+
+
+def earlier(spool: Spool, iface: Interface, hexdigest: str) -> tuple[str, float] | None:
+    """The job of ``iface`` accepted within the window with this content: (name, when)."""
+    path = _entry(spool, iface.name, hexdigest)
+    try:
+        st = os.stat(path)
+        name = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    accepted = st.st_mtime_ns / 1e9
+    if not name or time.time() - accepted > iface.same_within:
+        return None
+    return name, accepted
+
+
+def judge(spool: Spool, iface: Interface, hexdigest: str | None, log: joblog.Log) -> Problem | None:
+    """For a job about to be accepted: the problem that rejects it, or a note if flagged."""
+    if hexdigest is None or iface.same_content is None:
+        return None
+    seen = earlier(spool, iface, hexdigest)
+    if seen is None:
+        return None
+    why = f"the same content as {seen[0]}, accepted at {joblog.iso(seen[1])}"
+    if iface.same_content == "reject":
+        return Problem(0, 0, why)
+    joblog.note(log, why)
+    return None
+
+
+def remember(
+    spool: Spool, iface: Interface, hexdigest: str | None, name: str, stamp_ns: int
+) -> None:
+    """Record an accepted job's content, stamped with its acceptance."""
+    if hexdigest is None or iface.same_content is None:
+        return
+    path = _entry(spool, iface.name, hexdigest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spool.write(path, [name.encode() + b"\n"], replace=True, stamp_ns=stamp_ns, sync=False)
