@@ -2,8 +2,9 @@
 
 :func:`record` runs a command (and every process it starts) under
 ``strace -f`` with the file-system calls that change what a power cut keeps,
-the calls that say something to a user (writes, exit), and the process
-calls that tell threads and programs apart (clone, execve). Every string is
+the calls that say something to a user (writes, exit; ``sendto`` and
+``sendmsg``, which a server answers with), and the process calls that tell
+threads and programs apart (clone, execve). Every string is
 printed in hex (``-xx``) and whole (a large ``-s``), so a write's data and a
 path with any byte in it read back exactly; ``-y`` names the file behind
 every descriptor. One output file for the whole tree: strace writes its lines
@@ -33,6 +34,8 @@ FILE_CALLS = (
     "utimensat,chdir,fchdir"
 )
 PROCESS_CALLS = "clone,clone3,fork,vfork,execve,exit_group"
+# What a server answers with (write is traced already): -yy names the connection.
+SOCKET_CALLS = "sendto,sendmsg"
 STRING_LIMIT = 1 << 22  # bytes of each string printed: every job and log here is smaller
 
 
@@ -40,7 +43,7 @@ def strace_argv(output: Path, inject: Sequence[str] = ()) -> list[str]:
     """The strace command line that records into ``output`` (``inject``: ``-e inject=`` specs)."""
     argv = [
         "strace", "-f", "-ttt", "-y", "-yy", "-xx", "-s", str(STRING_LIMIT),
-        "--seccomp-bpf", "-e", f"trace={FILE_CALLS},{PROCESS_CALLS}",
+        "--seccomp-bpf", "-e", f"trace={FILE_CALLS},{PROCESS_CALLS},{SOCKET_CALLS}",
         "-e", "signal=none", "-qq", "-o", str(output),
     ]  # fmt: skip
     for spec in inject:
@@ -302,3 +305,12 @@ def calls_of(trace: Trace, names: set[str]) -> Iterator[Call]:
 def absolute(path: str, cwd: str) -> str:
     """``path`` made absolute against ``cwd``, normalised as the kernel would see it."""
     return os.path.normpath(path if path.startswith("/") else os.path.join(cwd, path))
+
+
+_TCP = re.compile(r"TCP6?:\[(.*):(\d+)->(.*):(\d+)\]")
+
+
+def connection(arg: Arg) -> tuple[int, int] | None:
+    """(local port, peer port) of a TCP socket descriptor as ``-yy`` prints it, else None."""
+    m = _TCP.search(arg.text)
+    return (int(m.group(2)), int(m.group(4))) if m else None
