@@ -51,6 +51,7 @@ def durability(tmp_path: Path, inject: tuple[str, ...], seed: int) -> Report:
     run = tracing.record(argv, output, inject=inject, cwd=site)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gave up" not in run.stderr, run.stderr[-3000:]  # every step of the day was played
+    print(f"HTTP requests answered 5xx and sent again: {run.stderr.count('answered 5')}")
     manifest = json.loads((site / "manifest.json").read_text())
     checker = Checker(
         tracing.parse(output), site, config, site / "spool",

@@ -239,7 +239,10 @@ class Workload:
                 [self.jobspool, "-c", str(self.config), "serve"],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=self.env, cwd=self.site,
             )  # fmt: skip
-        self.wait("the server to listen", lambda: b'"listening"' in log.read_bytes())
+        listening = lambda: server.poll() is not None or b'"listening"' in log.read_bytes()  # noqa: E731
+        self.wait("the server to listen", listening)
+        if server.poll() is not None:
+            print(f"workload: the server exited {server.returncode}", file=sys.stderr)
         return server
 
     def _said(self) -> bytes:
