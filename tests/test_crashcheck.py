@@ -159,3 +159,25 @@ def test_parser_joins_split_calls_and_keeps_both_positions(tmp_path: Path) -> No
     assert not failed.ok and failed.error == "EIO" and failed.injected
     assert t.exits == {100: 0}
     assert t.unparsed == []
+
+
+OVERTAKEN = """\
+200 1.000001 renameat(3<\\x2f\\x77>, "\\x2e\\x75", 3<\\x2f\\x77>, "\\x61" <unfinished ...>
+201 1.000002 openat(AT_FDCWD<\\x2f>, "\\x2f\\x77\\x2f\\x61", O_RDONLY) = 4<\\x2f\\x77\\x2f\\x61>
+200 1.000003 <... renameat resumed>) = 0
+201 1.000004 openat(AT_FDCWD<\\x2f>, "\\x2f\\x77\\x2f\\x62", O_RDONLY) = 5<\\x2f\\x77\\x2f\\x62>
+"""
+
+
+def test_a_rename_overtaken_by_an_open_of_its_new_name_is_replayed_before_it(
+    tmp_path: Path,
+) -> None:
+    """A partner's rename still returning when the daemon opens the new name: it came first."""
+    path = tmp_path / "trace"
+    path.write_text(OVERTAKEN)
+    t = tracing.parse(path)
+    assert [(c.name, c.start, c.end) for c in t.calls] == [
+        ("renameat", 0, 2),
+        ("openat", 1, 1),
+        ("openat", 3, 3),
+    ]

@@ -195,7 +195,49 @@ def parse(path: Path) -> Trace:
             call = _call(pid, name, text + ") = ?", start, start, 0.0)
             if call is not None:
                 _note(trace, call)
+    settle_renames(calls)
     return trace
+
+
+RENAMES = ("rename", "renameat", "renameat2")
+
+
+def settle_renames(calls: list[Call]) -> None:
+    """Put a rename that another process's open of its new name overtook before that open.
+
+    Calls are in the order of their returns; a rename split by another
+    process's calls (a partner's upload, while the daemon scans) returns
+    after them. If one of them opened the rename's new name, the rename had
+    taken effect by then: replayed later, the open would find a name the
+    model does not know yet. The rename keeps its own start and end.
+    """
+    i = 0
+    while i < len(calls):
+        r = calls[i]
+        dest = _rename_dest(r) if r.name in RENAMES and r.ok and r.start < r.end else None
+        first = None
+        j = i - 1
+        while dest is not None and j >= 0 and calls[j].end > r.start:
+            c = calls[j]
+            if c.name in ("open", "openat") and c.ok and c.pid != r.pid and c.ret_path == dest:
+                first = j
+            j -= 1
+        if first is not None:
+            calls.insert(first, calls.pop(i))
+        i += 1
+
+
+def _rename_dest(call: Call) -> str | None:
+    """A rename's new name as an absolute path, when the call shows it."""
+    if call.name == "rename":
+        path = call.args[1].path if len(call.args) > 1 else None
+        return os.path.normpath(path) if path and path.startswith("/") else None
+    if len(call.args) < 4 or call.args[3].path is None:
+        return None
+    name, folder = call.args[3].path, call.args[2].path
+    if name.startswith("/"):
+        return os.path.normpath(name)
+    return absolute(name, folder) if folder else None
 
 
 def _note(trace: Trace, call: Call) -> None:
