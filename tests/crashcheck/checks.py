@@ -359,6 +359,8 @@ class Checker:
             pending = f"{self.spool}/state/pending"
             self._need(ack, pending, ack.job + LOG, b"")
             return
+        if self._moving_on(f"{self.spool}/{ack.place}", ack.job, ack.at, expect):
+            return
         iface = ack.place.split("/", 1)[1]
         for later in (f"bak/{iface}", "joberrors"):
             where = f"{self.spool}/{later}"
@@ -367,6 +369,32 @@ class Checker:
             ):
                 return
         self.find(ack.at, "acknowledged before durable", f"{ack}: {queued}")
+
+    def _moving_on(self, rel_dir: str, name: str, at: int, expect: bytes | None) -> bool:
+        """Durably at ``rel_dir/name``, whole, but for a pending rename into bak or joberrors.
+
+        A rename is atomic: a crash keeps the job here or there, and there
+        it has its log (checked at the rename itself, :meth:`_after`).
+        """
+        m = self.model
+        d = m.root
+        for part in [p for p in rel_dir.split("/") if p and p != "."]:
+            value, waiting = m.entry(d, part, at)
+            if waiting or value is None:
+                return False
+            d = value
+        value, waiting = m.entry(d, name, at)
+        if value is None or not waiting:
+            return False
+        for op in waiting:
+            if (
+                op.kind != "rename"
+                or (op.dir, op.name) != (d, name)
+                or not self._finished_dir(op.dir2)
+            ):
+                return False
+        data, _, pending = m.content(value, at)
+        return not pending and bool(data) and (expect is None or data == expect)
 
     def _expected(self, ack: Ack) -> bytes | None:
         """The bytes uploaded as this job, when known by its name."""
