@@ -5,20 +5,26 @@ by ``jobspool init``; the checker replays the trace, checks every
 acknowledgement, builds crash states and recovers each with the real
 ``jobspool daemon --once``. The correct life cycle must pass with no finding,
 also when a sync fails once (it retries); each planted bug must be caught by
-the checks that can see it. The parser is tested on strace's split lines.
+the checks that can see it. The same for ``jobspool serve`` with a bug
+planted in its upload or its download (tests/crashcheck/planted/http): the
+checker must see that its answers came before the job was durable. The
+parser is tested on strace's split lines.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.crashcheck import trace as tracing
+from tests.crashcheck import workload
 from tests.crashcheck.checks import Checker, Report
 from tests.crashcheck.planted import lifecycle
-from tests.kit import JOBSPOOL
+from tests.kit import JOBSPOOL, free_port, make_certificates
 from tests.kit import run as run_jobspool
 
 JOBS = 4
@@ -86,6 +92,49 @@ def test_planted_life_cycle(
         assert report.findings == [], report.summary()
 
 
+PLANTED_HTTP = Path(lifecycle.__file__).parent / "http"
+
+
+def planted_http(tmp_path: Path, bug: str) -> Report:
+    """The workload's HTTP part alone, ``bug`` planted in the server; the checker's report."""
+    site = tmp_path / "site"
+    site.mkdir()
+    make_certificates(site)
+    port = free_port()
+    config = workload.prepare(site, port)
+    env = {**os.environ, "PYTHONPATH": str(PLANTED_HTTP), "JOBSPOOL_PLANTED_HTTP": bug}
+    argv = [sys.executable, workload.__file__, str(site), str(JOBSPOOL), "3"]
+    argv += ["0", "0", "0", "4", "2", str(port)]  # no drops, submits, retries; 4 uploads
+    run = tracing.record(argv, tmp_path / "trace", env=env, cwd=site)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((site / "manifest.json").read_text())
+    checker = Checker(
+        tracing.parse(tmp_path / "trace"), site, config, site / "spool",
+        expected={name: bytes.fromhex(data) for name, data in manifest.items()},
+        clients=[Path(workload.__file__).name], jobspool=JOBSPOOL,
+        points=3, random_points=0, subsets=1,
+    )  # fmt: skip
+    checker.check()
+    checker.crash(tmp_path / "crash")
+    print(checker.report.summary())
+    return checker.report
+
+
+@pytest.mark.parametrize(
+    ("bug", "caught"),
+    [
+        ("upload-skip-file-fsync", {"rejected"}),
+        ("skip-dir-fsync", {"uploaded", "rejected", "downloaded"}),
+    ],
+)
+def test_planted_http_bug_is_caught(tmp_path: Path, bug: str, caught: set[str]) -> None:
+    report = planted_http(tmp_path, bug)
+    assert report.http == {"uploaded": 3, "rejected": 1, "downloaded": 2}, report.summary()
+    assert report.surprises == [], report.summary()
+    late = {f.detail.split(" ", 1)[0] for f in report.of(ACK)}
+    assert late == caught, report.summary()
+
+
 SPLIT = """\
 100 1.000001 openat(AT_FDCWD<\\x2f\\x77>, "\\x61", O_WRONLY|O_CREAT, 0640) = 3<\\x2f\\x77\\x2f\\x61>
 100 1.000002 write(3<\\x2f\\x77\\x2f\\x61>, "\\x68\\x69", 2 <unfinished ...>
@@ -110,3 +159,25 @@ def test_parser_joins_split_calls_and_keeps_both_positions(tmp_path: Path) -> No
     assert not failed.ok and failed.error == "EIO" and failed.injected
     assert t.exits == {100: 0}
     assert t.unparsed == []
+
+
+OVERTAKEN = """\
+200 1.000001 renameat(3<\\x2f\\x77>, "\\x2e\\x75", 3<\\x2f\\x77>, "\\x61" <unfinished ...>
+201 1.000002 openat(AT_FDCWD<\\x2f>, "\\x2f\\x77\\x2f\\x61", O_RDONLY) = 4<\\x2f\\x77\\x2f\\x61>
+200 1.000003 <... renameat resumed>) = 0
+201 1.000004 openat(AT_FDCWD<\\x2f>, "\\x2f\\x77\\x2f\\x62", O_RDONLY) = 5<\\x2f\\x77\\x2f\\x62>
+"""
+
+
+def test_a_rename_overtaken_by_an_open_of_its_new_name_is_replayed_before_it(
+    tmp_path: Path,
+) -> None:
+    """A partner's rename still returning when the daemon opens the new name: it came first."""
+    path = tmp_path / "trace"
+    path.write_text(OVERTAKEN)
+    t = tracing.parse(path)
+    assert [(c.name, c.start, c.end) for c in t.calls] == [
+        ("renameat", 0, 2),
+        ("openat", 1, 1),
+        ("openat", 3, 3),
+    ]

@@ -1,7 +1,8 @@
 """The real jobspool under the crash-consistency checker (tests/crashcheck).
 
 One workload (tests/crashcheck/workload.py: init, the daemon, about 150
-drops of every kind, submits, retries, a fetch, schedule results) is
+drops of every kind, submits, retries, a fetch, schedule results, and a
+real ``jobspool serve`` taking uploads and serving downloads over TLS) is
 recorded under strace, three times: as it is, with ``syncfs`` and ``fsync``
 failing now and then, and with renames failing now and then (strace's
 ``-e inject=...:error=EIO``; jobspool's own renames are ``rename`` and
@@ -23,9 +24,10 @@ import pytest
 from tests.crashcheck import trace as tracing
 from tests.crashcheck import workload
 from tests.crashcheck.checks import Checker, Report
-from tests.kit import JOBSPOOL, Site, log_events
+from tests.kit import JOBSPOOL, Site, free_port, log_events, make_certificates
 
 DROPS, SUBMITS, RETRIES = 150, 15, 5
+UPLOADS, DOWNLOADS = 16, 4  # through jobspool serve: a quarter of the uploads invalid
 RUNS = {
     "no faults": (),
     "sync failures": ("syncfs:error=EIO:when=3+6", "fsync:error=EIO:when=25+19"),
@@ -33,24 +35,28 @@ RUNS = {
 }
 # Every kind of acknowledgement the workload must produce, so that each is checked.
 KINDS = {"accepted", "rejected", "done", "failed", "submitted", "retried", "fetched", "schedule"}
+HTTP = {"uploaded": 12, "rejected": 4, "downloaded": DOWNLOADS}  # the server's answers
 
 
 def durability(tmp_path: Path, inject: tuple[str, ...], seed: int) -> Report:
     """Record the workload under strace and check it; the checker's report."""
     site = tmp_path / "site"
     site.mkdir()
-    config = workload.prepare(site)
+    make_certificates(site)
+    port = free_port()
+    config = workload.prepare(site, port)
     output = tmp_path / "trace"
     argv = [sys.executable, workload.__file__, str(site), str(JOBSPOOL), str(seed)]
-    run = tracing.record(
-        [*argv, str(DROPS), str(SUBMITS), str(RETRIES)], output, inject=inject, cwd=site
-    )
+    argv += [str(n) for n in (DROPS, SUBMITS, RETRIES, UPLOADS, DOWNLOADS, port)]
+    run = tracing.record(argv, output, inject=inject, cwd=site)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gave up" not in run.stderr, run.stderr[-3000:]  # every step of the day was played
+    print(f"HTTP requests answered 5xx and sent again: {run.stderr.count('answered 5')}")
     manifest = json.loads((site / "manifest.json").read_text())
     checker = Checker(
         tracing.parse(output), site, config, site / "spool",
         expected={name: bytes.fromhex(data) for name, data in manifest.items()},
+        clients=[Path(workload.__file__).name],
         jobspool=JOBSPOOL, seed=seed, points=8, random_points=3, subsets=1,
     )  # fmt: skip
     checker.check()
@@ -64,7 +70,8 @@ def test_every_acknowledgement_is_durable_and_every_crash_recovers(
     tmp_path: Path, faults: str
 ) -> None:
     report = durability(tmp_path, RUNS[faults], seed=20261203)
-    assert set(report.acks) >= KINDS, report.summary()
+    assert set(report.acks) >= KINDS | set(HTTP), report.summary()
+    assert report.http == HTTP, report.summary()  # every answer of the server was checked
     if faults != "no faults":  # the faults did happen, and the daemon lived on
         assert report.injected, report.summary()
     assert report.surprises == [], report.summary()  # the model followed every call

@@ -6,11 +6,13 @@ model (:mod:`tests.crashcheck.model`) and, as it goes:
 - at every **acknowledgement** (a daemon's JSON line ``accepted``,
   ``rejected``, ``done``, ``failed``, ``schedule ran``/``skipped``; the
   output of ``jobspool submit``, ``retry`` and ``fetch``, judged by their
-  exit status), checks that what it reports would survive a power cut at
+  exit status; the answers of ``jobspool serve``: an upload taken (201) or
+  rejected (400), a download (200), each at the moment the server began
+  to write it on the connection), checks that what it reports would survive a power cut at
   that instant: the job's entry at the place reported (and every directory
   above it), its bytes (those uploaded, when known) and its stamp; for a
-  finished or rejected job, its log beside it; for a fetch, the copy in the
-  target too;
+  finished or rejected job, its log beside it; for an upload, its pending
+  log; for a fetch, the copy in the target too;
 - at **every operation** that puts a job into ``bak/`` or ``joberrors/``,
   or removes or replaces a log there, checks that the job never sits there
   without a durable log;
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from jobspool import joblog
 from tests.crashcheck.model import Model, Op
-from tests.crashcheck.trace import Call, Trace, iovec_data
+from tests.crashcheck.trace import Call, Trace, connection, iovec_data
 
 LOG = ",log.xml"
 DAEMON_ACKS = {"accepted", "rejected", "done", "failed", "schedule ran", "schedule skipped"}
@@ -52,6 +54,7 @@ class Ack:
 
     at: int
     kind: str  # accepted rejected done failed submitted retried fetched schedule
+    # uploaded downloaded (HTTP; a rejected upload is "rejected")
     job: str
     place: str
     source: str
@@ -84,6 +87,7 @@ class Report:
     failed_syncs: int = 0
     acks: collections.Counter[str] = field(default_factory=collections.Counter)
     injected: collections.Counter[str] = field(default_factory=collections.Counter)  # by call
+    http: collections.Counter[str] = field(default_factory=collections.Counter)  # HTTP answers
     findings: list[Finding] = field(default_factory=list)
     crash_points: int = 0
     crash_states: int = 0
@@ -96,10 +100,13 @@ class Report:
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.acks.items()))
+        http = ", ".join(f"{k} {n}" for k, n in sorted(self.http.items()))
         lines = [
             f"{self.calls} calls, {self.ops} ops, {self.syncs} syncs ({self.failed_syncs} failed), "
             f"{sum(self.injected.values())} failures injected; "
-            f"{sum(self.acks.values())} acknowledgements checked ({kinds}); "
+            f"{sum(self.acks.values())} acknowledgements checked ({kinds}"
+            + (f"; of them HTTP answers: {http}" if http else "")
+            + "); "
             f"{self.crash_states} crash states at {self.crash_points} points, "
             f"{self.recovered} recovered; {len(self.findings)} findings; {self.seconds:.1f}s",
         ]
@@ -126,7 +133,9 @@ class Checker:
     recovery runs with it), ``spool`` the spool under it. ``expected`` maps
     job names (as dropped or submitted) to their bytes. ``ackers`` are the
     names of programs (besides ``jobspool``) whose JSON log lines on stderr
-    acknowledge jobs, as the daemon's do.
+    acknowledge jobs, as the daemon's do. ``clients`` are the names of
+    programs that talk to ``jobspool serve`` and say on stdout what it
+    answered (see :meth:`_http_acks`).
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class Checker:
         *,
         expected: Mapping[str, bytes] | None = None,
         ackers: Sequence[str] = (),
+        clients: Sequence[str] = (),
         jobspool: Path | None = None,
         seed: int = 0,
         points: int = 10,
@@ -151,6 +161,7 @@ class Checker:
         self.spool = os.path.relpath(spool, base)
         self.expected = dict(expected or {})
         self.ackers = set(ackers)
+        self.clients = set(clients)
         self.jobspool = jobspool
         self.rng = random.Random(seed)
         self.points, self.random_points, self.subsets = points, random_points, subsets
@@ -162,6 +173,8 @@ class Checker:
         self._spoke: set[int] = set()  # CLI processes whose first output was seen
         self._started: dict[int, int] = {}  # process -> its first position in the trace
         self._keep_failed = False
+        self._sending: dict[int, int] = {}  # client port -> where it said it sends a request
+        self._answered: dict[int, int] = {}  # client port -> the server's first write after
 
     # --- the replay ------------------------------------------------------------------
 
@@ -174,11 +187,13 @@ class Checker:
                 self.report.injected[call.name] += 1
             for op in self.model.apply(call):
                 self._after(op)
+            self._server_wrote(call)
             for ack in self._acks_of(call):
                 self.acks.append(ack)
                 self.report.acks[ack.kind] += 1
                 self._check_ack(ack)
                 self.crash_points.append(CrashPoint(ack.at, str(ack), []))
+        self.acks.sort(key=lambda a: a.at)  # an HTTP answer is known after it was given
         self.report.calls = len(self.trace.calls)
         self.report.ops = len(self.model.ops)
         self.report.syncs = self.model.syncs
@@ -208,6 +223,8 @@ class Checker:
         daemon = prog == "jobspool" and "daemon" in argv
         if daemon or self.ackers & {os.path.basename(a) for a in argv}:
             return self._daemon_acks(call, text, fd, proc)
+        if fd == 1 and self.clients & {os.path.basename(a) for a in argv}:
+            return self._http_acks(call, text, proc)
         if prog == "jobspool":
             return self._cli_acks(call, argv, text, fd, proc)
         return []
@@ -229,6 +246,55 @@ class Checker:
                 continue
             job, to = str(event.get("job")), str(event.get("to"))
             out.append(Ack(call.end, kind, job, to, source, original=event.get("dropped_as")))
+        return out
+
+    def _server_wrote(self, call: Call) -> None:
+        """Note ``jobspool serve``'s first write on a connection after its client's request."""
+        if call.name not in ("write", "writev", "sendto", "sendmsg") or not call.ok:
+            return
+        ports = connection(call.args[0]) if call.args else None
+        if ports is None or ports[1] not in self._sending or ports[1] in self._answered:
+            return
+        argv = self.trace.argv(call.pid, call.start)
+        if not argv or os.path.basename(argv[0]) != "jobspool" or "serve" not in argv:
+            return
+        if call.start > self._sending[ports[1]]:
+            self._answered[ports[1]] = call.start
+
+    def _http_acks(self, call: Call, text: str, proc: int) -> list[Ack]:
+        """A client's lines: ``{"http": "sending", "port": P}`` once its connection is up,
+        before it sends the request; ``{"http": "answer", "port": P, "kind": "upload" or
+        "download", "status": S, "job": NAME, "interface": IFACE}`` once it has read the
+        answer. The acknowledgement is the server's first write on that connection after
+        the first line (the answer's first bytes): what had to be durable then, must be.
+        """
+        out = []
+        for line in text.splitlines():
+            try:
+                said = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(said, dict) or "http" not in said:
+                continue
+            port = int(said["port"])
+            if said["http"] == "sending":
+                self._sending[port] = call.end
+                self._answered.pop(port, None)
+                continue
+            at = self._answered.get(port)
+            source = (
+                f"jobspool serve, {said['kind']} answered {said['status']} (client port {port})"
+            )
+            if at is None:
+                self.find(call.end, "answer not traced", f"{source}: no write of the server seen")
+                continue
+            kind, place = {
+                ("upload", 201): ("uploaded", f"queue/{said['interface']}"),
+                ("upload", 400): ("rejected", "joberrors"),
+                ("download", 200): ("downloaded", f"bak/{said['interface']}"),
+            }[(said["kind"], said["status"])]
+            self.report.http[kind] += 1
+            out.append(Ack(at, kind, str(said["job"]), place, source))
         return out
 
     def _cli_acks(self, call: Call, argv: list[str], text: str, fd: int, proc: int) -> list[Ack]:
@@ -273,11 +339,62 @@ class Checker:
                 self._need(ack, where, name, None)
             return
         expect = self._expected(ack)
+        if ack.kind == "uploaded":
+            self._uploaded(ack, expect)
+            return
         self._need(ack, where, ack.job, expect)
-        if ack.kind in ("rejected", "done", "failed", "fetched"):
+        if ack.kind in ("rejected", "done", "failed", "fetched", "downloaded"):
             self._need(ack, where, ack.job + LOG, b"")
         if ack.kind == "fetched" and ack.target is not None:
             self._need(ack, os.path.relpath(ack.target, self.base), ack.job, expect)
+
+    def _uploaded(self, ack: Ack, expect: bytes | None) -> None:
+        """An upload answered 201: queued with its pending log, or already run on.
+
+        The daemon may have run the job between the upload and its answer:
+        then it must be durably in ``bak/IFACE`` or ``joberrors`` with its log.
+        """
+        queued = self._unsure(f"{self.spool}/{ack.place}", ack.job, ack.at, expect)
+        if not queued:
+            pending = f"{self.spool}/state/pending"
+            self._need(ack, pending, ack.job + LOG, b"")
+            return
+        if self._moving_on(f"{self.spool}/{ack.place}", ack.job, ack.at, expect):
+            return
+        iface = ack.place.split("/", 1)[1]
+        for later in (f"bak/{iface}", "joberrors"):
+            where = f"{self.spool}/{later}"
+            if not self._unsure(where, ack.job, ack.at, expect) and not self._unsure(
+                where, ack.job + LOG, ack.at, b""
+            ):
+                return
+        self.find(ack.at, "acknowledged before durable", f"{ack}: {queued}")
+
+    def _moving_on(self, rel_dir: str, name: str, at: int, expect: bytes | None) -> bool:
+        """Durably at ``rel_dir/name``, whole, but for a pending rename into bak or joberrors.
+
+        A rename is atomic: a crash keeps the job here or there, and there
+        it has its log (checked at the rename itself, :meth:`_after`).
+        """
+        m = self.model
+        d = m.root
+        for part in [p for p in rel_dir.split("/") if p and p != "."]:
+            value, waiting = m.entry(d, part, at)
+            if waiting or value is None:
+                return False
+            d = value
+        value, waiting = m.entry(d, name, at)
+        if value is None or not waiting:
+            return False
+        for op in waiting:
+            if (
+                op.kind != "rename"
+                or (op.dir, op.name) != (d, name)
+                or not self._finished_dir(op.dir2)
+            ):
+                return False
+        data, _, pending = m.content(value, at)
+        return not pending and bool(data) and (expect is None or data == expect)
 
     def _expected(self, ack: Ack) -> bytes | None:
         """The bytes uploaded as this job, when known by its name."""
@@ -487,6 +604,7 @@ class Checker:
         allowed = {
             "done": {ack.place},
             "fetched": {ack.place},
+            "downloaded": {ack.place},
             "rejected": {"joberrors"},
             "failed": {"joberrors"},
         }.get(ack.kind, downstream)

@@ -2,8 +2,9 @@
 
 :func:`record` runs a command (and every process it starts) under
 ``strace -f`` with the file-system calls that change what a power cut keeps,
-the calls that say something to a user (writes, exit), and the process
-calls that tell threads and programs apart (clone, execve). Every string is
+the calls that say something to a user (writes, exit; ``sendto`` and
+``sendmsg``, which a server answers with), and the process calls that tell
+threads and programs apart (clone, execve). Every string is
 printed in hex (``-xx``) and whole (a large ``-s``), so a write's data and a
 path with any byte in it read back exactly; ``-y`` names the file behind
 every descriptor. One output file for the whole tree: strace writes its lines
@@ -33,6 +34,8 @@ FILE_CALLS = (
     "utimensat,chdir,fchdir"
 )
 PROCESS_CALLS = "clone,clone3,fork,vfork,execve,exit_group"
+# What a server answers with (write is traced already): -yy names the connection.
+SOCKET_CALLS = "sendto,sendmsg"
 STRING_LIMIT = 1 << 22  # bytes of each string printed: every job and log here is smaller
 
 
@@ -40,7 +43,7 @@ def strace_argv(output: Path, inject: Sequence[str] = ()) -> list[str]:
     """The strace command line that records into ``output`` (``inject``: ``-e inject=`` specs)."""
     argv = [
         "strace", "-f", "-ttt", "-y", "-yy", "-xx", "-s", str(STRING_LIMIT),
-        "--seccomp-bpf", "-e", f"trace={FILE_CALLS},{PROCESS_CALLS}",
+        "--seccomp-bpf", "-e", f"trace={FILE_CALLS},{PROCESS_CALLS},{SOCKET_CALLS}",
         "-e", "signal=none", "-qq", "-o", str(output),
     ]  # fmt: skip
     for spec in inject:
@@ -192,7 +195,49 @@ def parse(path: Path) -> Trace:
             call = _call(pid, name, text + ") = ?", start, start, 0.0)
             if call is not None:
                 _note(trace, call)
+    settle_renames(calls)
     return trace
+
+
+RENAMES = ("rename", "renameat", "renameat2")
+
+
+def settle_renames(calls: list[Call]) -> None:
+    """Put a rename that another process's open of its new name overtook before that open.
+
+    Calls are in the order of their returns; a rename split by another
+    process's calls (a partner's upload, while the daemon scans) returns
+    after them. If one of them opened the rename's new name, the rename had
+    taken effect by then: replayed later, the open would find a name the
+    model does not know yet. The rename keeps its own start and end.
+    """
+    i = 0
+    while i < len(calls):
+        r = calls[i]
+        dest = _rename_dest(r) if r.name in RENAMES and r.ok and r.start < r.end else None
+        first = None
+        j = i - 1
+        while dest is not None and j >= 0 and calls[j].end > r.start:
+            c = calls[j]
+            if c.name in ("open", "openat") and c.ok and c.pid != r.pid and c.ret_path == dest:
+                first = j
+            j -= 1
+        if first is not None:
+            calls.insert(first, calls.pop(i))
+        i += 1
+
+
+def _rename_dest(call: Call) -> str | None:
+    """A rename's new name as an absolute path, when the call shows it."""
+    if call.name == "rename":
+        path = call.args[1].path if len(call.args) > 1 else None
+        return os.path.normpath(path) if path and path.startswith("/") else None
+    if len(call.args) < 4 or call.args[3].path is None:
+        return None
+    name, folder = call.args[3].path, call.args[2].path
+    if name.startswith("/"):
+        return os.path.normpath(name)
+    return absolute(name, folder) if folder else None
 
 
 def _note(trace: Trace, call: Call) -> None:
@@ -302,3 +347,12 @@ def calls_of(trace: Trace, names: set[str]) -> Iterator[Call]:
 def absolute(path: str, cwd: str) -> str:
     """``path`` made absolute against ``cwd``, normalised as the kernel would see it."""
     return os.path.normpath(path if path.startswith("/") else os.path.join(cwd, path))
+
+
+_TCP = re.compile(r"TCP6?:\[(.*):(\d+)->(.*):(\d+)\]")
+
+
+def connection(arg: Arg) -> tuple[int, int] | None:
+    """(local port, peer port) of a TCP socket descriptor as ``-yy`` prints it, else None."""
+    m = _TCP.search(arg.text)
+    return (int(m.group(2)), int(m.group(4))) if m else None
