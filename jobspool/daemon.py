@@ -403,7 +403,7 @@ class Daemon:
                         self.look_at(queue / name, False, now)
         self.commit_accepted()
         for lane in self.lanes.values():
-            lane.refill()
+            lane.refill(self.accepted)  # (not those whose acceptance a failed sync holds)
 
     # --- start, stop, reload ----------------------------------------------------------
 

@@ -53,6 +53,7 @@ import subprocess
 import threading
 import time
 from array import array
+from collections.abc import Container
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -85,6 +86,16 @@ class Finished(NamedTuple):
 
 FOLD_FROM = 65_536  # jobs in a backlog's heap before they may join its run
 SHORTEN_FROM = 4_096  # jobs taken from the front of a run before its list may be shortened
+
+
+class _Either:
+    """Names in any of some containers (without copying a million of them into one)."""
+
+    def __init__(self, *containers: Container[str]) -> None:
+        self.containers = containers
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in c for c in self.containers)
 
 
 class HeldLogs:
@@ -268,12 +279,18 @@ class Lane:
             if self.backlog.offer(stamp, name):
                 self.cond.notify()
 
-    def refill(self) -> None:
-        """Add whatever the queue directory holds that the lane does not know."""
+    def refill(self, unsettled: Container[str] = ()) -> None:
+        """Add whatever the queue directory holds that the lane does not know.
+
+        ``unsettled`` are names renamed into the queue whose acceptance is not
+        yet durable (a sync failed): they are handed over once it is, never
+        found here first.
+        """
         # The set itself, not a copy (a million names): each membership test
         # is atomic, and a name offered or forgotten meanwhile is sorted out
         # by extend() under the lock, or skipped when its file is gone.
-        listing = self.spool.listing(self.iface.name, known=self.backlog.known)
+        known = _Either(self.backlog.known, unsettled) if unsettled else self.backlog.known
+        listing = self.spool.listing(self.iface.name, known=known)
         with self.cond:
             if self.backlog.extend(listing):
                 self.cond.notify_all()
@@ -466,6 +483,8 @@ class Lane:
             # into the pending log, which the next run's log starts from.
             why = "interrupted by shutdown; the job stays queued and runs again"
             joblog.ran(log, outcome._replace(result=handlers.FAILED, reason=why), self._describe())
+            # Its last event is not a finished run, so no restart takes it for a kept outcome.
+            joblog.note(log, why)
             with contextlib.suppress(Exception):  # a full disk must not stop the shutdown
                 spool.write(spool.pending_log(name), [joblog.to_bytes(log)], replace=True)
             bound.warning("interrupted by shutdown; it stays queued and runs again")
