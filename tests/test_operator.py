@@ -335,3 +335,20 @@ def test_a_job_deleted_while_it_runs_leaves_no_log_behind_in_bak(site):
     assert sorted(os.listdir(site.dir_of("bak", "orders_in"))) == ["after.xml", "after.xml,log.xml"]
     assert (site.root / "state/deleted/busy.xml").exists()
     daemon.stop()
+
+
+def test_user_changes_are_in_the_audit_log(site):
+    site.configure(plain())
+    text = site.config.read_text() + "http:\n  users: htpasswd\n"
+    site.config.write_text(text)
+    site.init()
+    for args in (("add", "bob"), ("passwd", "bob")):
+        result = site.run("user", *args, "--password-stdin", "--cost", "4", input="pw\n")
+        assert result.returncode == 0, result
+    site.ok("user", "remove", "bob")
+    entries = json.loads(site.ok("audit", "--json"))
+    assert [(e["action"], e["target"]) for e in entries] == [
+        ("user add", "bob"),
+        ("user passwd", "bob"),
+        ("user remove", "bob"),
+    ]
