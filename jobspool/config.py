@@ -101,6 +101,7 @@ class DaemonSettings(NamedTuple):
     schedule_concurrency: int = 8  # scheduled runs at once; more wait for a free run thread
     check_workers: int = 0  # processes that check drops off the main loop; 0: one per CPU, up to 4
     tree_limit: int = 64 << 20  # bytes: the largest document a RELAX NG schema is checked on
+    durability: str | None = None  # "syncfs" or "fsync"; None: chosen by the spool's file system
 
 
 DEFAULT_HTTP_PORT = 8443
@@ -153,6 +154,13 @@ class Http(NamedTuple):
 _NO_HTTP_INTERFACE = HttpInterface()
 
 
+class Cluster(NamedTuple):
+    """Several daemons on one shared spool (the ``cluster:`` section; docs/deployment.rst)."""
+
+    node: str  # this daemon's name in the cluster, unique among its daemons
+    lease: float = 30.0  # seconds an unrenewed lease lasts before another node takes over
+
+
 class Config(NamedTuple):
     """The whole configuration, as read from :attr:`path`."""
 
@@ -162,6 +170,7 @@ class Config(NamedTuple):
     schedules: Mapping[str, Schedule]
     daemon: DaemonSettings = DaemonSettings()
     http: Http | None = None  # None: no http: section, no 'jobspool serve'
+    cluster: Cluster | None = None  # None: one daemon serves the spool (the daemon lock)
 
     def interface(self, name: str) -> Interface:
         """The interface called ``name``; :class:`BadRequest` if there is none."""
@@ -364,7 +373,9 @@ class _Reader:
         return (self.base / value).absolute()
 
     def config(self, data: object) -> Config:
-        top = self.mapping(data, "", {"spool", "interfaces", "schedules", "daemon", "http"})
+        top = self.mapping(
+            data, "", {"spool", "interfaces", "schedules", "daemon", "http", "cluster"}
+        )
         spool = self.relative(top.get("spool", DEFAULT_SPOOL), "spool")
         raw_ifaces = self.mapping(top.get("interfaces"), "interfaces", None)
         if not raw_ifaces:
@@ -373,7 +384,20 @@ class _Reader:
         raw_scheds = self.mapping(top.get("schedules"), "schedules", None)
         schedules = {i: self.schedule(i, v) for i, v in raw_scheds.items()}
         http = None if top.get("http") is None else self.http(top["http"], interfaces)
-        return Config(self.path, spool, interfaces, schedules, self.daemon(top.get("daemon")), http)
+        cluster = None if top.get("cluster") is None else self.cluster(top["cluster"])
+        daemon = self.daemon(top.get("daemon"))
+        return Config(self.path, spool, interfaces, schedules, daemon, http, cluster)
+
+    def cluster(self, value: object) -> Cluster:
+        raw = self.mapping(value, "cluster", set(Cluster._fields))
+        node = raw.get("node")
+        if not isinstance(node, str) or not names.is_valid(node):
+            raise self.fail("cluster.node", "a node name that is a valid file name", node)
+        default = Cluster._field_defaults["lease"]
+        lease = self.convert(raw.get("lease", default), "cluster.lease", parse_duration)
+        if lease < 3:
+            raise self.fail("cluster.lease", "a duration of 3 seconds or more", raw.get("lease"))
+        return Cluster(node, lease)
 
     def daemon(self, value: object) -> DaemonSettings:
         raw = self.mapping(value, "daemon", _DAEMON_KEYS)
@@ -390,8 +414,12 @@ class _Reader:
             if seconds[k] <= 0:
                 raise self.fail(f"daemon.{k}", "a duration above zero", raw.get(k))
         metrics = raw.get("metrics")
+        durability = raw.get("durability")
+        if durability not in (None, "syncfs", "fsync"):
+            raise self.fail("daemon.durability", "syncfs or fsync", durability)
         return DaemonSettings(
             watch=watch,
+            durability=durability,
             history=self.count(raw.get("history", d.history), "daemon.history"),
             schedule_concurrency=self.count(
                 raw.get("schedule_concurrency", d.schedule_concurrency),

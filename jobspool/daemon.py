@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobspool import check, config, intake, logs, metrics, names, notify, watch
+from jobspool import check, config, intake, lease, logs, metrics, names, notify, watch
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
 from jobspool.durable import BATCH, GroupCommit, os_errors, remove_if_abandoned
@@ -50,6 +50,7 @@ class Daemon:
         self.cfg, validators = check_config(config_path)
         check.use_compiled(validators)
         self.spool = Spool.of(self.cfg)
+        self.spool.sync_mode()  # fsync mode notes unsynced writes from now on
         self.once = once
         self.logger = logs.get()
         # Wakes the loop from other threads and signal handlers; waited on
@@ -82,13 +83,19 @@ class Daemon:
         self.ping = notify.watchdog_interval()  # seconds between WATCHDOG=1, if systemd asks
         self.next_ping = 0.0
         self._folders: dict[Path, tuple[str, str]] = {}
+        # Cluster mode (docs/deployment.rst): leases instead of the daemon lock.
+        self.cluster: lease.Coordinator | None = None
+        self.next_lease_turn = 0.0
 
     # --- life cycle -------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve the spool until SIGTERM (or, with ``once``, until nothing is left to do)."""
         self.spool.init()
-        self.lock()
+        if self.cfg.cluster is None:
+            self.lock()
+        else:
+            self.join_cluster()
         self.checks.start()  # forked while this process has no other thread
         self.clean_up()
         self.install_signals()
@@ -105,7 +112,9 @@ class Daemon:
             if self.reload_requested:
                 self.reload()
             due = self.loop(time.time())
-            if self.scheduler is not None and not self.once:
+            if self.cluster is not None and now >= self.next_lease_turn:
+                self.cluster_turn()
+            if self.scheduler is not None and not self.once and self.serves(lease.SCHEDULES):
                 next_schedule = self.scheduler.poll(time.time())
                 if next_schedule is not None:
                     due = min(due, next_schedule) if due is not None else next_schedule
@@ -360,9 +369,10 @@ class Daemon:
 
     # --- start, stop, reload ----------------------------------------------------------
 
-    def lock(self) -> None:
+    def lock(self, name: str = "daemon.lock", what: str = "") -> None:
         """One daemon per spool: an exclusive lock on state/daemon.lock, holding our pid."""
-        path = self.spool.state / "daemon.lock"
+        path = self.spool.state / name
+        what = what or f"spool {self.spool.root}"
         with os_errors(f"cannot lock the spool at {self.spool.root}"):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -370,9 +380,7 @@ class Daemon:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise TryLater(
-                f"spool {self.spool.root} is already served by jobspool daemon pid {holder}"
-            ) from None
+            raise TryLater(f"{what} is already served by jobspool daemon pid {holder}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -428,11 +436,14 @@ class Daemon:
             self.commit,
             self.held,
             self.counters,
+            None if self.cluster is None else self.may_move,
         )
 
     def start_lanes(self) -> None:
         ctx = self.lane_context()
         for iface in self.cfg.interfaces.values():
+            if not self.serves(lease.interface_key(iface.name)):
+                continue  # another node's, for now (cluster mode)
             if not iface.outbound and iface.name not in self.lanes:
                 lane = self.lanes[iface.name] = Lane(iface, ctx)
                 lane.refill()
@@ -456,6 +467,8 @@ class Daemon:
             self.watcher.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
+        if self.cluster is not None:
+            self.cluster.release_all(time.time())
         self.logger.info("stopped")
 
     def reload(self) -> None:
@@ -491,6 +504,56 @@ class Daemon:
         self.rescan()
         self.logger.info("reloaded", interfaces=list(new.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
+
+    # --- cluster mode -------------------------------------------------------------------
+
+    def join_cluster(self) -> None:
+        """Cluster mode: one daemon per node (its own lock), leases for the rest."""
+        assert self.cfg.cluster is not None
+        node = self.cfg.cluster.node
+        self.lock(f"daemon.{node}.lock", f"node {node} of spool {self.spool.root}")
+        store = lease.Store(self.spool.state, self.spool.tmp)
+        store.init()
+        keys = [lease.interface_key(i.name) for i in self.cfg.interfaces.values()]
+        keys.append(lease.SCHEDULES)
+        self.cluster = lease.Coordinator(store, node, self.cfg.cluster.lease, keys)
+        self.logger.info("joining the cluster", node=node, lease=self.cfg.cluster.lease)
+
+    def serves(self, key: str) -> bool:
+        """Whether this daemon serves ``key`` now: always, unless in cluster mode."""
+        return self.cluster is None or key in self.cluster.held
+
+    def may_move(self, iface: str) -> bool:
+        """Asked by a lane before it starts a handler and before every move it makes."""
+        assert self.cluster is not None
+        return self.cluster.may_move(lease.interface_key(iface), time.monotonic())
+
+    def cluster_turn(self) -> None:
+        """Renew, take, drain and give up leases; start and stop lanes to match."""
+        assert self.cluster is not None and self.cfg.cluster is not None
+        self.next_lease_turn = time.monotonic() + self.cfg.cluster.lease * lease.RENEW
+        turn = self.cluster.turn(time.monotonic(), time.time(), self._lease_idle)
+        prefix = len(lease.interface_key(""))
+        for key in turn.lost:
+            lane = self.lanes.pop(key[prefix:], None) if key != lease.SCHEDULES else None
+            if lane is not None:
+                lane.stop()  # a handler still running finds its lease gone: nothing moves
+            self.logger.warning("lease given up or lost", lease=key, node=self.cluster.node)
+        for key in turn.draining:
+            lane = self.lanes.get(key[prefix:])
+            if lane is not None and not lane.stopping:
+                lane.stop()  # takes no new job; released once idle
+                self.logger.info("handing over", lease=key, node=self.cluster.node)
+        for key in turn.acquired:
+            self.logger.info("lease taken", lease=key, node=self.cluster.node)
+        if turn.acquired:
+            self.start_lanes()
+
+    def _lease_idle(self, key: str) -> bool:
+        lane = self.lanes.get(key[len(lease.interface_key("")) :])
+        if key == lease.SCHEDULES:
+            return True  # a scheduled run in progress is finished by its process
+        return lane is None or (not lane.in_flight and not lane.finished)
 
     # --- reporting --------------------------------------------------------------------
 

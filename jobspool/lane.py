@@ -45,6 +45,7 @@ import subprocess
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -109,6 +110,9 @@ class LaneContext(NamedTuple):
     commit: GroupCommit
     held: HeldLogs
     counters: Counters
+    # Cluster mode: asked before a handler starts and before every move; False:
+    # this node's lease on the interface is lost, nothing more moves.
+    may_move: Callable[[str], bool] | None = None
 
 
 class Backlog:
@@ -313,7 +317,7 @@ class Lane:
                 wait = self.not_before - time.monotonic()
                 # While finished jobs cannot be committed (a machine fault), no
                 # new handler starts: its outcome could not be kept either.
-                runnable = self.backlog and not self.committing_fails
+                runnable = self.backlog and not self.committing_fails and self._owned()
                 if runnable and wait <= 0 and not self.spool.is_paused(self.iface.name):
                     item = self.backlog.pop()
                     self.in_flight.add(item[1])
@@ -441,6 +445,9 @@ class Lane:
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
+            if not self._owned():
+                self._lost(f)
+                continue
             try:
                 queued = spool.dir(QUEUE, self.iface.name) / f.name
                 spool.move(queued, dest_dir, new_name=new_name, sync=False)
@@ -456,6 +463,20 @@ class Lane:
         if not again:
             self._trouble_seen = None
         return again
+
+    def _owned(self) -> bool:
+        """Cluster mode: this node still holds the interface's lease (always, otherwise)."""
+        return self.ctx.may_move is None or self.ctx.may_move(self.iface.name)
+
+    def _lost(self, f: Finished) -> None:
+        """The lease went while the job ran: it stays queued, for the node that took over."""
+        self.ctx.logger.bind(job=f.name, interface=self.iface.name).warning(
+            "lease lost; the job stays queued and runs again on the node that took over",
+            result=f.outcome.result,
+        )
+        with self.cond:
+            self.in_flight.discard(f.name)
+            self.backlog.forget(f.name)
 
     def _trouble(self, f: Finished, what: str, exc: Exception) -> None:
         """Log a failed commit once per kind of fault, not once per job and attempt."""
