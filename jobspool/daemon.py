@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from jobspool.scheduler import Scheduler
 from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
+DEADLINE_KEEPER = 10.0  # seconds a stopping daemon waits for the lease keeper's last turn
 TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
 
 
@@ -85,7 +87,9 @@ class Daemon:
         self._folders: dict[Path, tuple[str, str]] = {}
         # Cluster mode (docs/deployment.rst): leases instead of the daemon lock.
         self.cluster: lease.Coordinator | None = None
-        self.next_lease_turn = 0.0
+        self.lease_turns: collections.deque[lease.Turn] = collections.deque()  # from the keeper
+        self.keeper_stop = threading.Event()
+        self.keeper: threading.Thread | None = None
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -112,8 +116,8 @@ class Daemon:
             if self.reload_requested:
                 self.reload()
             due = self.loop(time.time())
-            if self.cluster is not None and now >= self.next_lease_turn:
-                self.cluster_turn()
+            while self.lease_turns:
+                self.cluster_turn(self.lease_turns.popleft())
             if self.scheduler is not None and not self.once and self.serves(lease.SCHEDULES):
                 next_schedule = self.scheduler.poll(time.time())
                 if next_schedule is not None:
@@ -251,6 +255,11 @@ class Daemon:
                     if stat.S_ISREG(st.st_mode):
                         lane.offer(st.st_mtime_ns, name)
             return
+        if not self.serves(lease.interface_key(iface)):
+            # Cluster mode: its interface's owner takes it, so that acceptance
+            # order is the order its one lane learns of jobs (docs/deployment.rst).
+            self.waiting.pop(path, None)
+            return
         ready = watch.readiness(path, renamed_in, self.cfg.daemon.settle, now)
         if ready == watch.GONE:
             self.waiting.pop(path, None)
@@ -293,6 +302,8 @@ class Daemon:
         path = checked.key
         iface_name, screened = self.checking.pop(path)
         iface = self.cfg.interfaces.get(iface_name)
+        if not self.serves(lease.interface_key(iface_name)):
+            iface = None  # its lease went meanwhile: left in place for the new owner
         taken = None
         if iface is not None and checked.error is None:  # (an interface gone with a reload)
             try:
@@ -468,6 +479,9 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
         if self.cluster is not None:
+            self.keeper_stop.set()
+            if self.keeper is not None:
+                self.keeper.join(DEADLINE_KEEPER)
             self.cluster.release_all(time.time())
         self.logger.info("stopped")
 
@@ -518,6 +532,24 @@ class Daemon:
         keys.append(lease.SCHEDULES)
         self.cluster = lease.Coordinator(store, node, self.cfg.cluster.lease, keys)
         self.logger.info("joining the cluster", node=node, lease=self.cfg.cluster.lease)
+        self.keeper = threading.Thread(target=self.keep_leases, name="lease-keeper", daemon=True)
+        self.keeper.start()
+
+    def keep_leases(self) -> None:
+        """The keeper thread: renews on time however busy the main loop is."""
+        assert self.cluster is not None and self.cfg.cluster is not None
+        every = self.cfg.cluster.lease * lease.RENEW
+        while not self.keeper_stop.is_set():
+            began = time.monotonic()
+            try:
+                turn = self.cluster.turn(began, time.time(), self._lease_idle)
+            except Exception as exc:  # never let the keeper die: the leases would run out
+                self.logger.exception("cannot keep the leases", error=str(exc))
+            else:
+                if turn.acquired or turn.lost or turn.draining:
+                    self.lease_turns.append(turn)
+                    self.wake()
+            self.keeper_stop.wait(max(0.0, every - (time.monotonic() - began)))
 
     def serves(self, key: str) -> bool:
         """Whether this daemon serves ``key`` now: always, unless in cluster mode."""
@@ -528,11 +560,9 @@ class Daemon:
         assert self.cluster is not None
         return self.cluster.may_move(lease.interface_key(iface), time.monotonic())
 
-    def cluster_turn(self) -> None:
-        """Renew, take, drain and give up leases; start and stop lanes to match."""
-        assert self.cluster is not None and self.cfg.cluster is not None
-        self.next_lease_turn = time.monotonic() + self.cfg.cluster.lease * lease.RENEW
-        turn = self.cluster.turn(time.monotonic(), time.time(), self._lease_idle)
+    def cluster_turn(self, turn: lease.Turn) -> None:
+        """Start and stop lanes to match the leases the keeper took, lost or drains."""
+        assert self.cluster is not None
         prefix = len(lease.interface_key(""))
         for key in turn.lost:
             lane = self.lanes.pop(key[prefix:], None) if key != lease.SCHEDULES else None
