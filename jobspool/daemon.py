@@ -360,6 +360,14 @@ class Daemon:
 
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""
+        if self.cluster is None:
+            return self._rescan()
+        try:  # a shared file system away (a host cut off) is a fault to outlive
+            self._rescan()
+        except (OSError, JobspoolError) as exc:
+            self.logger.error("cannot rescan the spool; will try again", error=str(exc))
+
+    def _rescan(self) -> None:
         now = time.time()
         for iface in self.cfg.interfaces:
             folder = self.spool.dir(INCOMING, iface)
