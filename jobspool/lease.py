@@ -314,12 +314,10 @@ class Coordinator:
                         continue
                     if not want:
                         draining.append(key)
-                    self._renew(key, held, now, wall)
-                    continue
-                # Watched even when not wanted: should its owner die, the
-                # lease's staleness has been counting all along.
-                free = self._free(key, now)
-                if want and free:
+                    self._renew(key, held, now, wall)  # (a lost one is no longer valid)
+                elif self._free(key, now) and want:
+                    # _free is asked even when not wanted: should the owner
+                    # die, the lease's staleness has been counting all along.
                     gen, _ = self.store.current(key)
                     record = self._record(gen + 1, wall)
                     if self.store.take(key, record):
