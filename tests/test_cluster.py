@@ -22,6 +22,8 @@ import pytest
 import yaml
 from lxml import etree
 
+from jobspool import lease
+from jobspool.durable import durability_of, rename_noreplace
 from tests.kit import DEADLINE, Site, order, valid_log
 from tests.kit.dfs import Host, Volume
 
@@ -144,13 +146,13 @@ def test_two_daemons_share_one_spool(tmp_path: Path, volume: Volume, spool_path:
     sites = [host_site(tmp_path, host, spool_path) for host in volume.hosts]
     sites[0].init()
     daemons = [site.start() for site in sites]
-    # Both nodes serve: the interfaces are spread over them (rendezvous hashing).
+    # Both nodes serve: the interfaces are spread over them as documented
+    # (rendezvous hashing of node and interface names).
+    spread = {i: lease.owner(lease.interface_key(i), ["host1", "host2"]) for i in INTERFACES}
+    assert set(spread.values()) == {"host1", "host2"}
     sites[0].wait_for(
-        lambda: (
-            set(holders(sites[0]).values()) == {"host1", "host2"}
-            and len(holders(sites[0])) == len(INTERFACES)
-        ),
-        "both nodes to hold leases",
+        lambda: holders(sites[0]) == spread,
+        "the interfaces spread over both nodes",
         timeout=4 * LEASE + DEADLINE,
     )
     began = time.monotonic()
@@ -260,3 +262,19 @@ def _running(site: Site) -> bool:
         except OSError:  # ended meanwhile
             continue
     return False
+
+
+def test_moves_between_hosts_never_replace(volume: Volume, spool_path: str) -> None:
+    """No RENAME_NOREPLACE on FUSE: the link() move still refuses a file another host put."""
+    one, two = (host.mount / spool_path for host in volume.hosts)
+    one.mkdir()
+    (one / "mine").write_text("host1's job")
+    (two / "theirs").write_text("host2's job")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(one / "mine", one / "theirs")
+    assert (one / "theirs").read_text() == "host2's job"
+    assert (two / "mine").read_text() == "host1's job"
+    rename_noreplace(one / "mine", one / "moved")
+    assert sorted(os.listdir(two)) == ["moved", "theirs"]
+    # And a spool there syncs by fsync: syncfs would not reach the server.
+    assert durability_of(one) == "fsync"
