@@ -67,6 +67,7 @@ class Record(NamedTuple):
     expires: float  # renewed + lease, for people and ``jobspool interfaces``
     serial: int  # counts renewals, so that every renewal changes the file
     released: bool = False
+    since: float = 0.0  # wall-clock time this node took this generation, for people
 
     def encode(self) -> bytes:
         data = json.dumps(self._asdict(), separators=(",", ":")).encode()
@@ -227,7 +228,9 @@ class Store:
 
     def holders(self) -> dict[str, Record]:
         """Every key's newest record, for ``jobspool interfaces`` and the tests."""
-        out = {}
+        out: dict[str, Record] = {}
+        if not self.leases.is_dir():
+            return out
         for key in sorted(os.listdir(self.leases)):
             record = decode(self.current(key)[1])
             if record is not None:
@@ -278,10 +281,14 @@ class Coordinator:
             and self.store.still_ours(key, held.generation)
         )
 
-    def _record(self, generation: int, wall: float, released: bool = False) -> Record:
+    def _record(
+        self, generation: int, wall: float, released: bool = False, since: float | None = None
+    ) -> Record:
         self.serial += 1
+        since = wall if since is None else since
+        lease = self.lease
         return Record(
-            self.node, self.pid, generation, wall, wall + self.lease, self.serial, released
+            self.node, self.pid, generation, wall, wall + lease, self.serial, released, since
         )
 
     def live_nodes(self, now: float) -> list[str]:
@@ -308,7 +315,8 @@ class Coordinator:
             try:
                 if held is not None:
                     if not want and idle(key):
-                        self.store.renew(key, self._record(held.generation, wall, released=True))
+                        released = self._record(held.generation, wall, True, held.since)
+                        self.store.renew(key, released)
                         del self.held[key]
                         lost.append(key)
                         continue
@@ -331,7 +339,7 @@ class Coordinator:
         return Turn(acquired, lost, draining)
 
     def _renew(self, key: str, held: Held, now: float, wall: float) -> None:
-        record = self._record(held.generation, wall)
+        record = self._record(held.generation, wall, since=held.since)
         try:
             self.store.renew(key, record)
         except FileNotFoundError:

@@ -30,6 +30,8 @@ from jobspool.errors import JobspoolError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+    from jobspool.config import Config
+
 EX_SOFTWARE = 70  # an internal error: a bug, reported as one line (traceback with --debug)
 
 
@@ -141,8 +143,23 @@ def interfaces(state: State, as_json: bool) -> None:
          "errors": o.errors, "blocked": o.blocked}
         for o in overview
     ]  # fmt: skip
+    served = _served_by(cfg) if cfg.cluster is not None else None
+    if served is not None:  # cluster mode: which node serves each interface, since when
+        for r in rows:
+            r["node"], r["since"] = served.get(str(r["interface"]), (None, None))
     if as_json:
         print_json(rows)
+        return
+    if served is not None:
+        heads = ("INTERFACE", "NODE", "SINCE", "QUEUED", "OLDEST", "PAUSED", "WHY NOT MOVING")
+        table: list[tuple[str, ...]] = [heads]
+        table += [
+            (o.interface, *(v or "-" for v in served.get(o.interface, (None, None))),
+             str(o.queued), "-" if o.oldest_seconds is None else _age(o.oldest_seconds),
+             "yes" if o.paused else "no", "paused" if o.paused and o.queued else (o.blocked or ""))
+            for o in overview
+        ]  # fmt: skip
+        print_table(table)
         return
     table = [("INTERFACE", "DIR", "QUEUED", "OLDEST", "PAUSED", "ERRORS", "WHY NOT MOVING")]
     table += [
@@ -153,6 +170,23 @@ def interfaces(state: State, as_json: bool) -> None:
         for o in overview
     ]  # fmt: skip
     print_table(table)
+
+
+def _served_by(cfg: Config) -> dict[str, tuple[str | None, str | None]]:
+    """Cluster mode: interface -> (node holding its lease, since when), from state/leases/."""
+    from datetime import datetime
+
+    from jobspool import lease
+    from jobspool.spool import Spool
+
+    spool = Spool.of(cfg)
+    out: dict[str, tuple[str | None, str | None]] = {}
+    prefix = lease.interface_key("")
+    for key, record in lease.Store(spool.state, spool.tmp).holders().items():
+        if key.startswith(prefix) and not record.released:
+            since = datetime.fromtimestamp(record.since).astimezone()
+            out[key[len(prefix) :]] = (record.node, since.isoformat(timespec="seconds"))
+    return out
 
 
 # --- write commands ------------------------------------------------------------

@@ -129,6 +129,7 @@ class Volume:
         self.pid_file = base / "glusterd.pid"
         self.hosts = [Host(i + 1, base) for i in range(hosts)]
         self.timings: dict[str, float] = {}  # seconds each phase of start() took
+        self.mine = False  # whether start() began making things that stop() must remove
 
     def __enter__(self) -> Volume:
         try:
@@ -143,6 +144,10 @@ class Volume:
 
     def start(self) -> None:
         begin = time.monotonic()
+        others = [pid for pid, argv in _processes() if argv[:1] and argv[0].endswith(b"glusterd")]
+        if others:  # never tear down another test's or benchmark's volume
+            raise RuntimeError(f"glusterd is already running here (pid {others[0]}): one at a time")
+        self.mine = True
         self.stop_leftovers()
         self.work.mkdir(parents=True, exist_ok=True)
         self.brick.mkdir(parents=True, exist_ok=True)
@@ -189,6 +194,8 @@ class Volume:
 
     def stop(self) -> None:
         """Tear everything down; safe to call in any state, and twice."""
+        if not self.mine:
+            return
         for host in self.hosts:
             host.restore_quietly()
         for host in self.hosts:
@@ -229,19 +236,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _processes() -> list[tuple[int, list[bytes]]]:
+    """Every live process of the machine and its argv."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            with contextlib.suppress(OSError):
+                out.append((int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")))
+    return out
+
+
 def kill_bricks(brick: Path) -> None:
     """The brick server (glusterfsd) outlives glusterd: kill the one serving ``brick``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            cmdline
-            and cmdline[0].endswith(b"glusterfsd")
-            and os.fsencode(brick) in b" ".join(cmdline)
-        ):
+    for pid, argv in _processes():
+        if argv[:1] and argv[0].endswith(b"glusterfsd") and os.fsencode(brick) in b" ".join(argv):
             with contextlib.suppress(OSError):
-                os.kill(int(entry), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
