@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "latency": "bench.latency",
     "scale": "bench.scale",
     "scheduler": "bench.scheduler",
+    "cluster": "bench.cluster",  # root and glusterfs-server: a real shared file system
 }
 
 

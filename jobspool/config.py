@@ -105,6 +105,7 @@ class DaemonSettings(NamedTuple):
     schedule_concurrency: int = 8  # scheduled runs at once; more wait for a free run thread
     check_workers: int = 0  # processes that check drops off the main loop; 0: one per CPU, up to 4
     tree_limit: int = 64 << 20  # bytes: the largest document a RELAX NG schema is checked on
+    durability: str | None = None  # "syncfs" or "fsync"; None: chosen by the spool's file system
 
 
 DEFAULT_HTTP_PORT = 8443
@@ -213,6 +214,13 @@ class Notify(NamedTuple):
     queue: int = 10_000  # events waiting for the notifier; beyond, only counted
 
 
+class Cluster(NamedTuple):
+    """Several daemons on one shared spool (the ``cluster:`` section; docs/deployment.rst)."""
+
+    node: str  # this daemon's name in the cluster, unique among its daemons
+    lease: float = 30.0  # seconds an unrenewed lease lasts before another node takes over
+
+
 class Config(NamedTuple):
     """The whole configuration, as read from :attr:`path`."""
 
@@ -223,6 +231,7 @@ class Config(NamedTuple):
     daemon: DaemonSettings = DaemonSettings()
     http: Http | None = None  # None: no http: section, no 'jobspool serve'
     notify: Notify = Notify()  # no routes: no notifications
+    cluster: Cluster | None = None  # None: one daemon serves the spool (the daemon lock)
 
     def interface(self, name: str) -> Interface:
         """The interface called ``name``; :class:`BadRequest` if there is none."""
@@ -492,7 +501,7 @@ class _Reader:
 
     def config(self, data: object) -> Config:
         top = self.mapping(
-            data, "", {"spool", "interfaces", "schedules", "daemon", "http", "notify"}
+            data, "", {"spool", "interfaces", "schedules", "daemon", "http", "notify", "cluster"}
         )
         spool = self.relative(top.get("spool", DEFAULT_SPOOL), "spool")
         raw_ifaces = self.mapping(top.get("interfaces"), "interfaces", None)
@@ -503,8 +512,20 @@ class _Reader:
         schedules = {i: self.schedule(i, v) for i, v in raw_scheds.items()}
         http = None if top.get("http") is None else self.http(top["http"], interfaces)
         daemon = self.daemon(top.get("daemon"))
-        return Config(self.path, spool, interfaces, schedules, daemon, http,
-                      self.notify(top.get("notify")))  # fmt: skip
+        cluster = None if top.get("cluster") is None else self.cluster(top["cluster"])
+        notify = self.notify(top.get("notify"))
+        return Config(self.path, spool, interfaces, schedules, daemon, http, notify, cluster)
+
+    def cluster(self, value: object) -> Cluster:
+        raw = self.mapping(value, "cluster", set(Cluster._fields))
+        node = raw.get("node")
+        if not isinstance(node, str) or not names.is_valid(node):
+            raise self.fail("cluster.node", "a node name that is a valid file name", node)
+        default = Cluster._field_defaults["lease"]
+        lease = self.convert(raw.get("lease", default), "cluster.lease", parse_duration)
+        if lease < 3:
+            raise self.fail("cluster.lease", "a duration of 3 seconds or more", raw.get("lease"))
+        return Cluster(node, lease)
 
     def notify(self, value: object) -> Notify:
         """The ``notify:`` section: its routes and how events are gathered and spaced."""
@@ -632,8 +653,12 @@ class _Reader:
             if seconds[k] <= 0:
                 raise self.fail(f"daemon.{k}", "a duration above zero", raw.get(k))
         metrics = raw.get("metrics")
+        durability = raw.get("durability")
+        if durability not in (None, "syncfs", "fsync"):
+            raise self.fail("daemon.durability", "syncfs or fsync", durability)
         return DaemonSettings(
             watch=watch,
+            durability=durability,
             history=self.count(raw.get("history", d.history), "daemon.history"),
             schedule_concurrency=self.count(
                 raw.get("schedule_concurrency", d.schedule_concurrency),

@@ -24,12 +24,13 @@ import os
 import select
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobspool import check, config, faults, intake, logs, metrics, names, notify, watch
+from jobspool import check, config, faults, intake, lease, logs, metrics, names, notify, watch
 from jobspool.alerts import Alerts
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
@@ -43,6 +44,7 @@ from jobspool.schedules import Store
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
 ALERTS_GRACE = 10.0  # seconds the last notifications may take at shutdown
+DEADLINE_KEEPER = 10.0  # seconds a stopping daemon waits for the lease keeper's last turn
 TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
 
 
@@ -54,6 +56,7 @@ class Daemon:
         self.cfg, validators = check_config(config_path)
         check.use_compiled(validators)
         self.spool = Spool.of(self.cfg)
+        self.spool.sync_mode()  # fsync mode notes unsynced writes from now on
         self.once = once
         self.logger = logs.get()
         # Wakes the loop from other threads and signal handlers; waited on
@@ -94,6 +97,11 @@ class Daemon:
         self.ping = notify.watchdog_interval()  # seconds between WATCHDOG=1, if systemd asks
         self.next_ping = 0.0
         self._folders: dict[Path, tuple[str, str]] = {}
+        # Cluster mode (docs/deployment.rst): leases instead of the daemon lock.
+        self.cluster: lease.Coordinator | None = None
+        self.lease_turns: collections.deque[lease.Turn] = collections.deque()  # from the keeper
+        self.keeper_stop = threading.Event()
+        self.keeper: threading.Thread | None = None
         # The main loop survives any error; a fault that lasts is one line, and one at its end.
         log = self.logger
         self.turn_fault = faults.Episode(log, "the main loop met a fault; it goes on")
@@ -105,7 +113,10 @@ class Daemon:
     def run(self) -> int:
         """Serve the spool until SIGTERM (or, with ``once``, until nothing is left to do)."""
         self.spool.init()
-        self.lock()
+        if self.cfg.cluster is None:
+            self.lock()
+        else:
+            self.join_cluster()
         self.checks.start()  # forked while this process has no other thread
         self.clean_up()
         self.install_signals()
@@ -125,7 +136,10 @@ class Daemon:
                 if self.reload_requested:
                     self.reload()
                 due = self.loop(time.time())
-                if self.scheduler is not None and not self.once:
+                while self.lease_turns:
+                    self.cluster_turn(self.lease_turns.popleft())
+                serves_schedules = self.serves(lease.SCHEDULES)
+                if self.scheduler is not None and not self.once and serves_schedules:
                     next_schedule = self.scheduler.poll(time.time())
                     if next_schedule is not None:
                         due = min(due, next_schedule) if due is not None else next_schedule
@@ -272,6 +286,11 @@ class Daemon:
                     if stat.S_ISREG(st.st_mode):
                         lane.offer(st.st_mtime_ns, name)
             return
+        if not self.serves(lease.interface_key(iface)):
+            # Cluster mode: its interface's owner takes it, so that acceptance
+            # order is the order its one lane learns of jobs (docs/deployment.rst).
+            self.waiting.pop(path, None)
+            return
         ready = watch.readiness(path, renamed_in, self.cfg.daemon.settle, now)
         if ready == watch.GONE:
             self.waiting.pop(path, None)
@@ -318,6 +337,8 @@ class Daemon:
         path = checked.key
         iface_name, screened = self.checking.pop(path)
         iface = self.cfg.interfaces.get(iface_name)
+        if not self.serves(lease.interface_key(iface_name)):
+            iface = None  # its lease went meanwhile: left in place for the new owner
         taken = None
         if iface is not None and checked.error is None:  # (an interface gone with a reload)
             try:
@@ -407,9 +428,10 @@ class Daemon:
 
     # --- start, stop, reload ----------------------------------------------------------
 
-    def lock(self) -> None:
-        """One daemon per spool: an exclusive lock on state/daemon.lock, holding our pid."""
-        path = self.spool.state / "daemon.lock"
+    def lock(self, name: str = "daemon.lock", what: str = "") -> None:
+        """One daemon per spool (per node in cluster mode): an exclusive lock, holding our pid."""
+        path = self.spool.state / name
+        what = what or f"spool {self.spool.root}"
         # Read-only: a descriptor open for writing would keep the file system
         # from being remounted read-only (EBUSY), and flock needs none.
         with os_errors(f"cannot lock the spool at {self.spool.root}"):
@@ -425,9 +447,7 @@ class Daemon:
         else:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise TryLater(
-                f"spool {self.spool.root} is already served by jobspool daemon pid {holder}"
-            ) from None
+            raise TryLater(f"{what} is already served by jobspool daemon pid {holder}") from None
         self._lock_fd = fd
         pid = f"{os.getpid()}\n".encode()
         try:  # in place, then cut: no new block needed, so a full disk does not stop us
@@ -502,11 +522,14 @@ class Daemon:
             self.held,
             self.metrics,
             self.alerts,
+            None if self.cluster is None else self.may_move,
         )
 
     def start_lanes(self) -> None:
         ctx = self.lane_context()
         for iface in self.cfg.interfaces.values():
+            if not self.serves(lease.interface_key(iface.name)):
+                continue  # another node's, for now (cluster mode)
             if not iface.outbound and iface.name not in self.lanes:
                 lane = self.lanes[iface.name] = Lane(iface, ctx)
                 try:
@@ -535,6 +558,11 @@ class Daemon:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
         if self.cfg.daemon.metrics is not None:
             self.write_metrics(up=False)  # a stopped daemon, not a stale file
+        if self.cluster is not None:
+            self.keeper_stop.set()
+            if self.keeper is not None:
+                self.keeper.join(DEADLINE_KEEPER)
+            self.cluster.release_all(time.time())
         self.alerts.stop(ALERTS_GRACE)
         self.logger.info("stopped")
 
@@ -572,6 +600,72 @@ class Daemon:
         self.rescan()
         self.logger.info("reloaded", interfaces=list(new.interfaces))
         notify.notify("READY=1", f"STATUS={self.status_line()}")
+
+    # --- cluster mode -------------------------------------------------------------------
+
+    def join_cluster(self) -> None:
+        """Cluster mode: one daemon per node (its own lock), leases for the rest."""
+        assert self.cfg.cluster is not None
+        node = self.cfg.cluster.node
+        self.lock(f"daemon.{node}.lock", f"node {node} of spool {self.spool.root}")
+        store = lease.Store(self.spool.state, self.spool.tmp)
+        store.init()
+        keys = [lease.interface_key(i.name) for i in self.cfg.interfaces.values()]
+        keys.append(lease.SCHEDULES)
+        self.cluster = lease.Coordinator(store, node, self.cfg.cluster.lease, keys)
+        self.logger.info("joining the cluster", node=node, lease=self.cfg.cluster.lease)
+        self.keeper = threading.Thread(target=self.keep_leases, name="lease-keeper", daemon=True)
+        self.keeper.start()
+
+    def keep_leases(self) -> None:
+        """The keeper thread: renews on time however busy the main loop is."""
+        assert self.cluster is not None and self.cfg.cluster is not None
+        every = self.cfg.cluster.lease * lease.RENEW
+        while not self.keeper_stop.is_set():
+            began = time.monotonic()
+            try:
+                turn = self.cluster.turn(began, time.time(), self._lease_idle)
+            except Exception as exc:  # never let the keeper die: the leases would run out
+                self.logger.exception("cannot keep the leases", error=str(exc))
+            else:
+                if turn.acquired or turn.lost or turn.draining:
+                    self.lease_turns.append(turn)
+                    self.wake()
+            self.keeper_stop.wait(max(0.0, every - (time.monotonic() - began)))
+
+    def serves(self, key: str) -> bool:
+        """Whether this daemon serves ``key`` now: always, unless in cluster mode."""
+        return self.cluster is None or key in self.cluster.held
+
+    def may_move(self, iface: str) -> bool:
+        """Asked by a lane before it starts a handler and before every move it makes."""
+        assert self.cluster is not None
+        return self.cluster.may_move(lease.interface_key(iface), time.monotonic())
+
+    def cluster_turn(self, turn: lease.Turn) -> None:
+        """Start and stop lanes to match the leases the keeper took, lost or drains."""
+        assert self.cluster is not None
+        prefix = len(lease.interface_key(""))
+        for key in turn.lost:
+            lane = self.lanes.pop(key[prefix:], None) if key != lease.SCHEDULES else None
+            if lane is not None:
+                lane.stop()  # a handler still running finds its lease gone: nothing moves
+            self.logger.warning("lease given up or lost", lease=key, node=self.cluster.node)
+        for key in turn.draining:
+            lane = self.lanes.get(key[prefix:])
+            if lane is not None and not lane.stopping:
+                lane.stop()  # takes no new job; released once idle
+                self.logger.info("handing over", lease=key, node=self.cluster.node)
+        for key in turn.acquired:
+            self.logger.info("lease taken", lease=key, node=self.cluster.node)
+        if turn.acquired:
+            self.start_lanes()
+
+    def _lease_idle(self, key: str) -> bool:
+        lane = self.lanes.get(key[len(lease.interface_key("")) :])
+        if key == lease.SCHEDULES:
+            return True  # a scheduled run in progress is finished by its process
+        return lane is None or (not lane.in_flight and not lane.finished)
 
     # --- reporting --------------------------------------------------------------------
 

@@ -61,6 +61,8 @@ def write_file(
             raise
         if sync:
             fsync_dir(dest.parent)
+        else:
+            note_dirty(dest, dest.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -89,6 +91,7 @@ def write_staged(staging: Path, name: str, chunks: Iterable[bytes]) -> str:
             raise
         finally:
             os.close(fd)
+    note_dirty(tmp)
     return tmp
 
 
@@ -371,15 +374,114 @@ def rename_noreplace(src: str | Path, dest: str | Path) -> None:
             _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE)
             == 0
         ):
+            note_dirty(dest, os.path.dirname(src) or ".", os.path.dirname(dest) or ".")
             return
         import ctypes
 
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(err, os.strerror(err), str(src), None, str(dest))
-    if os.path.lexists(dest):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dest))
-    os.rename(src, dest)
+    _link_move(src, dest)
+
+
+def _link_move(src: str | Path, dest: str | Path) -> None:
+    """Without ``RENAME_NOREPLACE`` (FUSE, some NFS): ``link`` then ``unlink``.
+
+    ``link`` fails with EEXIST if ``dest`` exists, in one step on the file
+    system's server, so a job another host put at ``dest`` is never replaced
+    (a check then a plain ``rename`` could replace one placed in between).
+    A crash between the two calls leaves the file under both names, never
+    under none; the spool's readers find the job by the first. Directories
+    cannot be linked: they keep the check and the rename.
+    """
+    try:
+        os.link(src, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise FileExistsError(
+            errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dest)
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+            raise
+        if os.path.lexists(dest):  # no hard links here (a directory, vfat): check and rename
+            raise FileExistsError(
+                errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dest)
+            ) from None
+        os.rename(src, dest)
+    else:
+        os.unlink(src)
+    note_dirty(dest, os.path.dirname(src) or ".", os.path.dirname(dest) or ".")
+
+
+# --- durability by fsync, where syncfs does not reach the file system's server ------
+
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "ceph", "9p", "glusterfs", "lustre")
+_dirty_lock = threading.Lock()
+_dirty_files: set[str] = set()
+_dirty_dirs: set[str] = set()
+_tracking: list[bool] = []  # [True] once a spool syncs by fsync in this process
+
+
+def durability_of(path: Path) -> str:
+    """``fsync`` for a spool on FUSE or a network file system, ``syncfs`` otherwise.
+
+    On FUSE (GlusterFS, ceph-fuse) ``syncfs`` returns 0 without reaching the
+    file system's server, and a network file system's client may not pass it
+    on either: only ``fsync`` of each file and directory is known to.
+    """
+    best, fstype = "", ""
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            point = fields[1].replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, fstype = point, fields[2]
+    if fstype.startswith("fuse") or fstype in NETWORK_FILE_SYSTEMS:
+        return "fsync"
+    return "syncfs"
+
+
+def track_dirty() -> None:
+    """From now on, remember what unsynced writes touch, for :func:`fsync_dirty`."""
+    _tracking[:] = [True]
+
+
+def note_dirty(file: str | Path | None, *dirs: str | Path) -> None:
+    """An unsynced write touched ``file`` (its data) and ``dirs`` (their entries)."""
+    if _tracking:
+        with _dirty_lock:
+            if file is not None:
+                _dirty_files.add(os.fspath(file))
+            _dirty_dirs.update(os.fspath(d) for d in dirs)
+
+
+def fsync_dirty() -> None:
+    """fsync every file, then every directory, that unsynced writes touched since the last.
+
+    A file gone since (moved on: its new name is noted too) needs nothing;
+    a failed fsync keeps everything for the next try, which the caller's
+    group commit makes.
+    """
+    with _dirty_lock:
+        files, dirs = set(_dirty_files), set(_dirty_dirs)
+        _dirty_files.clear()
+        _dirty_dirs.clear()
+    try:
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_file(path)
+        for path in dirs:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(Path(path))
+    except BaseException:
+        with _dirty_lock:
+            _dirty_files.update(files)
+            _dirty_dirs.update(dirs)
+        raise
 
 
 def libc_function(name: str, *argtypes: Any) -> Callable[..., int] | Literal[False]:

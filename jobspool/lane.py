@@ -53,7 +53,7 @@ import subprocess
 import threading
 import time
 from array import array
-from collections.abc import Container
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -134,6 +134,9 @@ class LaneContext(NamedTuple):
     held: HeldLogs
     metrics: Metrics
     alerts: Alerts
+    # Cluster mode: asked before a handler starts and before every move; False:
+    # this node's lease on the interface is lost, nothing more moves.
+    may_move: Callable[[str], bool] | None = None
 
 
 class Backlog:
@@ -354,7 +357,7 @@ class Lane:
                 wait = self.not_before - time.monotonic()
                 # While finished jobs cannot be committed (a machine fault), no
                 # new handler starts: its outcome could not be kept either.
-                runnable = self.backlog and not self.committing_fails
+                runnable = self.backlog and not self.committing_fails and self._owned()
                 if wait > 0 and tries.take_now(self.spool, self.iface.name):
                     self.not_before, wait = 0.0, 0.0  # jobspool retry --now
                 self._release_held()
@@ -560,6 +563,9 @@ class Lane:
         self._report(renamed)
         renamed.clear()
         for f, dest_dir, new_name, label in placed:
+            if not self._owned():
+                self._lost(f)
+                continue
             try:
                 queued = spool.dir(QUEUE, self.iface.name) / f.name
                 spool.move(queued, dest_dir, new_name=new_name, sync=False)
@@ -677,6 +683,20 @@ class Lane:
         log = joblog.new(name, self.iface.name)
         joblog.received(log, "queue", at=joblog.iso(stamp / 1e9))
         return log
+
+    def _owned(self) -> bool:
+        """Cluster mode: this node still holds the interface's lease (always, otherwise)."""
+        return self.ctx.may_move is None or self.ctx.may_move(self.iface.name)
+
+    def _lost(self, f: Finished) -> None:
+        """The lease went while the job ran: it stays queued, for the node that took over."""
+        self.ctx.logger.bind(job=f.name, interface=self.iface.name).warning(
+            "lease lost; the job stays queued and runs again on the node that took over",
+            result=f.outcome.result,
+        )
+        with self.cond:
+            self.in_flight.discard(f.name)
+            self.backlog.forget(f.name)
 
     def _give_up(self, log: joblog.Log, stamp: int) -> str | None:
         """Past ``max_tries`` or ``max_age``: why the job goes to joberrors (see tries)."""

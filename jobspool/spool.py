@@ -35,11 +35,15 @@ from typing import TYPE_CHECKING, NamedTuple
 from jobspool import listing, names
 from jobspool.durable import (
     SyncGroup,
+    durability_of,
     fsync_dir,
+    fsync_dirty,
     fsync_file,
+    note_dirty,
     os_errors,
     rename_noreplace,
     syncfs,
+    track_dirty,
     write_file,
 )
 from jobspool.errors import BadRequest, ConfigError, JobspoolError, TryLater
@@ -87,10 +91,13 @@ class Spool:
     @classmethod
     def of(cls, cfg: Config) -> Spool:
         """The spool a configuration names, with its interfaces."""
-        return cls(cfg.spool, cfg.interfaces)
+        return cls(cfg.spool, cfg.interfaces, cfg.daemon.durability)
 
-    def __init__(self, root: Path, interfaces: Iterable[str]) -> None:
+    def __init__(
+        self, root: Path, interfaces: Iterable[str], durability: str | None = None
+    ) -> None:
         self.root = root
+        self.durability = durability  # syncfs or fsync; None: chosen on first use
         self.interfaces = tuple(interfaces)
         self.tmp = root / TMP
         self.state = root / STATE
@@ -362,6 +369,21 @@ class Spool:
                 return
             if sync:
                 fsync_dir(path.parent)
+            else:
+                note_dirty(None, path.parent)
+
+    def sync_mode(self) -> str:
+        """How :meth:`sync` makes a batch durable: ``syncfs``, or ``fsync`` of what it touched.
+
+        The ``daemon.durability`` setting, or chosen by the spool's file
+        system (:func:`~jobspool.durable.durability_of`). In ``fsync`` mode,
+        unsynced writes are remembered from this call on: call it before them.
+        """
+        if self.durability is None:
+            self.durability = durability_of(self.root)
+        if self.durability == "fsync":
+            track_dirty()
+        return self.durability
 
     def sync(self) -> None:
         """Make everything written to the spool's filesystem durable: one ``syncfs``.
@@ -372,7 +394,7 @@ class Spool:
         """
         with os_errors("cannot sync the spool"):
             group = _sync_groups.get(self.root) or _sync_groups.setdefault(self.root, SyncGroup())
-            group.sync(self._syncfs)
+            group.sync(self._syncfs if self.sync_mode() == "syncfs" else fsync_dirty)
 
     def _syncfs(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

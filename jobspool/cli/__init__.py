@@ -34,6 +34,8 @@ from jobspool.errors import JobspoolError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+    from jobspool.config import Config
+
 EX_SOFTWARE = 70  # an internal error: a bug, reported as one line (traceback with --debug)
 
 
@@ -173,20 +175,46 @@ def interfaces(state: State, as_json: bool) -> None:
          "paused": o.paused, "errors": o.errors, "blocked": o.blocked, "daemon_pid": pid}
         for o in rows_of
     ]  # fmt: skip
+    served = _served_by(cfg) if cfg.cluster is not None else None
+    if served is not None:  # cluster mode: which node serves each interface, since when
+        for r in rows:
+            r["node"], r["since"] = served.get(str(r["interface"]), (None, None))
     if as_json:
         print_json(rows)
         return
-    table = [("INTERFACE", "DIR", "INCOMING", "QUEUED", "OLDEST", "PAUSED", "ERRORS",
-              "WHY NOT MOVING")]  # fmt: skip
-    table += [
-        (o.interface, cfg.interfaces[o.interface].direction, str(o.incoming), str(o.queued),
-         "-" if o.oldest_seconds is None else _age(o.oldest_seconds),
-         "yes" if o.paused else "no", str(o.errors),
-         "paused" if o.paused and o.queued else (o.blocked or ""))
-        for o in rows_of
+    nodes = ("NODE", "SINCE") if served is not None else ()
+    table: list[tuple[str, ...]] = [
+        ("INTERFACE", *nodes, "DIR", "INCOMING", "QUEUED", "OLDEST", "PAUSED", "ERRORS",
+         "WHY NOT MOVING")
     ]  # fmt: skip
+    for o in rows_of:
+        where = () if served is None else tuple(v or "-" for v in served.get(o.interface, ("", "")))
+        table.append(
+            (o.interface, *where, cfg.interfaces[o.interface].direction, str(o.incoming),
+             str(o.queued), "-" if o.oldest_seconds is None else _age(o.oldest_seconds),
+             "yes" if o.paused else "no", str(o.errors),
+             "paused" if o.paused and o.queued else (o.blocked or ""))
+        )  # fmt: skip
     print_table(table)
-    click.echo(f"\n{_served(spool.root, pid)}")
+    if served is None:
+        click.echo(f"\n{_served(spool.root, pid)}")
+
+
+def _served_by(cfg: Config) -> dict[str, tuple[str | None, str | None]]:
+    """Cluster mode: interface -> (node holding its lease, since when), from state/leases/."""
+    from datetime import datetime
+
+    from jobspool import lease
+    from jobspool.spool import Spool
+
+    spool = Spool.of(cfg)
+    out: dict[str, tuple[str | None, str | None]] = {}
+    prefix = lease.interface_key("")
+    for key, record in lease.Store(spool.state, spool.tmp).holders().items():
+        if key.startswith(prefix) and not record.released:
+            since = datetime.fromtimestamp(record.since).astimezone()
+            out[key[len(prefix) :]] = (record.node, since.isoformat(timespec="seconds"))
+    return out
 
 
 @cli.command("daemon-status")
