@@ -157,6 +157,16 @@ class _Worker:
                 os.close(fd)
 
 
+LARGE = 4 << 20  # bytes: a drop this large is checked in a batch of its own
+
+
+def _large(task: Task) -> bool:
+    try:
+        return os.lstat(task.path).st_size >= LARGE
+    except OSError:
+        return False  # the worker finds out and says so
+
+
 class CheckPool:
     """Worker processes that check drops; the main loop hands over and reads back."""
 
@@ -217,7 +227,7 @@ class CheckPool:
             worker = self._least_busy()
             if worker is None:
                 return
-            batch = [self.waiting.popleft() for _ in range(min(BATCH_SIZE, len(self.waiting)))]
+            batch = self._next_batch()
             line = json.dumps([[n, *t[1:]] for n, t in enumerate(batch)]) + "\n"
             try:
                 worker.send(line.encode())
@@ -226,6 +236,19 @@ class CheckPool:
                 self._bury(worker.out, worker, [])
                 continue
             worker.batches.append(batch)
+
+    def _next_batch(self) -> list[Task]:
+        """Up to :data:`BATCH_SIZE` waiting drops; a large one goes alone.
+
+        A worker answers a batch only once all of it is checked: a small drop
+        batched with a gigabyte export would wait for the whole export.
+        """
+        batch = [self.waiting.popleft()]
+        if _large(batch[0]):
+            return batch
+        while self.waiting and len(batch) < BATCH_SIZE and not _large(self.waiting[0]):
+            batch.append(self.waiting.popleft())
+        return batch
 
     def _least_busy(self) -> _Worker | None:
         while len(self.workers) < self.size:
