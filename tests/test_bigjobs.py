@@ -15,6 +15,7 @@ per second), never built item by item in Python.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -213,7 +214,7 @@ def test_a_300mb_export_is_handled_in_bounded_memory_while_the_rest_flows(
     while not site.where("stock-all.xml") or site.where("stock-all.xml")[0].startswith("incoming"):
         name = f"small-{small_done}.xml"
         site.drop("orders_in", name)
-        notified.wait_for(lambda n=name: n in site.ls("bak", "orders_in"), f"{name} in bak")
+        notified.wait_for(functools.partial(_in_bak, site, name), f"{name} in bak")
         if site.where("stock-all.xml")[0].startswith("incoming"):
             small_done += 1
         time.sleep(0.1)
@@ -307,6 +308,10 @@ esac
     assert site.status("slow.xml") == "queue/orders_in"
     site.wait_for(lambda: daemon.said("done", job="slow.xml"), "slow.xml done", timeout=60)
     daemon.stop()
+
+
+def _in_bak(site: Site, name: str) -> bool:
+    return name in site.ls("bak", "orders_in")
 
 
 def _lines(daemon: Notified) -> list[dict[str, Any]]:
