@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, str] = {
     "latency": "bench.latency",
     "scale": "bench.scale",
     "scheduler": "bench.scheduler",
+    "bigjob": "bench.bigjob",
+    "slowhandler": "bench.slowhandler",
     "cluster": "bench.cluster",  # root and glusterfs-server: a real shared file system
 }
 

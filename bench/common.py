@@ -256,6 +256,10 @@ class Daemon:
     def cpu_split(self) -> tuple[float, float]:
         return cpu_split(self.pid)
 
+    def family_cpu(self) -> tuple[float, float]:
+        """(utime, stime) of the daemon and its check workers."""
+        return family_cpu(self.pid)
+
     def rss_mb(self) -> tuple[float, float]:
         """Resident set size now, and its peak (VmHWM), in MB."""
         fields = {}
@@ -286,6 +290,35 @@ def cpu_split(pid: int) -> tuple[float, float]:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text.rsplit(")", 1)[1].split()
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    """A process's children (the daemon's check workers, and handlers while they run)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                out += [int(c) for c in text.split()]
+    return out
+
+
+def family_cpu(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and its living children (the check workers), in seconds."""
+    user, system = cpu_split(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError, IndexError):
+            u, s = cpu_split(child)
+            user, system = user + u, system + s
+    return user, system
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident set size (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"bench: no VmHWM for pid {pid}")
 
 
 def wait_idle(pid: int, quiet: float = 0.3, timeout: float = 60.0) -> None:

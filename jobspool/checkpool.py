@@ -140,6 +140,7 @@ class _Worker:
         self.out = verdicts_r
         self.buffer = b""
         self.batches: collections.deque[list[Task]] = collections.deque()  # sent, unanswered
+        self.large = 0  # of them, those of one large drop: nothing more waits behind one
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -157,6 +158,16 @@ class _Worker:
                 os.close(fd)
 
 
+LARGE = 4 << 20  # bytes: a drop this large is checked in a batch of its own
+
+
+def _large(task: Task) -> bool:
+    try:
+        return os.lstat(task.path).st_size >= LARGE
+    except OSError:
+        return False  # the worker finds out and says so
+
+
 class CheckPool:
     """Worker processes that check drops; the main loop hands over and reads back."""
 
@@ -164,6 +175,7 @@ class CheckPool:
         self.size = workers or min(os.cpu_count() or 1, 4)
         self.workers: dict[int, _Worker] = {}  # by output descriptor
         self.waiting: collections.deque[Task] = collections.deque()  # not yet handed over
+        self.large: set[Any] = set()  # keys of large drops being checked, each alone
 
     def start(self) -> None:
         """Fork the workers now: call it while the process has no other thread."""
@@ -197,6 +209,9 @@ class CheckPool:
         *lines, worker.buffer = worker.buffer.split(b"\n")
         for line in lines:
             batch = worker.batches.popleft()
+            if len(batch) == 1 and batch[0].key in self.large:
+                worker.large -= 1
+                self.large.discard(batch[0].key)
             for task, (_, problems, error) in zip(batch, json.loads(line), strict=True):
                 out.append(Checked(task.key, [(p[0], p[1], p[2]) for p in problems], error))
         self._dispatch()
@@ -217,7 +232,7 @@ class CheckPool:
             worker = self._least_busy()
             if worker is None:
                 return
-            batch = [self.waiting.popleft() for _ in range(min(BATCH_SIZE, len(self.waiting)))]
+            batch = self._next_batch()
             line = json.dumps([[n, *t[1:]] for n, t in enumerate(batch)]) + "\n"
             try:
                 worker.send(line.encode())
@@ -226,6 +241,22 @@ class CheckPool:
                 self._bury(worker.out, worker, [])
                 continue
             worker.batches.append(batch)
+            if len(batch) == 1 and _large(batch[0]):
+                worker.large += 1
+                self.large.add(batch[0].key)
+
+    def _next_batch(self) -> list[Task]:
+        """Up to :data:`BATCH_SIZE` waiting drops; a large one goes alone.
+
+        A worker answers a batch only once all of it is checked: a small drop
+        batched with a gigabyte export would wait for the whole export.
+        """
+        batch = [self.waiting.popleft()]
+        if _large(batch[0]):
+            return batch
+        while self.waiting and len(batch) < BATCH_SIZE and not _large(self.waiting[0]):
+            batch.append(self.waiting.popleft())
+        return batch
 
     def _least_busy(self) -> _Worker | None:
         while len(self.workers) < self.size:
@@ -234,11 +265,14 @@ class CheckPool:
             except OSError:  # no processes to be had: the drops wait
                 break
             self.workers[worker.out] = worker
-        free = [w for w in self.workers.values() if len(w.batches) < IN_FLIGHT]
+        # A worker checking a large drop is given nothing more until it is done:
+        # a small drop must not wait behind a gigabyte export.
+        free = [w for w in self.workers.values() if len(w.batches) < IN_FLIGHT and not w.large]
         return min(free, key=lambda w: len(w.batches), default=None)
 
     def _bury(self, fd: int, worker: _Worker, out: list[Checked]) -> None:
         del self.workers[fd]
         worker.end()
         for batch in worker.batches:
+            self.large.difference_update(t.key for t in batch)
             out += [Checked(t.key, [], error="its check worker died") for t in batch]
