@@ -184,13 +184,16 @@ def _feed(parser: etree.XMLPullParser, chunk: bytes) -> tuple[bool, int]:
     """Feed a chunk and let go of every element it finished.
 
     Returns whether the root has ended, and the line where the last element
-    seen begins (0: none was seen).
+    seen begins (0: none was seen; -1: past line 65534, where libxml2 stops
+    counting a node's line).
     """
     if chunk:
         parser.feed(chunk)
     ended, line = False, 0
     for event, el in parser.read_events():
-        line = el.sourceline or line
+        # libxml2 keeps a node's line in 16 bits: from 65535 on it says 65535,
+        # and -1 tells the caller to go by its own count of the lines fed.
+        line = el.sourceline if el.sourceline and el.sourceline < 65535 else -1
         if event != "end":
             continue
         el.clear(keep_tail=True)
@@ -278,7 +281,8 @@ def _locate(f: BinaryIO, begin: int, validator: etree._Validator | None) -> int:
             done += len(chunk)
             line += chunk.count(b"\n")
         for text in f:
-            at = _feed(parser, _without_mark(text, done))[1] or at
+            seen = _feed(parser, _without_mark(text, done))[1]
+            at = line if seen == -1 else (seen or at)
             done += len(text)
             if _errors(parser.feed_error_log):
                 return at or line
