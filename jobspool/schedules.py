@@ -510,19 +510,9 @@ def changes_from_pairs(store: Store, sid: str, pairs: Iterable[str]) -> dict[str
 
     ``with.NAME=VALUE`` changes one of the template's or handler's settings.
     """
-    import yaml
-
     changes: dict[str, Any] = {}
     settings = dict(store.get(sid).settings)
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
+    for key, value in pairs_as_values(pairs).items():
         if key.startswith("with."):
             settings[key[5:]] = value
             changes["with"] = settings
