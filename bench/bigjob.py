@@ -33,6 +33,7 @@ from typing import Any
 
 from bench import common
 from bench.common import Inotify, Site, median, percentile, row
+from tests.kit.documents import STOCK_XSD
 
 THROUGHPUT_TARGET = 0.5  # x xmllint --stream --schema
 RSS_TARGET_MB = 100.0  # above idle
@@ -40,29 +41,6 @@ LATENCY_TARGET_MS = 50.0
 GAP = 0.050  # seconds between one small job's arrival and the next drop
 STOCK = "stock_in"
 
-STOCK_XSD = """\
-<?xml version="1.0" encoding="UTF-8"?>
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" elementFormDefault="qualified">
-  <xs:element name="stock">
-    <xs:complexType>
-      <xs:sequence>
-        <xs:element name="item" maxOccurs="unbounded">
-          <xs:complexType>
-            <xs:sequence>
-              <xs:element name="sku" type="xs:string"/>
-              <xs:element name="name" type="xs:string"/>
-              <xs:element name="qty" type="xs:nonNegativeInteger"/>
-              <xs:element name="bin" type="xs:string"/>
-            </xs:sequence>
-            <xs:attribute name="n" type="xs:positiveInteger" use="required"/>
-          </xs:complexType>
-        </xs:element>
-      </xs:sequence>
-      <xs:attribute name="warehouse" type="xs:string" use="required"/>
-    </xs:complexType>
-  </xs:element>
-</xs:schema>
-"""
 ITEM = (
     b'  <item n="1"><sku>HAM-0001</sku><name>Claw hammer, 450 g, fibreglass handle</name>'
     b"<qty>12</qty><bin>A-01-03</bin></item>\n"

@@ -27,33 +27,10 @@ from typing import Any
 
 import pytest
 
-from tests.kit import DEADLINE, Site, measured, order, vm_hwm
+from tests.kit import DEADLINE, STOCK_XSD, Site, measured, order, vm_hwm
 
 MB = 1 << 20
 
-STOCK_XSD = """\
-<?xml version="1.0" encoding="UTF-8"?>
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" elementFormDefault="qualified">
-  <xs:element name="stock">
-    <xs:complexType>
-      <xs:sequence>
-        <xs:element name="item" maxOccurs="unbounded">
-          <xs:complexType>
-            <xs:sequence>
-              <xs:element name="sku" type="xs:string"/>
-              <xs:element name="name" type="xs:string"/>
-              <xs:element name="qty" type="xs:nonNegativeInteger"/>
-              <xs:element name="bin" type="xs:string"/>
-            </xs:sequence>
-            <xs:attribute name="n" type="xs:positiveInteger" use="required"/>
-          </xs:complexType>
-        </xs:element>
-      </xs:sequence>
-      <xs:attribute name="warehouse" type="xs:string" use="required"/>
-    </xs:complexType>
-  </xs:element>
-</xs:schema>
-"""
 
 HEAD = b'<?xml version="1.0" encoding="UTF-8"?>\n<stock warehouse="Leeds-2">\n'  # two lines
 TAIL = b"</stock>\n"

@@ -29,6 +29,7 @@ from tests.kit.documents import (
     STOCK_INVALID,
     STOCK_RNG,
     STOCK_VALID,
+    STOCK_XSD,
     VALID,
     order,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "STOCK_INVALID",
     "STOCK_RNG",
     "STOCK_VALID",
+    "STOCK_XSD",
     "VALID",
     "Bait",
     "Daemon",

@@ -21,6 +21,31 @@ ORDER_XSD = """\
 </xs:schema>
 """
 
+# A warehouse's stock export, XSD-checked as it streams (tests/test_bigjobs.py, bench bigjob).
+STOCK_XSD = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" elementFormDefault="qualified">
+  <xs:element name="stock">
+    <xs:complexType>
+      <xs:sequence>
+        <xs:element name="item" maxOccurs="unbounded">
+          <xs:complexType>
+            <xs:sequence>
+              <xs:element name="sku" type="xs:string"/>
+              <xs:element name="name" type="xs:string"/>
+              <xs:element name="qty" type="xs:nonNegativeInteger"/>
+              <xs:element name="bin" type="xs:string"/>
+            </xs:sequence>
+            <xs:attribute name="n" type="xs:positiveInteger" use="required"/>
+          </xs:complexType>
+        </xs:element>
+      </xs:sequence>
+      <xs:attribute name="warehouse" type="xs:string" use="required"/>
+    </xs:complexType>
+  </xs:element>
+</xs:schema>
+"""
+
 STOCK_RNG = """\
 <?xml version="1.0" encoding="UTF-8"?>
 <element name="stock" xmlns="http://relaxng.org/ns/structure/1.0"
