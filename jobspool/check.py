@@ -9,10 +9,12 @@ expansion (billion laughs) and external entities (XXE) without relying on
 parser flags alone. Then the interface's XSD or RELAX NG schema, compiled
 once per process.
 
-Documents are checked as they stream from their file (:func:`check_file`):
-a gigabyte stock export costs the memory of its deepest element, not of its
-size. libxml2's streaming validator reports schema errors without a line, so
-for a rejected document the line is found by a second pass up to the error.
+Documents are checked as they stream from their file (:func:`check_file`),
+in C: libxml2 parses and validates with no tree built and no Python per
+element, so a gigabyte stock export costs a few megabytes and about what
+``xmllint --stream`` costs. libxml2's streaming validator reports schema
+errors without a line, so for a rejected document the line is found by
+feeding it again up to the error.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, cast
 
 from lxml import etree
 
 from jobspool.errors import ConfigError, Problem
+
+if TYPE_CHECKING:
+    from lxml.etree._parser import CustomTargetParser  # a name only the type stubs have
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ def root_name(head: bytes) -> etree.QName | None:
     For choosing an interface by the root element; the document's own check
     comes after, on the whole of it.
     """
-    parser = _streaming_parser(None, head, ("start",))
+    parser = etree.XMLPullParser(encoding=_utf32(head), events=("start",), **_HARDENED)
+    parser.resolvers.add(_NothingOutside())
     try:
         parser.feed(_without_mark(head, 0))
         for _, el in parser.read_events():
@@ -122,10 +128,10 @@ def check_stream(
     """Check a document read from ``f``: well-formed, no DOCTYPE, valid against ``schema``.
 
     An XSD (or no schema) is checked while the document streams through the
-    parser a chunk at a time, each finished element cleared at once: memory
-    stays bounded by the document's depth, not its size. lxml cannot stream
-    RELAX NG, so such a document is parsed as a whole tree, and refused above
-    ``tree_limit`` bytes with a problem that says so.
+    parser a chunk at a time, with no tree built: memory stays bounded
+    whatever the document's size. lxml cannot stream RELAX NG, so such a
+    document is parsed as a whole tree, and refused above ``tree_limit``
+    bytes with a problem that says so.
     """
     head = f.read(CHUNK)
     line = _doctype_in_prolog(head)
@@ -148,23 +154,8 @@ _UTF32 = {b"\xff\xfe\x00\x00": "UTF-32LE", b"\x00\x00\xfe\xff": "UTF-32BE"}
 
 
 def _utf32(head: bytes) -> str | None:
-    """UTF-32 by its byte order mark: libxml2's push parser does not detect it itself."""
+    """UTF-32 by its byte order mark: libxml2 does not detect it itself."""
     return _UTF32.get(head[:4])
-
-
-def _streaming_parser(
-    validator: etree._Validator | None,
-    head: bytes,
-    events: tuple[Literal["start", "end"], ...] = ("end",),
-) -> etree.XMLPullParser:
-    parser = etree.XMLPullParser(
-        encoding=_utf32(head),
-        events=events,
-        schema=cast(etree.XMLSchema | None, validator),
-        **_HARDENED,
-    )
-    parser.resolvers.add(_NothingOutside())
-    return parser
 
 
 def _without_mark(chunk: bytes, offset: int) -> bytes:
@@ -177,66 +168,113 @@ class _Pass(NamedTuple):
 
     problems: list[Problem]  # empty: it passed
     began: int  # where the chunk before the one with the first error began (bytes)
+    read: int | None = None  # bytes read before it stopped (None: the whole document)
     doctype: bool = False
-
-
-def _feed(parser: etree.XMLPullParser, chunk: bytes) -> tuple[bool, int]:
-    """Feed a chunk and let go of every element it finished.
-
-    Returns whether the root has ended, and the line where the last element
-    seen begins (0: none was seen; -1: past line 65534, where libxml2 stops
-    counting a node's line).
-    """
-    if chunk:
-        parser.feed(chunk)
-    ended, line = False, 0
-    for event, el in parser.read_events():
-        # libxml2 keeps a node's line in 16 bits: from 65535 on it says 65535,
-        # and -1 tells the caller to go by its own count of the lines fed.
-        line = el.sourceline if el.sourceline and el.sourceline < 65535 else -1
-        if event != "end":
-            continue
-        el.clear(keep_tail=True)
-        parent = el.getparent()
-        if parent is None:
-            ended = True
-            continue
-        while (before := el.getprevious()) is not None:
-            parent.remove(before)
-    return ended, line
 
 
 def _errors(log: etree._ListErrorLog) -> list[Problem]:
     return _problems(e for e in log if e.level >= etree.ErrorLevels.ERROR)
 
 
-def _stream(f: BinaryIO, head: bytes, validator: etree._Validator | None) -> _Pass:
-    """Feed the document through the parser a chunk at a time; the problems it finds."""
+class _Doctype:
+    """A parser target that builds nothing and only remembers a DOCTYPE.
+
+    With a target that has no element or text callbacks, libxml2 parses and
+    the schema validates entirely in C, with no tree and no Python per
+    element: this is what makes the check as fast as ``xmllint --stream``.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def doctype(self, *_: object) -> None:
+        self.seen = True
+
+    def close(self) -> bool:
+        return self.seen
+
+
+class _Chunks:
+    """The document, handed to the parser a chunk at a time until it logs an error.
+
+    The parser reads from this as from a file. Stopping at the first error
+    matters: a validator goes on and logs every later error, and a
+    gigabyte of invalid items would log millions of them.
+    """
+
+    def __init__(
+        self, f: BinaryIO, head: bytes, parser: CustomTargetParser[bool], limit: int | None
+    ) -> None:
+        self._f, self._next, self._parser, self._limit = f, _without_mark(head, 0), parser, limit
+        self.offset = self._began = self.began = 0
+        self.ended = False  # the whole document was read
+        self.cut = False  # the limit was reached: the parser was told the document ends there
+        self.problems: list[Problem] = []
+
+    def read(self, _size: int) -> bytes:
+        if problems := _errors(self._parser.error_log):
+            self.problems = problems
+            return b""
+        if self._limit is not None and self.offset >= self._limit:
+            self.cut = True
+            return b""
+        chunk, self._next = self._next, b""
+        chunk = chunk or self._f.read(CHUNK)
+        self.ended = not chunk
+        # libxml2 asks for more once it has parsed nearly all it was given:
+        # an error seen now lies in the last chunk or the end of the one before.
+        self.began, self._began = self._began, self.offset
+        self.offset += len(chunk)
+        return chunk
+
+    def stopped(self, problems: list[Problem], doctype: bool = False) -> _Pass:
+        """The pass, ended with ``problems`` (none: the document passed)."""
+        return _Pass(problems, self.began, None if self.ended else self.offset, doctype)
+
+
+def _validating(
+    validator: etree._Validator | None, head: bytes, target: _Doctype | None = None
+) -> CustomTargetParser[bool]:
+    """A hardened parser that builds nothing and validates against ``validator`` as it goes."""
+    parser = etree.XMLParser(
+        encoding=_utf32(head),
+        schema=cast(etree.XMLSchema | None, validator),
+        target=cast("etree.ParserTarget[bool]", target or _Doctype()),
+        **_HARDENED,
+    )
+    parser.resolvers.add(_NothingOutside())
+    return parser
+
+
+def _stream(
+    f: BinaryIO, head: bytes, validator: etree._Validator | None, limit: int | None = None
+) -> _Pass:
+    """Parse (and validate) the document as it is read from ``f``; the problems found.
+
+    The parser reads ``f`` itself (not fed a chunk at a time): only libxml2's
+    reading parser enforces its depth limit without building a tree. With a
+    ``limit``, only the problems in the document's first ``limit`` bytes count.
+    """
     if not head:
         return _Pass([Problem(1, 1, "the document is empty")], 0)
-    parser = _streaming_parser(validator, head)
-    chunk, offset, previous, ended = head, 0, 0, False
+    parser = _validating(validator, head, target := _Doctype())
+    chunks = _Chunks(f, head, parser, limit)
     try:
-        while chunk:
-            ended = _feed(parser, _without_mark(chunk, offset))[0] or ended
-            if problems := _errors(parser.feed_error_log):
-                return _Pass(problems, previous)
-            previous, offset = offset, offset + len(chunk)
-            chunk = f.read(CHUNK)
-        root = parser.close()
-        ended = _feed(parser, b"")[0] or ended  # the last events come with the close
+        doctype = bool(etree.parse(cast(Any, chunks), parser))
     except etree.XMLSyntaxError as exc:
-        return _Pass(
-            _errors(parser.feed_error_log) or _syntax_errors(exc, parser.error_log), previous
-        )
-    if not ended:
-        # A validating parser that resolves no entities lets an unclosed root
-        # pass (libxml2 2.14): say so without a line, for the plain pass to place.
-        return _Pass(
-            [Problem(0, 0, "premature end of data: the root element is not closed")], previous
-        )
-    doc = root.getroottree().docinfo
-    return _Pass([], previous, doctype=bool(doc.doctype) or doc.internalDTD is not None)
+        if target.seen:  # what the parser says of a DOCTYPE's insides does not matter
+            return chunks.stopped([], doctype=True)
+        if chunks.cut and not chunks.problems:
+            return chunks.stopped([])  # the parser's complaint is of the end it was told of
+        if problems := chunks.problems or _errors(parser.error_log):
+            return chunks.stopped(problems)
+        if validator is not None:
+            # With a schema, lxml logs none of libxml2's syntax errors and
+            # keeps only the last (a follow-on one): the plain pass after
+            # this one reports the first.
+            return chunks.stopped([Problem(0, 0, "not well-formed XML")])
+        return chunks.stopped(_syntax_errors(exc, parser.error_log))
+    return chunks.stopped(chunks.problems or _errors(parser.error_log), doctype)
 
 
 def _check_streaming(
@@ -248,49 +286,55 @@ def _check_streaming(
     if not first.problems or first.problems[0].line > 0 or validator is None:
         return Verdict(first.problems, schema)
     # No line: a schema error (libxml2's streaming validator does not say
-    # where), or a syntax error the validating parser could not place. A
-    # plain pass places a syntax error; a schema error is found by feeding
-    # the document again up to where it was seen, then a line at a time.
+    # where), or a syntax error the validating parser could not place. Cut
+    # short, a document's last element looks to the validator like content
+    # it does not expect: a plain pass over what was read finds the syntax
+    # error first. A schema error is placed by :func:`_locate`.
     f.seek(0)
-    plain = _stream(f, f.read(CHUNK), None)
-    if plain.problems:
-        return Verdict(plain.problems, schema)
-    line = _locate(f, first.began, validator)
+    if plain := _stream(f, f.read(CHUNK), None, limit=first.read).problems:
+        return Verdict(plain, schema)
+    line = _locate(f, first.began, first.read, validator)
     return Verdict([Problem(line, 0, p.message) for p in first.problems], schema)
 
 
-def _locate(f: BinaryIO, begin: int, validator: etree._Validator | None) -> int:
-    """The line of the element on which the streaming validator first finds an error.
+def _locate(f: BinaryIO, begin: int, end: int | None, validator: etree._Validator | None) -> int:
+    """The line on which the streaming validator first finds an error (0: not found).
 
-    The document is fed again up to where the error was seen, then a line at
-    a time; the element the validator was at when it complained (the last
-    one begun or ended) gives the line, as a tree check reports it: where
-    the element begins. 0 when it cannot be found.
+    The document is fed again to a validating parser: quickly up to where
+    the error was seen, then a line at a time, until the error comes back.
+    That is the line where the check noticed it: an element's start tag for
+    an unexpected element or attribute, its end tag for its content or value.
+    It is looked for no further than the first pass read (``end``; None:
+    to the end).
     """
     f.seek(0)
-    head = f.read(4)
+    parser = _validating(validator, f.read(4))
     f.seek(0)
-    parser = _streaming_parser(validator, head, ("start", "end"))
-    line, done, at = 1, 0, 0
+    line, done = 1, 0
     try:
         while done < begin:
             chunk = f.read(min(CHUNK, begin - done))
             if not chunk:
                 return 0
-            _feed(parser, _without_mark(chunk, done))
+            parser.feed(_without_mark(chunk, done))
             done += len(chunk)
             line += chunk.count(b"\n")
-        for text in f:
-            seen = _feed(parser, _without_mark(text, done))[1]
-            at = line if seen == -1 else (seen or at)
+        if _errors(parser.feed_error_log):
+            return 0  # not where the first pass saw it: no line rather than a wrong one
+        # A line is read in bounded pieces: a document on one line is never
+        # held whole.
+        while (end is None or done < end) and (text := f.readline(_LINE_PIECE)):
+            parser.feed(_without_mark(text, done))
             done += len(text)
             if _errors(parser.feed_error_log):
-                return at or line
-            line += 1
-        parser.close()
+                return line
+            line += text.endswith(b"\n")
     except etree.XMLSyntaxError:
-        return at or line
+        return line
     return 0
+
+
+_LINE_PIECE = 1 << 16  # bytes: the most of one line fed at once while locating an error
 
 
 def _check_tree(data: bytes, schema: Path) -> Verdict:

@@ -8,6 +8,7 @@ The promises tested here are in ``docs/spec.rst`` ("Jobs").
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -111,6 +112,60 @@ def test_deep_nesting_is_rejected():
     data = b"<a>" * 10_000 + b"</a>" * 10_000
     result = checking.check(data, None)
     assert not result.ok
+
+
+def test_deep_nesting_the_schema_allows_is_still_rejected(tmp_path):
+    # The check builds no tree, so libxml2's depth limit must hold without one.
+    anything = tmp_path / "any.xsd"
+    anything.write_text(
+        '<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">'
+        '<xs:element name="a"><xs:complexType><xs:sequence>'
+        '<xs:any processContents="skip" minOccurs="0" maxOccurs="unbounded"/>'
+        "</xs:sequence></xs:complexType></xs:element></xs:schema>"
+    )
+    assert checking.check(b"<a>" * 200 + b"</a>" * 200, anything).ok
+    result = checking.check(b"<a>" * 10_000 + b"</a>" * 10_000, anything)
+    assert not result.ok
+    assert "depth" in result.problems[0].message
+
+
+class _Counting(io.BytesIO):
+    """A document that counts the bytes the check reads of it."""
+
+    taken = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.taken += len(data)
+        return data
+
+
+def test_the_check_stops_reading_at_the_first_error(order_xsd):
+    # A validator would log every later error too: millions, for a huge export.
+    bad = b"<o>" + b"  <x>1</x>\n" * 2_000_000 + b"</o>"  # 24 MB, wrong from line 1
+    doc = _Counting(bad)
+    result = checking.check_stream(doc, order_xsd, len(bad))
+    assert not result.ok
+    assert len(result.problems) <= 20
+    assert result.problems[0].line == 1
+    assert doc.taken < 4 * checking.CHUNK
+
+
+def test_a_schema_error_is_placed_where_the_check_notices_it(order_xsd):
+    # A missing child is noticed at its parent's end tag; a bad value on its element.
+    missing = b'<order id="1">\n  <sku>HAM-1</sku>\n</order>\n'
+    assert checking.check(missing, order_xsd).problems[0].line == 3
+    far = b'<order id="1">\n' + b"\n" * 70_000 + b"<sku>HAM-1</sku><qty>0</qty></order>"
+    assert checking.check(far, order_xsd).problems[0].line == 70_002
+
+
+def test_a_schema_error_on_a_document_of_one_line_is_placed_on_it(order_xsd):
+    one_line = (
+        b'<order id="1">' + b"<!-- padding -->" * 300_000 + b"<sku>x</sku><qty>-1</qty></order>"
+    )
+    assert len(one_line) > 4 * checking.CHUNK
+    result = checking.check(one_line, order_xsd)
+    assert (result.problems[0].line, "qty" in result.problems[0].message) == (1, True)
 
 
 def test_a_doctype_is_rejected(order_xsd):
