@@ -54,7 +54,7 @@ from bench import common, floor
 from bench.common import Inotify, Site, median, row
 
 FLOOR_TARGET = 0.6  # against the floor synced per job
-BATCH_TARGET = 0.7  # against the batched floor (issue 13)
+BATCH_TARGET = 0.7  # against the batched floor
 CPU_TARGET = 1.5  # the daemon's CPU per job over the batched floor loop's
 SHELL_TARGET = 10.0
 N = 1000  # the headline figure's batch
