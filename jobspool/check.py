@@ -19,6 +19,7 @@ feeding it again up to the error.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import re
@@ -293,24 +294,28 @@ def _check_streaming(
     f.seek(0)
     if plain := _stream(f, f.read(CHUNK), None, limit=first.read).problems:
         return Verdict(plain, schema)
-    line = _locate(f, first.began, first.read, validator)
+    line = _locate(f, first.began, first.read, validator, first.problems[0].message)
     return Verdict([Problem(line, 0, p.message) for p in first.problems], schema)
 
 
-def _locate(f: BinaryIO, begin: int, end: int | None, validator: etree._Validator | None) -> int:
-    """The line on which the streaming validator first finds an error (0: not found).
+def _locate(
+    f: BinaryIO, begin: int, end: int | None, validator: etree._Validator | None, message: str
+) -> int:
+    """The line of the element on which the streaming validator first finds an error.
 
     The document is fed again to a validating parser: quickly up to where
     the error was seen, then a line at a time, until the error comes back.
-    That is the line where the check noticed it: an element's start tag for
-    an unexpected element or attribute, its end tag for its content or value.
-    It is looked for no further than the first pass read (``end``; None:
-    to the end).
+    The element the message names is then looked for back from that line:
+    its start tag's line is the one given, as a tree check gives it (for a
+    bad value or missing content the validator notices at the end tag).
+    Looked for no further than the first pass read (``end``; None: to the
+    end); 0 when it cannot be found.
     """
     f.seek(0)
     parser = _validating(validator, f.read(4))
     f.seek(0)
     line, done = 1, 0
+    recent: collections.deque[bytes] = collections.deque(maxlen=_LOOK_BACK)
     try:
         while done < begin:
             chunk = f.read(min(CHUNK, begin - done))
@@ -326,11 +331,31 @@ def _locate(f: BinaryIO, begin: int, end: int | None, validator: etree._Validato
         while (end is None or done < end) and (text := f.readline(_LINE_PIECE)):
             parser.feed(_without_mark(text, done))
             done += len(text)
+            recent.append(text)
             if _errors(parser.feed_error_log):
-                return line
+                return line - _lines_back(recent, message)
             line += text.endswith(b"\n")
     except etree.XMLSyntaxError:
         return line
+    return 0
+
+
+_LOOK_BACK = 64  # lines (or pieces of one) kept to find an element's start tag in
+_NAMED = re.compile(r"Element '(?:\{[^}]*\})?([^']+)'")
+
+
+def _lines_back(recent: collections.deque[bytes], message: str) -> int:
+    """How many lines before the last of ``recent`` the element ``message`` names begins."""
+    named = _NAMED.match(message)
+    if named is None:
+        return 0
+    local = re.escape(named.group(1).rpartition(":")[2].encode())
+    start = re.compile(rb"<(?:[^\s<>/:]+:)?" + local + rb"[\s/>]|<(?:[^\s<>/:]+:)?" + local + rb"$")
+    back = 0
+    for text in reversed(recent):
+        if start.search(text):
+            return back
+        back += text.endswith(b"\n")
     return 0
 
 

@@ -378,17 +378,24 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
     gives a name in use a derived one (:mod:`jobspool.reuse`).
     """
     src = spool.dir(INCOMING, iface.name) / filename
-    with spool.names_lock():
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            return _to_errors(spool, iface, src, spool.stamp(), f"not a regular file ({_kind(st)})")
-        if not names.is_valid(filename):
-            why = f"invalid job name: {names.why_invalid(filename)}"
-            return _to_errors(spool, iface, src, spool.stamp(), why)
-        # A name in use is no reason to refuse: settle_drop gives it a derived name.
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or not names.is_valid(filename):
+        # A name enters joberrors: under the names lock, and looked at again there.
+        with spool.names_lock():
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                why = f"not a regular file ({_kind(st)})"
+                return _to_errors(spool, iface, src, spool.stamp(), why)
+            if not names.is_valid(filename):
+                why = f"invalid job name: {names.why_invalid(filename)}"
+                return _to_errors(spool, iface, src, spool.stamp(), why)
+    # A name in use is no reason to refuse: settle_drop gives it a derived name.
     with os_errors(f"cannot read dropped file {src}"):  # unreadable: reported, left in place
         os.close(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
     return Screened(src, st)

@@ -151,10 +151,13 @@ def test_the_check_stops_reading_at_the_first_error(order_xsd):
     assert doc.taken < 4 * checking.CHUNK
 
 
-def test_a_schema_error_is_placed_where_the_check_notices_it(order_xsd):
-    # A missing child is noticed at its parent's end tag; a bad value on its element.
+def test_a_schema_error_is_placed_on_the_first_line_of_its_element(order_xsd):
+    # The validator notices a missing child or a bad value at the end tag;
+    # the line given is where the element begins, as a tree check gives it.
     missing = b'<order id="1">\n  <sku>HAM-1</sku>\n</order>\n'
-    assert checking.check(missing, order_xsd).problems[0].line == 3
+    assert checking.check(missing, order_xsd).problems[0].line == 1
+    two_lines = b'<order id="1">\n  <sku>HAM-1</sku>\n  <qty>four\nor five</qty>\n</order>\n'
+    assert checking.check(two_lines, order_xsd).problems[0].line == 3
     far = b'<order id="1">\n' + b"\n" * 70_000 + b"<sku>HAM-1</sku><qty>0</qty></order>"
     assert checking.check(far, order_xsd).problems[0].line == 70_002
 
