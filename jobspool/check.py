@@ -351,11 +351,11 @@ def _lines_back(recent: collections.deque[bytes], message: str) -> int:
         return 0
     local = re.escape(named.group(1).rpartition(":")[2].encode())
     start = re.compile(rb"<(?:[^\s<>/:]+:)?" + local + rb"[\s/>]|<(?:[^\s<>/:]+:)?" + local + rb"$")
-    back = 0
-    for text in reversed(recent):
-        if start.search(text):
+    pieces, back = list(recent), 0
+    for i in range(len(pieces) - 1, -1, -1):
+        if start.search(pieces[i]):
             return back
-        back += text.endswith(b"\n")
+        back += i > 0 and pieces[i - 1].endswith(b"\n")  # a new line began after the one before
     return 0
 
 
