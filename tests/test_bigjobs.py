@@ -229,9 +229,10 @@ def test_a_bad_item_near_the_end_of_a_huge_file_is_rejected_with_its_line(
     assert check.maxrss_kb < 150 * 1024, check.maxrss_kb
 
     os.rename(big, site.root / "incoming" / "stock_in" / big.name)
-    notified.wait_for(lambda: site.ls("joberrors"), "the export in joberrors", timeout=300)
+    # The rejected line comes once the job is in joberrors (its log is there first).
+    notified.wait_for(lambda: _rejected(notified), "the export rejected", timeout=300)
     assert site.where("stock-bad.xml")[0].startswith("joberrors")
-    rejected = [line for line in _lines(notified) if line.get("event") == "rejected"]
+    rejected = _rejected(notified)
     assert len(rejected) == 1, rejected
     assert f"line {bad_line}," in rejected[0]["reason"], rejected[0]
 
@@ -243,7 +244,7 @@ def test_a_truncated_huge_file_is_rejected(site: Site, notified: Notified) -> No
     assert check.maxrss_kb < 150 * 1024, check.maxrss_kb
 
     os.rename(big, site.root / "incoming" / "stock_in" / big.name)
-    notified.wait_for(lambda: site.ls("joberrors"), "the export in joberrors", timeout=300)
+    notified.wait_for(lambda: _rejected(notified), "the export rejected", timeout=300)
     assert site.where("stock-cut.xml")[0].startswith("joberrors")
     assert not site.ls("queue", "stock_in") and not site.ls("bak", "stock_in")
 
@@ -289,6 +290,10 @@ esac
 
 def _in_bak(site: Site, name: str) -> bool:
     return name in site.ls("bak", "orders_in")
+
+
+def _rejected(daemon: Notified) -> list[dict[str, Any]]:
+    return [line for line in _lines(daemon) if line.get("event") == "rejected"]
 
 
 def _lines(daemon: Notified) -> list[dict[str, Any]]:
