@@ -50,6 +50,7 @@ class Task(NamedTuple):
     schema: str | None
     max_size: int
     tree_limit: int
+    size: int = 0  # as screened: large ones are handed to a worker alone
 
 
 class Checked(NamedTuple):
@@ -162,10 +163,9 @@ LARGE = 4 << 20  # bytes: a drop this large is checked in a batch of its own
 
 
 def _large(task: Task) -> bool:
-    try:
-        return os.lstat(task.path).st_size >= LARGE
-    except OSError:
-        return False  # the worker finds out and says so
+    # The size seen at screening, not a stat per look: a drop that grew since
+    # is looked at again anyway when its verdict comes back (it changed).
+    return task.size >= LARGE
 
 
 class CheckPool:

@@ -326,7 +326,13 @@ class Daemon:
             self.check_order[iface_name].append(path)
             schema = None if iface.schema is None else str(iface.schema)
             task = Task(
-                path, iface_name, str(path), schema, iface.max_size, self.cfg.daemon.tree_limit
+                path,
+                iface_name,
+                str(path),
+                schema,
+                iface.max_size,
+                self.cfg.daemon.tree_limit,
+                screened.st.st_size,
             )
             self.to_check.append(task)
         elif screened is not None:
