@@ -50,7 +50,7 @@ class Task(NamedTuple):
     schema: str | None
     max_size: int
     tree_limit: int
-    size: int = 0  # as screened: large ones are handed to a worker alone
+    size: int  # as screened: large ones go to a worker alone; a change is seen at settling
 
 
 class Checked(NamedTuple):
@@ -65,16 +65,16 @@ class Checked(NamedTuple):
 
 
 def check_task(task: Task) -> Checked:
-    """Check one drop: its size, then the streaming check (in a worker, or inline)."""
+    """Check one drop: its size, then the streaming check (in a worker)."""
     from jobspool import check
 
     try:
-        size = os.lstat(task.path).st_size
-        if size > task.max_size:
+        # Its size as screened: should it grow meanwhile, settling sees the
+        # change and the drop is looked at (and checked) again.
+        if task.size > task.max_size:
             why = f"the file is larger than max_size ({task.max_size} bytes) of {task.interface}"
             return Checked(task.key, [(0, 0, why)])
         schema = None if task.schema is None else Path(task.schema)
-        _refresh(task.schema)
         verdict = check.check_file(task.path, schema, task.tree_limit)
     except OSError as exc:
         return Checked(task.key, [], error=exc.strerror or str(exc))
@@ -106,7 +106,10 @@ def serve(tasks_in: int, verdicts_out: int) -> None:
     """A worker's life: a batch of tasks per line in, their verdicts per line out, to EOF."""
     with open(tasks_in, "rb") as reader, open(verdicts_out, "wb", buffering=0) as writer:
         for line in reader:
-            out = [list(check_task(Task(*t))) for t in json.loads(line)]
+            tasks = [Task(*t) for t in json.loads(line)]
+            for schema in {t.schema for t in tasks}:  # once a batch, not once a drop
+                _refresh(schema)
+            out = [list(check_task(t)) for t in tasks]
             data = (json.dumps(out) + "\n").encode()
             while data:
                 data = data[writer.write(data) or 0 :]

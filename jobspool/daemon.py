@@ -206,9 +206,12 @@ class Daemon:
         for checked in self.checked:
             self.verdicts[checked.key] = checked
         self.checked.clear()
+        ready = []  # in drop order per interface
         for order in self.check_order.values():
             while order and order[0] in self.verdicts:
-                self.settle(self.verdicts.pop(order.popleft()), now)
+                ready.append(self.verdicts.pop(order.popleft()))
+        for i in range(0, len(ready), BATCH):  # the names lock is held for one batch at a time
+            self.settle(ready[i : i + BATCH], now)
         self.commit_accepted()
         if self.accepted:  # a failed sync: the loop must come back for them
             return now + self.commit.retry_in()
@@ -292,21 +295,20 @@ class Daemon:
             self.waiting.pop(path, None)
             return
         ready = watch.readiness(path, renamed_in, self.cfg.daemon.settle, now)
-        if ready == watch.GONE:
-            self.waiting.pop(path, None)
-        elif ready == watch.READY:
-            self.waiting.pop(path, None)
-            self.take(path, iface, now)
-        else:
-            assert isinstance(ready, float)
+        if isinstance(ready, float):
             self.waiting[path] = (ready, renamed_in)
+        elif isinstance(ready, os.stat_result):
+            self.waiting.pop(path, None)
+            self.take(path, iface, now, ready)
+        else:
+            self.waiting.pop(path, None)  # gone
 
-    def take(self, path: Path, iface_name: str, now: float) -> None:
+    def take(self, path: Path, iface_name: str, now: float, seen: os.stat_result) -> None:
         """Take a whole drop: screened here, checked by a worker (see :meth:`settle`)."""
         iface = self.cfg.interfaces[iface_name]
         bound = logs.get(job=path.name, interface=iface_name)
         try:
-            screened = intake.screen_drop(self.spool, iface, path.name)
+            screened = intake.screen_drop(self.spool, iface, path.name, seen)
         except (TryLater, JobspoolError) as exc:
             if faults.is_machine_fault(exc):  # a full disk, a read-only remount: one episode
                 self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
@@ -338,30 +340,42 @@ class Daemon:
         elif screened is not None:
             self.taken(screened, iface_name, path)
 
-    def settle(self, checked: Checked, now: float) -> None:
-        """A drop's verdict is back: into its queue or joberrors, or look at it again."""
-        path = checked.key
-        iface_name, screened = self.checking.pop(path)
-        iface = self.cfg.interfaces.get(iface_name)
-        if not self.serves(lease.interface_key(iface_name)):
-            iface = None  # its lease went meanwhile: left in place for the new owner
-        taken = None
-        if iface is not None and checked.error is None:  # (an interface gone with a reload)
-            try:
-                taken = intake.settle_drop(
-                    self.spool, iface, screened, checked.as_problems(), sync=False
-                )
-            except JobspoolError as exc:
-                if faults.is_machine_fault(exc):  # one line per episode, not one per drop
-                    self.intake_fault.failed(faults.kind(exc), job=path.name, detail=str(exc))
+    def settle(self, batch: list[Checked], now: float) -> None:
+        """Drops whose verdicts are back: into their queue or joberrors, or look again.
+
+        A burst's drops are settled together, under one hold of the names lock.
+        """
+        drops, paths = [], []
+        for checked in batch:
+            path = checked.key
+            iface_name, screened = self.checking.pop(path)
+            iface = self.cfg.interfaces.get(iface_name)  # (an interface gone with a reload)
+            if not self.serves(lease.interface_key(iface_name)):
+                iface = None  # its lease went meanwhile: left in place for the new owner
+            if iface is None or checked.error is not None:  # not checked: look again
+                self.waiting[path] = (now + self.cfg.daemon.settle, False)
+            else:
+                drops.append((iface, screened, checked.as_problems()))
+                paths.append(path)
+        if not drops:
+            return
+        try:
+            settled = intake.settle_drops(self.spool, drops, sync=False)
+        except JobspoolError as exc:  # the names lock: nothing was settled
+            self.intake_fault.failed(faults.kind(exc), detail=str(exc))
+            settled = [intake.Settled(None)] * len(drops)
+        for path, (iface, _, _), (taken, error) in zip(paths, drops, settled, strict=True):
+            if error is not None:
+                if faults.is_machine_fault(error):  # one line per episode, not one per drop
+                    self.intake_fault.failed(faults.kind(error), job=path.name, detail=str(error))
                 else:
-                    logs.get(job=path.name, interface=iface_name).error(
-                        "cannot take dropped file now; will try again", error=str(exc)
+                    logs.get(job=path.name, interface=iface.name).error(
+                        "cannot take dropped file now; will try again", error=str(error)
                     )
-        if taken is None:  # gone, changed while it was checked, or not checked: look again
-            self.waiting[path] = (now + self.cfg.daemon.settle, False)
-        else:
-            self.taken(taken, iface_name, path)
+            if taken is None:  # gone, changed while it was checked, or not settled: look again
+                self.waiting[path] = (now + self.cfg.daemon.settle, False)
+            else:
+                self.taken(taken, iface.name, path)
 
     def taken(self, taken: intake.Taken, iface_name: str, path: Path) -> None:
         """A drop went into joberrors (reported now) or its queue (reported once synced)."""
@@ -395,13 +409,14 @@ class Daemon:
             self.retry_commit_at = time.monotonic() + self.commit.retry_in()
             return
         batch, self.accepted = self.accepted, {}
+        offers: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
         for iface_name, taken in batch.values():
-            logs.get(job=taken.name, interface=iface_name).info("accepted", to=taken.place)
-            lane = self.lanes.get(iface_name)
-            if lane is None:  # _out: it waits to be fetched
-                continue
-            self.held.hold(taken.name, taken.log)
-            lane.offer(taken.stamp, taken.name)
+            self.logger.info("accepted", job=taken.name, interface=iface_name, to=taken.place)
+            if iface_name in self.lanes:  # (_out jobs wait to be fetched)
+                self.held.hold(taken.name, taken.log)
+                offers[iface_name].append((taken.stamp, taken.name))
+        for iface_name, jobs in offers.items():
+            self.lanes[iface_name].offer_all(jobs)
 
     def guarded_rescan(self) -> None:
         """:meth:`rescan`; a fault is one episode of rescans, over when one works again."""

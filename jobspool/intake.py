@@ -22,7 +22,7 @@ import re
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -31,7 +31,7 @@ from jobspool import check as checking
 from jobspool import content, joblog, names, reuse
 from jobspool.config import Config, Interface
 from jobspool.durable import fsync_file, os_errors, write_staged
-from jobspool.errors import BadRequest, Denied, Problem, Rejected
+from jobspool.errors import BadRequest, Denied, JobspoolError, Problem, Rejected
 from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 
 _CHUNK = 1 << 20
@@ -367,8 +367,12 @@ def take_drop(
     return settle_drop(spool, iface, screened, problems, sync=sync)
 
 
-def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screened | None:
+def screen_drop(
+    spool: Spool, iface: Interface, filename: str, seen: os.stat_result | None = None
+) -> Taken | Screened | None:
     """The first look at a whole drop, before its check.
+
+    ``seen`` is the drop's ``lstat`` when the caller has just made one.
 
     None when the file is gone. An unreadable file raises :class:`Denied` and
     stays where it is. A name that is invalid, or something other
@@ -379,7 +383,7 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
     """
     src = spool.dir(INCOMING, iface.name) / filename
     try:
-        st = os.lstat(src)
+        st = os.lstat(src) if seen is None else seen
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(st.st_mode) or not names.is_valid(filename):
@@ -401,6 +405,13 @@ def screen_drop(spool: Spool, iface: Interface, filename: str) -> Taken | Screen
     return Screened(src, st)
 
 
+class Settled(NamedTuple):
+    """What :func:`settle_drops` made of one drop."""
+
+    taken: Taken | None  # None: gone, or changed while it was checked (look again)
+    error: JobspoolError | None = None  # it could not be settled now (a full disk...)
+
+
 def settle_drop(
     spool: Spool,
     iface: Interface,
@@ -419,65 +430,110 @@ def settle_drop(
     durable by the caller's group commit; rejections are synced at once,
     the job's own bytes first, then its log, then the move.
     """
+    (settled,) = settle_drops(spool, [(iface, screened, problems)], sync=sync)
+    if settled.error is not None:
+        raise settled.error
+    return settled.taken
+
+
+def settle_drops(
+    spool: Spool,
+    drops: Sequence[tuple[Interface, Screened, list[Problem]]],
+    *,
+    sync: bool = True,
+) -> list[Settled]:
+    """:func:`settle_drop` for checked drops in their order, under one hold of the names lock.
+
+    A burst pays for the lock and the stamps once, not per drop. A drop
+    that cannot be settled now has its error in its :class:`Settled`, and
+    the others go on; a lock that cannot be taken raises, and none is settled.
+    """
+    digests = [_digest(iface, problems, screened.path) for iface, screened, problems in drops]
+    settled = []
+    with spool.names_lock():
+        stamps = spool.stamps(len(drops))
+        for (iface, screened, problems), hexdigest, stamp in zip(
+            drops, digests, stamps, strict=True
+        ):
+            try:
+                taken = _settle(spool, iface, screened, problems, hexdigest, stamp, sync)
+            except JobspoolError as exc:
+                settled.append(Settled(None, exc))
+            else:
+                settled.append(Settled(taken))
+    return settled
+
+
+def _digest(iface: Interface, problems: list[Problem], path: Path) -> str | None:
+    """The content digest a ``same_content`` interface compares, outside the lock."""
+    if iface.same_content is None or problems:
+        return None
+    with suppress(Denied):  # unreadable now: its check said otherwise; look again later
+        return content.digest(path)
+    return None
+
+
+def _settle(
+    spool: Spool,
+    iface: Interface,
+    screened: Screened,
+    problems: list[Problem],
+    hexdigest: str | None,
+    stamp: int,
+    sync: bool,
+) -> Taken | None:
+    """One drop, the names lock held: see :func:`settle_drop`."""
     src = screened.path
     filename = src.name
-    hexdigest = None
-    if iface.same_content is not None and not problems:
-        with suppress(Denied):  # unreadable now: its check said otherwise; look again later
-            hexdigest = content.digest(src)
-    with spool.names_lock():
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            return None
-        before = screened.st
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != (
-            before.st_ino,
-            before.st_size,
-            before.st_mtime_ns,
-        ):
-            return None
-        stamp = spool.stamp()
-        name, original = filename, None
-        if spool.locate(filename, besides=src) is not None:
-            # The partner sends orders.xml every day: each is a job of its own.
-            name = reuse.free_name(filename, stamp, lambda n: spool.locate(n) is not None)
-            original = filename
-        log = joblog.new(name, iface.name)
-        joblog.received(log, "drop", original_name=original)
-        same = content.judge(spool, iface, hexdigest, log)
-        if same is not None:
-            problems = [same]
-        joblog.checked(log, problems, iface.schema)
-        if original is not None:
-            reuse.remember(spool, original, name, sync=sync)
-        if problems:
-            sync_dropped(spool, src)  # it is reported as kept: it must be whole on disk
-            joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
-            spool.write(
-                spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True
-            )
-            spool.move(src, spool.joberrors, new_name=name)
-            return Taken(name, JOBERRORS, stamp, log, str(problems[0]))
-        queue = spool.dir(QUEUE, iface.name)
-        joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
-        if iface.outbound:
-            # It waits for a fetch, maybe for days, not for a handler in this
-            # process: its history goes to disk now, like a submitted job's.
-            pending = spool.pending_log(name)
-            spool.write(pending, [joblog.to_bytes(log)], replace=True, sync=sync)
-        try:
-            spool.move(src, queue, stamp_ns=stamp, new_name=name, sync=sync)
-        except Denied:
-            # Not the file's owner, so its mtime (the queue order) cannot be
-            # set: queue a copy we own instead, then drop the original.
-            # Synced at once whatever the caller batches: the original goes,
-            # so the copy must be on disk first.
-            with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
-                spool.write(queue / name, _chunks(f), stamp_ns=stamp)
-            spool.remove(src, sync=sync)
-        content.remember(spool, iface, hexdigest, name, stamp)
-        return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return None
+    before = screened.st
+    if (st.st_ino, st.st_size, st.st_mtime_ns) != (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    ):
+        return None
+    name, original = filename, None
+    if spool.locate(filename, besides=src) is not None:
+        # The partner sends orders.xml every day: each is a job of its own.
+        name = reuse.free_name(filename, stamp, lambda n: spool.locate(n) is not None)
+        original = filename
+    log = joblog.new(name, iface.name)
+    joblog.received(log, "drop", original_name=original)
+    same = content.judge(spool, iface, hexdigest, log)
+    if same is not None:
+        problems = [same]
+    joblog.checked(log, problems, iface.schema)
+    if original is not None:
+        reuse.remember(spool, original, name, sync=sync)
+    if problems:
+        sync_dropped(spool, src)  # it is reported as kept: it must be whole on disk
+        joblog.moved(log, f"{INCOMING}/{iface.name}", JOBERRORS)
+        spool.write(spool.joberrors / names.log_name(name), [joblog.to_bytes(log)], replace=True)
+        spool.move(src, spool.joberrors, new_name=name)
+        return Taken(name, JOBERRORS, stamp, log, str(problems[0]))
+    queue = spool.dir(QUEUE, iface.name)
+    joblog.moved(log, f"{INCOMING}/{iface.name}", f"{QUEUE}/{iface.name}")
+    if iface.outbound:
+        # It waits for a fetch, maybe for days, not for a handler in this
+        # process: its history goes to disk now, like a submitted job's.
+        pending = spool.pending_log(name)
+        spool.write(pending, [joblog.to_bytes(log)], replace=True, sync=sync)
+    try:
+        spool.move(src, queue, stamp_ns=stamp, new_name=name, sync=sync)
+    except Denied:
+        # Not the file's owner, so its mtime (the queue order) cannot be
+        # set: queue a copy we own instead, then drop the original.
+        # Synced at once whatever the caller batches: the original goes,
+        # so the copy must be on disk first.
+        with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
+            spool.write(queue / name, _chunks(f), stamp_ns=stamp)
+        spool.remove(src, sync=sync)
+    content.remember(spool, iface, hexdigest, name, stamp)
+    return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
 
 
 def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:

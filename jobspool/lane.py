@@ -278,9 +278,14 @@ class Lane:
 
     def offer(self, stamp: int, name: str) -> None:
         """A job is in the queue directory (again); the lane takes note once."""
+        self.offer_all([(stamp, name)])
+
+    def offer_all(self, jobs: list[tuple[int, str]]) -> None:
+        """:meth:`offer` for a batch of jobs (stamp, name): one wake-up for all of them."""
         with self.cond:
-            if self.backlog.offer(stamp, name):
-                self.cond.notify()
+            fresh = [self.backlog.offer(stamp, name) for stamp, name in jobs]
+            if any(fresh):
+                self.cond.notify_all()
 
     def refill(self, unsettled: Container[str] = ()) -> None:
         """Add whatever the queue directory holds that the lane does not know.

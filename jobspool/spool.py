@@ -289,22 +289,29 @@ class Spool:
     # --- writing and moving ----------------------------------------------------
 
     def stamp(self) -> int:
-        """A fresh acceptance stamp (ns), later than every stamp given before.
+        """A fresh acceptance stamp (ns), later than every stamp given before."""
+        return self.stamps(1)[0]
+
+    def stamps(self, n: int) -> range:
+        """``n`` fresh acceptance stamps (ns), in order, later than every stamp given before.
 
         The high-water mark is the mtime of ``state/names.lock`` (every
         acceptance holds that lock), so stamps keep increasing across
         processes and restarts even when the wall clock was stepped back.
+        A burst takes its stamps in one go: one ``fstat`` and one ``utime``
+        for all of them, the mark set to the last before any is used.
         """
         try:
             fd = _lock_fd(self._lock_path("names"))
             last = os.fstat(fd).st_mtime_ns
         except OSError:
             fd, last = -1, 0
-        self._last_stamp = max(time.time_ns(), last + 1, self._last_stamp + 1)
+        first = max(time.time_ns(), last + 1, self._last_stamp + 1)
+        self._last_stamp = first + n - 1
         if fd >= 0:
             with contextlib.suppress(OSError):  # not ours to touch: the in-process order holds
                 os.utime(fd, ns=(self._last_stamp, self._last_stamp))
-        return self._last_stamp
+        return range(first, first + n)
 
     def write(
         self,

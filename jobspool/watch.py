@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 
 from jobspool import names
 
-READY = "ready"
 GONE = "gone"
 
 
@@ -48,8 +47,13 @@ class Hint(NamedTuple):
     renamed_in: bool
 
 
-def readiness(path: Path, renamed_in: bool, settle: float, now: float) -> str | float:
-    """READY, GONE (nothing to take), or the wall-clock time to look again."""
+def readiness(
+    path: Path, renamed_in: bool, settle: float, now: float
+) -> os.stat_result | str | float:
+    """The drop's ``lstat`` when it is whole, GONE (nothing to take), or when to look again.
+
+    The ``lstat`` is handed on, so that taking the drop needs no second one.
+    """
     if names.is_partial_upload(path.name):
         return GONE
     try:
@@ -57,9 +61,9 @@ def readiness(path: Path, renamed_in: bool, settle: float, now: float) -> str | 
     except FileNotFoundError:
         return GONE
     if not stat.S_ISREG(st.st_mode):
-        return READY if not stat.S_ISDIR(st.st_mode) else GONE  # odd files go to joberrors
+        return st if not stat.S_ISDIR(st.st_mode) else GONE  # odd files go to joberrors
     if renamed_in:
-        return READY
+        return st
     writing = writer_open(path)
     if writing:
         return now + max(settle, 1.0)  # its close wakes us sooner
@@ -69,7 +73,7 @@ def readiness(path: Path, renamed_in: bool, settle: float, now: float) -> str | 
     # count from now then, or such a file would wait for ever.
     changed = st.st_ctime if st.st_ctime <= now else now - settle
     due = changed + settle
-    return READY if now >= due else due
+    return st if now >= due else due
 
 
 def writer_open(path: Path) -> bool | None:

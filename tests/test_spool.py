@@ -178,6 +178,18 @@ def test_stamps_strictly_increase(tree):
     assert stamps == sorted(set(stamps))
 
 
+def test_a_bursts_stamps_come_after_earlier_ones_and_before_later_ones_in_any_process(
+    tree, monkeypatch
+):
+    frozen = time.time_ns()  # a clock that does not move: only the mark orders the stamps
+    monkeypatch.setattr(time, "time_ns", lambda: frozen)
+    before = tree.stamp()
+    burst = list(tree.stamps(64))
+    # Another process (a submit, a restarted daemon) starts from the lock file's mark.
+    after = Spool(tree.root, IFACES).stamp()
+    assert [before, *burst, after] == sorted({before, *burst, after})
+
+
 def test_queue_order_survives_a_restart_after_the_clock_stepped_back(tree, monkeypatch):
     accept(tree, "b.xml")
     accept(tree, "a.xml")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobspool import watch
-from jobspool.watch import GONE, READY, candidates, readiness, writer_open
+from jobspool.watch import GONE, candidates, readiness, writer_open
 from tests.kit import (
     order,
     wait_for,
@@ -43,6 +43,11 @@ def renamed_in(folder: Path, name: str) -> Path:
 
 
 # --- readiness ---------------------------------------------------------------------------
+
+
+def is_ready(result: object) -> bool:
+    """Ready to take: readiness hands back the drop's lstat."""
+    return isinstance(result, os.stat_result)
 
 
 @pytest.mark.parametrize(
@@ -76,13 +81,13 @@ def test_a_directory_is_not_a_job(tmp_path):
 def test_a_file_renamed_in_is_ready_at_once(tmp_path):
     path = renamed_in(tmp_path, "order.xml")
     # No settle time for a rename, however long settle is.
-    assert readiness(path, True, 3600.0, time.time()) == READY
+    assert is_ready(readiness(path, True, 3600.0, time.time()))
 
 
 def test_a_symlink_is_ready_to_be_taken_to_joberrors(tmp_path):
     target = put(tmp_path, "elsewhere.xml", order(1))
     os.symlink(target, tmp_path / "link.xml")
-    assert readiness(tmp_path / "link.xml", False, SETTLE, time.time()) == READY
+    assert is_ready(readiness(tmp_path / "link.xml", False, SETTLE, time.time()))
 
 
 def test_a_file_written_in_place_is_ready_only_after_settle(tmp_path):
@@ -93,7 +98,7 @@ def test_a_file_written_in_place_is_ready_only_after_settle(tmp_path):
     assert isinstance(due, float)
     assert due == pytest.approx(mtime + SETTLE)
     assert readiness(path, False, SETTLE, mtime + SETTLE / 2) == pytest.approx(due)
-    assert readiness(path, False, SETTLE, mtime + SETTLE) == READY
+    assert is_ready(readiness(path, False, SETTLE, mtime + SETTLE))
 
 
 def test_a_file_held_open_by_its_writer_is_not_ready(tmp_path):
@@ -114,9 +119,9 @@ def test_a_file_held_open_by_its_writer_is_not_ready(tmp_path):
     mtime = os.stat(path).st_mtime
     due = readiness(path, False, SETTLE, mtime)
     assert isinstance(due, float)
-    assert readiness(path, False, SETTLE, due) == READY
+    assert is_ready(readiness(path, False, SETTLE, due))
     # And in real time too.
-    wait_for(lambda: readiness(path, False, SETTLE, time.time()) == READY, "settle", timeout=10)
+    wait_for(lambda: is_ready(readiness(path, False, SETTLE, time.time())), "settle", timeout=10)
     assert path.read_bytes() == order(1)
 
 
@@ -134,14 +139,14 @@ def test_a_writer_in_another_process_holds_the_file_back(tmp_path):
         writer.wait()
     assert writer_open(path) is False
     # Settled is counted from the inode's last change (utime is one): settle later, ready.
-    assert readiness(path, False, SETTLE, time.time() + SETTLE) == READY
+    assert is_ready(readiness(path, False, SETTLE, time.time() + SETTLE))
 
 
 def test_a_reader_does_not_hold_the_file_back(tmp_path):
     path = put(tmp_path, "order.xml", order(1), mtime=HOUR_AGO)
     with open(path, "rb"):
         assert writer_open(path) is False
-        assert readiness(path, False, SETTLE, time.time() + SETTLE) == READY
+        assert is_ready(readiness(path, False, SETTLE, time.time() + SETTLE))
 
 
 def test_a_file_whose_mtime_was_set_back_still_settles_by_its_last_change(tmp_path):
@@ -149,7 +154,7 @@ def test_a_file_whose_mtime_was_set_back_still_settles_by_its_last_change(tmp_pa
     path = put(tmp_path, "order.xml", order(1), mtime=HOUR_AGO)
     now = time.time()
     assert isinstance(readiness(path, False, SETTLE, now), float)
-    assert readiness(path, False, SETTLE, now + SETTLE) == READY
+    assert is_ready(readiness(path, False, SETTLE, now + SETTLE))
 
 
 # --- candidates --------------------------------------------------------------------------
