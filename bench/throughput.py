@@ -100,7 +100,12 @@ def run(quick: bool, runs: int | None) -> dict[str, Any]:
     daemon = site.start()
     shell = ShellLoop(work / "shell")
     tree = floor.Tree(work / "floor")
-    samples: dict[str, list[float]] = {"floor_synced": [], "floor_batch": [], "shell": []}
+    samples: dict[str, list[float]] = {
+        "floor_synced": [],
+        "floor_batch": [],
+        "floor_work": [],
+        "shell": [],
+    }
     floor_cpu: list[float] = []  # CPU seconds per job of the batched floor loop
     work_cpu: list[float] = []  # the same, doing each job's check and log too
     own_work = floor.checked_log(common.ORDER_XSD, common.IFACE)
@@ -114,16 +119,17 @@ def run(quick: bool, runs: int | None) -> dict[str, Any]:
         for r in range(repeats):
             names = [f"floor-{r}-{i:05d}.xml" for i in range(N)]
             for _ in range(FLOOR_RUNS):  # cheap, and syncfs varies with the machine's I/O
-                for key, batch in (("floor_synced", None), ("floor_batch", floor.BATCH)):
+                for key, batch, per_job, cpu_of in (
+                    ("floor_synced", None, None, None),
+                    ("floor_batch", floor.BATCH, None, floor_cpu),
+                    ("floor_work", floor.BATCH, own_work, work_cpu),
+                ):
                     tree.fill(names, data)
-                    wall, used = floor.run_jobs_cpu(tree, names, batch)
+                    wall, used = floor.run_jobs_cpu(tree, names, batch, per_job)
                     samples[key].append(N / wall)
-                    if batch is not None:
-                        floor_cpu.append(used / N)
+                    if cpu_of is not None:
+                        cpu_of.append(used / N)
                     tree.clear()
-                tree.fill(names, data)
-                work_cpu.append(floor.run_jobs_cpu(tree, names, floor.BATCH, own_work)[1] / N)
-                tree.clear()
             for depth in depths:
                 burst = drop_batch(site, daemon, f"r{r}d{depth}", depth, data)
                 rate[depth].append(burst.jobs_per_s)
@@ -148,6 +154,7 @@ def run(quick: bool, runs: int | None) -> dict[str, Any]:
         common.remove_tree(work)
 
     fl_sync, fl_batch = median(samples["floor_synced"]), median(samples["floor_batch"])
+    fl_work = median(samples["floor_work"])
     sh = median(samples["shell"])
     main = median(rate[N])
     print(f"\n  {'':<44} {'jobs/s':>8}  {'daemon / it':>11}")
@@ -155,6 +162,7 @@ def run(quick: bool, runs: int | None) -> dict[str, Any]:
     for label, v in (
         ("floor, synced per job", fl_sync),
         (f"floor, one syncfs per {floor.BATCH} jobs", fl_batch),
+        ("the same, with each job's check and log", fl_work),
         (f"shell loop (inotifywait + xmllint), N={shell_jobs}", sh),
     ):
         print(f"  {label:<44} {v:8.1f}  {main / v:10.2f}x")
@@ -205,6 +213,13 @@ def run(quick: bool, runs: int | None) -> dict[str, Any]:
         ),
         row(
             "throughput",
+            "daemon vs the same floor doing the job's own work",
+            f"{main:.0f} jobs/s",
+            f"floor + check + log {fl_work:.0f} jobs/s",
+            main / fl_work,
+        ),
+        row(
+            "throughput",
             f"CPU/job, daemon + check workers (N={N})",
             f"{dcpu * 1000:.2f} ms",
             f"floor loop {fcpu * 1000:.2f} ms",
@@ -247,6 +262,7 @@ def run(quick: bool, runs: int | None) -> dict[str, Any]:
         "cpu": {str(d): v for d, v in cpu.items()},
         "floor_synced": samples["floor_synced"],
         "floor_batch": samples["floor_batch"],
+        "floor_work": samples["floor_work"],
         "floor_cpu_per_job_s": floor_cpu,
         "floor_work_cpu_per_job_s": work_cpu,
         "cpu_per_job_s": {str(d): v for d, v in job_cpu.items()},
