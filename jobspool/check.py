@@ -294,50 +294,59 @@ def _check_streaming(
     f.seek(0)
     if plain := _stream(f, f.read(CHUNK), None, limit=first.read).problems:
         return Verdict(plain, schema)
-    line = _locate(f, first.began, first.read, validator, first.problems[0].message)
-    return Verdict([Problem(line, 0, p.message) for p in first.problems], schema)
+    messages = [p.message for p in first.problems]
+    lines = _locate(f, first.began, first.read, validator, messages)
+    return Verdict([Problem(n, 0, m) for n, m in zip(lines, messages, strict=True)], schema)
 
 
 def _locate(
-    f: BinaryIO, begin: int, end: int | None, validator: etree._Validator | None, message: str
-) -> int:
-    """The line of the element on which the streaming validator first finds an error.
+    f: BinaryIO,
+    begin: int,
+    end: int | None,
+    validator: etree._Validator | None,
+    messages: list[str],
+) -> list[int]:
+    """The lines of the elements on which the streaming validator finds its errors.
 
     The document is fed again to a validating parser: quickly up to where
-    the error was seen, then a line at a time, until the error comes back.
-    The element the message names is then looked for back from that line:
-    its start tag's line is the one given, as a tree check gives it (for a
-    bad value or missing content the validator notices at the end tag).
-    Looked for no further than the first pass read (``end``; None: to the
-    end); 0 when it cannot be found.
+    the first error was seen, then a line at a time, each error placed on
+    the line that brought it. The element an error's message names is then
+    looked for back from that line: its start tag's line is the one given,
+    as a tree check gives it (for a bad value or missing content the
+    validator notices at the end tag). Looked for no further than the first
+    pass read (``end``; None: to the end); 0 for an error not found again.
     """
     f.seek(0)
     parser = _validating(validator, f.read(4))
     f.seek(0)
     line, done = 1, 0
+    lines: list[int] = []
     recent: collections.deque[bytes] = collections.deque(maxlen=_LOOK_BACK)
     try:
         while done < begin:
             chunk = f.read(min(CHUNK, begin - done))
             if not chunk:
-                return 0
+                break
             parser.feed(_without_mark(chunk, done))
             done += len(chunk)
             line += chunk.count(b"\n")
-        if _errors(parser.feed_error_log):
-            return 0  # not where the first pass saw it: no line rather than a wrong one
+        if done < begin or _errors(parser.feed_error_log):
+            # Not where the first pass saw it: no line rather than a wrong one.
+            return [0] * len(messages)
         # A line is read in bounded pieces: a document on one line is never
         # held whole.
         while (end is None or done < end) and (text := f.readline(_LINE_PIECE)):
             parser.feed(_without_mark(text, done))
             done += len(text)
             recent.append(text)
-            if _errors(parser.feed_error_log):
-                return line - _lines_back(recent, message)
+            for _ in range(len(lines), min(len(_errors(parser.feed_error_log)), len(messages))):
+                lines.append(line - _lines_back(recent, messages[len(lines)]))
+            if len(lines) == len(messages):
+                return lines
             line += text.endswith(b"\n")
     except etree.XMLSyntaxError:
-        return line
-    return 0
+        return lines + [line] * (len(messages) - len(lines))
+    return lines + [0] * (len(messages) - len(lines))
 
 
 _LOOK_BACK = 64  # lines (or pieces of one) kept to find an element's start tag in

@@ -162,6 +162,14 @@ def test_a_schema_error_is_placed_on_the_first_line_of_its_element(order_xsd):
     assert checking.check(far, order_xsd).problems[0].line == 70_002
 
 
+def test_each_schema_error_is_placed_on_its_own_line(order_xsd):
+    # The streaming validator gives none of them a line: each is placed, not
+    # only the first, as a tree check places them.
+    doc = INVALID.replace(b"</order>", b"  <extra/>\n\n  <more>x</more>\n</order>")
+    problems = checking.check(doc, order_xsd).problems
+    assert [(p.line, p.message.split("'")[1]) for p in problems] == [(4, "qty"), (5, "extra")]
+
+
 def test_a_schema_error_on_a_document_of_one_line_is_placed_on_it(order_xsd):
     one_line = (
         b'<order id="1">' + b"<!-- padding -->" * 300_000 + b"<sku>x</sku><qty>-1</qty></order>"
