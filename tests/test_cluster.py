@@ -24,7 +24,7 @@ from lxml import etree
 
 from jobspool import lease
 from jobspool.durable import durability_of, rename_noreplace
-from tests.kit import DEADLINE, Site, order, valid_log
+from tests.kit import DEADLINE, Daemon, Site, order, valid_log
 from tests.kit.dfs import Host, Volume
 
 LEASE = 6.0  # seconds: short, so that take-overs are quick to test
@@ -142,6 +142,21 @@ def check_outcome(site: Site, dropped: dict[str, list[str]], sites: list[Site]) 
     return len(ran) - len(first)
 
 
+def two_serving(
+    tmp_path: Path, volume: Volume, spool_path: str, handler_sleep: float = 0.0
+) -> tuple[list[Site], list[Daemon], list[str]]:
+    """Both hosts' daemons started and holding leases; the interfaces host2 serves."""
+    sites = [host_site(tmp_path, host, spool_path, handler_sleep) for host in volume.hosts]
+    sites[0].init()
+    daemons = [site.start() for site in sites]
+    sites[0].wait_for(
+        lambda: len(set(holders(sites[0]).values())) == 2,
+        "both nodes to hold leases",
+        timeout=4 * LEASE + DEADLINE,
+    )
+    return sites, daemons, [i for i, node in holders(sites[0]).items() if node == "host2"]
+
+
 def test_two_daemons_share_one_spool(tmp_path: Path, volume: Volume, spool_path: str) -> None:
     sites = [host_site(tmp_path, host, spool_path) for host in volume.hosts]
     sites[0].init()
@@ -185,15 +200,7 @@ def test_two_daemons_share_one_spool(tmp_path: Path, volume: Volume, spool_path:
 
 
 def test_killed_daemon_is_taken_over(tmp_path: Path, volume: Volume, spool_path: str) -> None:
-    sites = [host_site(tmp_path, host, spool_path) for host in volume.hosts]
-    sites[0].init()
-    daemons = [site.start() for site in sites]
-    sites[0].wait_for(
-        lambda: len(set(holders(sites[0]).values())) == 2,
-        "both nodes to hold leases",
-        timeout=4 * LEASE + DEADLINE,
-    )
-    theirs = [i for i, node in holders(sites[0]).items() if node == "host2"]
+    sites, daemons, theirs = two_serving(tmp_path, volume, spool_path)
     daemons[1].kill()  # SIGKILL: no release, no goodbye
     killed = time.monotonic()
     dropped = {i: [f"k{i}{n}.xml" for n in range(5)] for i in theirs}
@@ -217,15 +224,7 @@ def test_killed_daemon_is_taken_over(tmp_path: Path, volume: Volume, spool_path:
 def test_cut_off_host_moves_nothing_it_lost(
     tmp_path: Path, volume: Volume, spool_path: str
 ) -> None:
-    sites = [host_site(tmp_path, host, spool_path, handler_sleep=2.0) for host in volume.hosts]
-    sites[0].init()
-    daemons = [site.start() for site in sites]
-    sites[0].wait_for(
-        lambda: len(set(holders(sites[0]).values())) == 2,
-        "both nodes to hold leases",
-        timeout=4 * LEASE + DEADLINE,
-    )
-    theirs = [i for i, node in holders(sites[0]).items() if node == "host2"]
+    sites, daemons, theirs = two_serving(tmp_path, volume, spool_path, handler_sleep=2.0)
     # A job that host2's handler is running when its cable is pulled.
     sites[1].drop(theirs[0], "cut00000.xml")
     sites[1].wait_for(lambda: _running(sites[1]), "host2 to start the job")

@@ -51,6 +51,9 @@ if [ -e "$f" ]; then rm -f "$f"; echo "failing as asked" >&2; exit 1; fi
 exit 0
 """
 
+# The kit's order schema (tests/kit/documents.py), repeated on purpose: this
+# script runs alone under strace and imports nothing of the test kit, whose
+# package brings httpx, lxml and the whole kit into every recorded trace.
 ORDER_XSD = """\
 <?xml version="1.0" encoding="UTF-8"?>
 <xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
