@@ -361,7 +361,7 @@ class Daemon:
             return
         try:
             settled = intake.settle_drops(self.spool, drops, sync=False)
-        except JobspoolError as exc:  # the names lock: nothing was settled
+        except (JobspoolError, OSError) as exc:  # the names lock: nothing was settled
             self.intake_fault.failed(faults.kind(exc), detail=str(exc))
             settled = [intake.Settled(None)] * len(drops)
         for path, (iface, _, _), (taken, error) in zip(paths, drops, settled, strict=True):

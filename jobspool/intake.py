@@ -409,7 +409,7 @@ class Settled(NamedTuple):
     """What :func:`settle_drops` made of one drop."""
 
     taken: Taken | None  # None: gone, or changed while it was checked (look again)
-    error: JobspoolError | None = None  # it could not be settled now (a full disk...)
+    error: JobspoolError | OSError | None = None  # not settled now (a full disk, EIO...)
 
 
 def settle_drop(
@@ -446,7 +446,8 @@ def settle_drops(
 
     A burst pays for the lock and the stamps once, not per drop. A drop
     that cannot be settled now has its error in its :class:`Settled`, and
-    the others go on; a lock that cannot be taken raises, and none is settled.
+    the others go on; a lock that cannot be taken raises (a
+    :class:`JobspoolError` or an ``OSError``), and none is settled.
     """
     digests = [_digest(iface, problems, screened.path) for iface, screened, problems in drops]
     settled = []
@@ -457,7 +458,7 @@ def settle_drops(
         ):
             try:
                 taken = _settle(spool, iface, screened, problems, hexdigest, stamp, sync)
-            except JobspoolError as exc:
+            except (JobspoolError, OSError) as exc:  # this drop waits; the others go on
                 settled.append(Settled(None, exc))
             else:
                 settled.append(Settled(taken))
