@@ -50,7 +50,7 @@ class Task(NamedTuple):
     schema: str | None
     max_size: int
     tree_limit: int
-    size: int  # as screened: large ones go to a worker alone; a change is seen at settling
+    size: int  # as screened: large ones are handed to a worker alone
 
 
 class Checked(NamedTuple):
@@ -69,9 +69,10 @@ def check_task(task: Task) -> Checked:
     from jobspool import check
 
     try:
-        # Its size as screened: should it grow meanwhile, settling sees the
-        # change and the drop is looked at (and checked) again.
-        if task.size > task.max_size:
+        # Its size now, not as screened: one that grew past max_size meanwhile
+        # is not streamed in full only for its verdict to be thrown away.
+        size = os.lstat(task.path).st_size
+        if size > task.max_size:
             why = f"the file is larger than max_size ({task.max_size} bytes) of {task.interface}"
             return Checked(task.key, [(0, 0, why)])
         schema = None if task.schema is None else Path(task.schema)

@@ -206,12 +206,12 @@ class Daemon:
         for checked in self.checked:
             self.verdicts[checked.key] = checked
         self.checked.clear()
-        ready = []  # in drop order per interface
         for order in self.check_order.values():
-            while order and order[0] in self.verdicts:
-                ready.append(self.verdicts.pop(order.popleft()))
-        for i in range(0, len(ready), BATCH):  # the names lock is held for one batch at a time
-            self.settle(ready[i : i + BATCH], now)
+            while order and order[0] in self.verdicts:  # in drop order, a batch at a time
+                batch: list[Checked] = []
+                while order and order[0] in self.verdicts and len(batch) < BATCH:
+                    batch.append(self.verdicts.pop(order.popleft()))
+                self.settle(batch, now)
         self.commit_accepted()
         if self.accepted:  # a failed sync: the loop must come back for them
             return now + self.commit.retry_in()
@@ -343,15 +343,14 @@ class Daemon:
     def settle(self, batch: list[Checked], now: float) -> None:
         """Drops whose verdicts are back: into their queue or joberrors, or look again.
 
-        A burst's drops are settled together, under one hold of the names lock.
+        A burst's drops are settled together (:func:`~jobspool.intake.settle_drops`).
+        Whatever happens, each drop ends up settled or waiting to be looked at again.
         """
         drops, paths = [], []
         for checked in batch:
             path = checked.key
             iface_name, screened = self.checking.pop(path)
             iface = self.cfg.interfaces.get(iface_name)  # (an interface gone with a reload)
-            if not self.serves(lease.interface_key(iface_name)):
-                iface = None  # its lease went meanwhile: left in place for the new owner
             if iface is None or checked.error is not None:  # not checked: look again
                 self.waiting[path] = (now + self.cfg.daemon.settle, False)
             else:
@@ -359,23 +358,31 @@ class Daemon:
                 paths.append(path)
         if not drops:
             return
+        # Cluster mode: asked under the lock, for each drop, just before its move.
+        owned = None if self.cluster is None else self._owns_interface
         try:
-            settled = intake.settle_drops(self.spool, drops, sync=False)
-        except (JobspoolError, OSError) as exc:  # the names lock: nothing was settled
-            self.intake_fault.failed(faults.kind(exc), detail=str(exc))
-            settled = [intake.Settled(None)] * len(drops)
+            settled = intake.settle_drops(self.spool, drops, sync=False, owned=owned)
+        except BaseException:
+            for path in paths:  # looked at again (one it had moved is gone by then)
+                self.waiting[path] = (now + self.cfg.daemon.settle, False)
+            raise
         for path, (iface, _, _), (taken, error) in zip(paths, drops, settled, strict=True):
+            bound = logs.get(job=path.name, interface=iface.name)
             if error is not None:
                 if faults.is_machine_fault(error):  # one line per episode, not one per drop
                     self.intake_fault.failed(faults.kind(error), job=path.name, detail=str(error))
                 else:
-                    logs.get(job=path.name, interface=iface.name).error(
-                        "cannot take dropped file now; will try again", error=str(error)
-                    )
+                    bound.error("cannot take dropped file now; will try again", error=str(error))
             if taken is None:  # gone, changed while it was checked, or not settled: look again
                 self.waiting[path] = (now + self.cfg.daemon.settle, False)
-            else:
+                continue
+            try:
                 self.taken(taken, iface.name, path)
+            except Exception as exc:  # as in look_at: one drop never stops the loop
+                bound.exception("cannot report a dropped file taken", error=str(exc))
+
+    def _owns_interface(self, iface_name: str) -> bool:
+        return self.serves(lease.interface_key(iface_name))
 
     def taken(self, taken: intake.Taken, iface_name: str, path: Path) -> None:
         """A drop went into joberrors (reported now) or its queue (reported once synced)."""

@@ -22,7 +22,7 @@ import re
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -337,6 +337,7 @@ class Taken(NamedTuple):
     stamp: int
     log: joblog.Log  # its log so far; the daemon finishes it
     reason: str | None = None  # why it went to joberrors
+    copied: bool = False  # queued as a synced copy (the drop was not ours to stamp)
 
 
 class Screened(NamedTuple):
@@ -441,28 +442,64 @@ def settle_drops(
     drops: Sequence[tuple[Interface, Screened, list[Problem]]],
     *,
     sync: bool = True,
+    owned: Callable[[str], bool] | None = None,
 ) -> list[Settled]:
-    """:func:`settle_drop` for checked drops in their order, under one hold of the names lock.
+    """:func:`settle_drop` for checked drops in their order, the names lock held across them.
 
-    A burst pays for the lock and the stamps once, not per drop. A drop
-    that cannot be settled now has its error in its :class:`Settled`, and
-    the others go on; a lock that cannot be taken raises (a
-    :class:`JobspoolError` or an ``OSError``), and none is settled.
+    A burst pays for the lock and the stamps once, not per drop. The lock
+    is let go after a drop that had to be synced at once (a rejection, a
+    copy of a file not ours), so that a ``submit`` waits for no more than
+    one drop's syncs. A drop that cannot be settled now (a failed digest,
+    an I/O error, a lock that cannot be taken) has its error in its
+    :class:`Settled`, and the others go on. ``owned(interface)`` is asked
+    for each drop under the lock (cluster mode): one whose interface is no
+    longer this node's is left in place, as a drop that changed is.
     """
-    digests = [_digest(iface, problems, screened.path) for iface, screened, problems in drops]
-    settled = []
-    with spool.names_lock():
-        stamps = spool.stamps(len(drops))
-        for (iface, screened, problems), hexdigest, stamp in zip(
-            drops, digests, stamps, strict=True
-        ):
-            try:
-                taken = _settle(spool, iface, screened, problems, hexdigest, stamp, sync)
-            except (JobspoolError, OSError) as exc:  # this drop waits; the others go on
-                settled.append(Settled(None, exc))
-            else:
-                settled.append(Settled(taken))
-    return settled
+    settled: list[Settled | None] = [None] * len(drops)
+    digests: list[str | None] = [None] * len(drops)
+    for i, (iface, screened, problems) in enumerate(drops):
+        try:  # outside the lock: a big job's digest holds up nobody
+            digests[i] = _digest(iface, problems, screened.path)
+        except (JobspoolError, OSError) as exc:
+            settled[i] = Settled(None, exc)
+    todo = [i for i, s in enumerate(settled) if s is None]
+    while todo:
+        try:
+            with spool.names_lock():
+                stamps = iter(spool.stamps(len(todo)))
+                while todo:
+                    i = todo.pop(0)
+                    iface, screened, problems = drops[i]
+                    settled[i], synced = _settle_one(
+                        spool, iface, screened, problems, digests[i], next(stamps), sync, owned
+                    )
+                    if synced:
+                        break  # let a waiting submitter in before the next drop's syncs
+        except (JobspoolError, OSError) as exc:  # the lock itself: the rest wait
+            for i in todo:
+                settled[i] = Settled(None, exc)
+            todo = []
+    return [s if s is not None else Settled(None) for s in settled]
+
+
+def _settle_one(
+    spool: Spool,
+    iface: Interface,
+    screened: Screened,
+    problems: list[Problem],
+    hexdigest: str | None,
+    stamp: int,
+    sync: bool,
+    owned: Callable[[str], bool] | None,
+) -> tuple[Settled, bool]:
+    """One drop of :func:`settle_drops`, the lock held; and whether it synced at once."""
+    if owned is not None and not owned(iface.name):
+        return Settled(None), False
+    try:
+        taken = _settle(spool, iface, screened, problems, hexdigest, stamp, sync)
+    except (JobspoolError, OSError) as exc:  # this drop waits; the others go on
+        return Settled(None, exc), True
+    return Settled(taken), taken is not None and (taken.place == JOBERRORS or taken.copied)
 
 
 def _digest(iface: Interface, problems: list[Problem], path: Path) -> str | None:
@@ -533,6 +570,8 @@ def _settle(
         with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
             spool.write(queue / name, _chunks(f), stamp_ns=stamp)
         spool.remove(src, sync=sync)
+        content.remember(spool, iface, hexdigest, name, stamp)
+        return Taken(name, f"{QUEUE}/{iface.name}", stamp, log, copied=True)
     content.remember(spool, iface, hexdigest, name, stamp)
     return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
 
