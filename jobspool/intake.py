@@ -470,36 +470,24 @@ def settle_drops(
                 while todo:
                     i = todo.pop(0)
                     iface, screened, problems = drops[i]
-                    settled[i], synced = _settle_one(
-                        spool, iface, screened, problems, digests[i], next(stamps), sync, owned
-                    )
-                    if synced:
-                        break  # let a waiting submitter in before the next drop's syncs
+                    if owned is not None and not owned(iface.name):
+                        settled[i] = Settled(None)  # another node's now: left in place
+                        continue
+                    try:
+                        taken = _settle(
+                            spool, iface, screened, problems, digests[i], next(stamps), sync
+                        )
+                    except (JobspoolError, OSError) as exc:  # this drop waits; the others go on
+                        settled[i] = Settled(None, exc)
+                        break  # (it may have synced part of its way)
+                    settled[i] = Settled(taken)
+                    if taken is not None and (taken.place == JOBERRORS or taken.copied):
+                        break  # synced at once: a waiting submitter goes before the next
         except (JobspoolError, OSError) as exc:  # the lock itself: the rest wait
             for i in todo:
                 settled[i] = Settled(None, exc)
             todo = []
     return [s if s is not None else Settled(None) for s in settled]
-
-
-def _settle_one(
-    spool: Spool,
-    iface: Interface,
-    screened: Screened,
-    problems: list[Problem],
-    hexdigest: str | None,
-    stamp: int,
-    sync: bool,
-    owned: Callable[[str], bool] | None,
-) -> tuple[Settled, bool]:
-    """One drop of :func:`settle_drops`, the lock held; and whether it synced at once."""
-    if owned is not None and not owned(iface.name):
-        return Settled(None), False
-    try:
-        taken = _settle(spool, iface, screened, problems, hexdigest, stamp, sync)
-    except (JobspoolError, OSError) as exc:  # this drop waits; the others go on
-        return Settled(None, exc), True
-    return Settled(taken), taken is not None and (taken.place == JOBERRORS or taken.copied)
 
 
 def _digest(iface: Interface, problems: list[Problem], path: Path) -> str | None:
