@@ -367,19 +367,22 @@ class Daemon:
                 self.waiting[path] = (now + self.cfg.daemon.settle, False)
             raise
         for path, (iface, _, _), (taken, error) in zip(paths, drops, settled, strict=True):
-            bound = logs.get(job=path.name, interface=iface.name)
             if error is not None:
                 if faults.is_machine_fault(error):  # one line per episode, not one per drop
                     self.intake_fault.failed(faults.kind(error), job=path.name, detail=str(error))
                 else:
-                    bound.error("cannot take dropped file now; will try again", error=str(error))
+                    logs.get(job=path.name, interface=iface.name).error(
+                        "cannot take dropped file now; will try again", error=str(error)
+                    )
             if taken is None:  # gone, changed while it was checked, or not settled: look again
                 self.waiting[path] = (now + self.cfg.daemon.settle, False)
                 continue
             try:
                 self.taken(taken, iface.name, path)
             except Exception as exc:  # as in look_at: one drop never stops the loop
-                bound.exception("cannot report a dropped file taken", error=str(exc))
+                logs.get(job=path.name, interface=iface.name).exception(
+                    "cannot report a dropped file taken", error=str(exc)
+                )
 
     def _owns_interface(self, iface_name: str) -> bool:
         return self.serves(lease.interface_key(iface_name))
