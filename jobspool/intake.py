@@ -548,6 +548,7 @@ def _settle(
         # process: its history goes to disk now, like a submitted job's.
         pending = spool.pending_log(name)
         spool.write(pending, [joblog.to_bytes(log)], replace=True, sync=sync)
+    copied = False
     try:
         spool.move(src, queue, stamp_ns=stamp, new_name=name, sync=sync)
     except Denied:
@@ -558,10 +559,9 @@ def _settle(
         with os_errors(f"cannot read dropped file {src}"), open(src, "rb") as f:
             spool.write(queue / name, _chunks(f), stamp_ns=stamp)
         spool.remove(src, sync=sync)
-        content.remember(spool, iface, hexdigest, name, stamp)
-        return Taken(name, f"{QUEUE}/{iface.name}", stamp, log, copied=True)
+        copied = True
     content.remember(spool, iface, hexdigest, name, stamp)
-    return Taken(name, f"{QUEUE}/{iface.name}", stamp, log)
+    return Taken(name, f"{QUEUE}/{iface.name}", stamp, log, copied=copied)
 
 
 def take_stray(spool: Spool, iface: Interface, filename: str) -> Taken | None:
