@@ -100,6 +100,18 @@ def test_check_reports_a_syntax_error_as_file_line_column(spool):
     assert "orders" in message
 
 
+def test_check_gives_each_schema_error_its_own_line(spool):
+    doc = INVALID.replace(b"</order>", b"  <extra/>\n\n  <more>x</more>\n</order>")
+    job = spool.file("order-4.xml", doc)
+    result = spool.run("check", "orders_in", str(job))
+    assert result.returncode == 65
+    lines = [row.split(":", 3)[1:4:2] for row in result.stderr.splitlines()[:2]]
+    assert [(line, message.split("'")[1]) for line, message in lines] == [
+        ("4", "qty"),
+        ("5", "extra"),
+    ]
+
+
 def test_check_needs_no_spool(configured):
     job = configured.file("order-1.xml")
     assert_ok(configured.run("check", "orders_in", str(job)))
