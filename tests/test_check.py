@@ -162,6 +162,22 @@ def test_a_schema_error_is_placed_on_the_first_line_of_its_element(order_xsd):
     assert checking.check(far, order_xsd).problems[0].line == 70_002
 
 
+def test_a_tag_in_a_comment_or_cdata_is_not_taken_for_the_element(order_xsd):
+    # Looking back for the element's start tag skips what is only text:
+    # a comment, a CDATA section, a processing instruction. A tree check
+    # places the error where the real <qty> begins, line 3.
+    for aside in (b"<!-- was <qty>4</qty> -->", b"<![CDATA[<qty>]]>", b"<?note <qty> ?>"):
+        doc = b'<order id="1">\n  <sku>HAM-1</sku>\n  <qty>four\n%s\nor five</qty>\n' % aside
+        doc += b"</order>"
+        assert checking.check(doc, order_xsd).problems[0].line == 3, aside
+    # A comment begun before the lines looked back at: its inside is text too.
+    # The real start tag (line 3) lies beyond them, so the error keeps the
+    # line the validator noticed it on, the end tag's (77), never line 45.
+    comment = b"<!--\n" + b"x\n" * 40 + b"<qty>\n" + b"x\n" * 30 + b"-->\n"
+    doc = b'<order id="1">\n  <sku>HAM-1</sku>\n  <qty>four\n' + comment + b"</qty>\n</order>"
+    assert checking.check(doc, order_xsd).problems[0].line == 77
+
+
 def test_each_schema_error_is_placed_on_its_own_line(order_xsd):
     # The streaming validator gives none of them a line: each is placed, not
     # only the first, as a tree check places them.
