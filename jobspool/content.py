@@ -12,9 +12,10 @@ that interface with the same content within the window is
 - ``flag``: accepted and processed, its log noting the same.
 
 Only accepted jobs are remembered, so a rejected copy never shadows a good
-one. An entry older than the window is simply ignored (and replaced by the
-next job with that content); the folder holds one small file per distinct
-content accepted: a purge schedule over ``state/content`` keeps it short.
+one. An entry older than the window is ignored (and replaced by the next
+job with that content), and the daemon removes it (:func:`forget_expired`,
+at most once an hour per interface): the folder holds one small file per
+distinct content accepted within the window, with no schedule to set up.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jobspool.spool import STATE, Spool
 
 FOLDER = "content"
 _CHUNK = 1 << 20
+_FORGET_BATCH = 256  # entries removed per hold of the names lock
 
 
 def digest(path: str | os.PathLike[str]) -> str:
@@ -84,3 +86,31 @@ def remember(
     path = _entry(spool, iface.name, hexdigest)
     path.parent.mkdir(parents=True, exist_ok=True)
     spool.write(path, [name.encode() + b"\n"], replace=True, stamp_ns=stamp_ns, sync=False)
+
+
+def forget_expired(spool: Spool, iface: Interface, now: float) -> int:
+    """Remove the entries of ``iface`` older than its window; how many went.
+
+    Looked for without the names lock, removed under it, each looked at
+    again there: a job accepted meanwhile with that content has renewed its
+    entry, which stays. Not synced: an entry back after a power cut is
+    past its window, so ignored, and removed the next time.
+    """
+    folder = spool.root / STATE / FOLDER / iface.name
+    older = int((now - iface.same_within) * 1e9)
+    try:
+        with os.scandir(folder) as entries:
+            expired = [e.path for e in entries if e.is_file() and e.stat().st_mtime_ns < older]
+    except FileNotFoundError:
+        return 0
+    gone = 0
+    for at in range(0, len(expired), _FORGET_BATCH):
+        with spool.names_lock():
+            for path in expired[at : at + _FORGET_BATCH]:
+                try:
+                    if os.lstat(path).st_mtime_ns < older:
+                        os.unlink(path)
+                        gone += 1
+                except FileNotFoundError:
+                    pass
+    return gone

@@ -30,7 +30,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobspool import check, config, faults, intake, lease, logs, metrics, names, notify, watch
+from jobspool import (
+    check,
+    config,
+    content,
+    faults,
+    intake,
+    lease,
+    logs,
+    metrics,
+    names,
+    notify,
+    watch,
+)
 from jobspool.alerts import Alerts
 from jobspool.checkpool import Checked, CheckPool, Task
 from jobspool.config import Config
@@ -46,6 +58,7 @@ from jobspool.spool import INCOMING, JOBERRORS, QUEUE, Spool
 ALERTS_GRACE = 10.0  # seconds the last notifications may take at shutdown
 DEADLINE_KEEPER = 10.0  # seconds a stopping daemon waits for the lease keeper's last turn
 TURN = 0.25  # seconds of taking drops before the loop serves schedules and rescans
+FORGET_EVERY = 3600.0  # seconds at most between removals of expired content entries
 
 
 class Daemon:
@@ -68,6 +81,7 @@ class Daemon:
         self.hints: collections.deque[watch.Hint] = collections.deque()  # read, not yet looked at
         self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
+        self.content_forgotten: dict[str, float] = {}  # interface -> last removal of expired
         self.held = HeldLogs()  # logs of jobs accepted here, until their lane takes them
         self.accepted: dict[str, tuple[str, intake.Taken]] = {}  # name -> this turn's, until synced
         self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
@@ -436,6 +450,29 @@ class Daemon:
             self.rescan_fault.failed(faults.kind(exc), detail=repr(exc))
         else:
             self.rescan_fault.ok()
+        self.forget_expired_content(time.time())
+
+    def forget_expired_content(self, now: float) -> None:
+        """Remove content entries past their window (``same_content``), once an hour at most.
+
+        Or once a window, when it is shorter; for the interfaces this node
+        serves. A fault is one line; the next rescan tries again.
+        """
+        for iface in self.cfg.interfaces.values():
+            if iface.same_content is None or not self.serves(lease.interface_key(iface.name)):
+                continue
+            every = min(FORGET_EVERY, iface.same_within)
+            if now < self.content_forgotten.get(iface.name, 0.0) + every:
+                continue
+            bound = logs.get(interface=iface.name)
+            try:
+                gone = content.forget_expired(self.spool, iface, now)
+            except OSError as exc:
+                bound.error("cannot remove expired content entries; will try again", error=str(exc))
+                continue
+            self.content_forgotten[iface.name] = now
+            if gone:
+                bound.info("expired content entries removed", removed=gone)
 
     def rescan(self) -> None:
         """Look at every drop folder and queue, whatever the events said."""

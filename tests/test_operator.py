@@ -282,6 +282,31 @@ def test_flagged_same_content_is_processed_with_a_note_and_the_window_ends(site)
     daemon.stop()
 
 
+def test_content_entries_past_their_window_are_removed_by_the_daemon(site):
+    # No purge schedule needed: state/content holds only what the window keeps.
+    site.configure(
+        {"orders_in": {"command": ["/bin/true"], "same_content": "reject", "same_within": "2s"}},
+        rescan="0.5s",
+    )
+    site.init()
+    entries = site.root / "state/content/orders_in"
+    daemon = site.start()
+    site.drop("orders_in", "old.xml", order("old"))
+    site.wait_in("old.xml", "bak/orders_in")
+    (old_entry,) = entries.iterdir()
+    time.sleep(1.5)
+    site.drop("orders_in", "new.xml", order("new"))
+    site.wait_in("new.xml", "bak/orders_in")
+    # old.xml's entry goes once it is 2 s old; new.xml's, 1.5 s younger, stays meanwhile.
+    site.wait_for(lambda: not old_entry.exists(), "old.xml's entry removed")
+    assert [e.read_text() for e in entries.iterdir()] == ["new.xml\n"]
+    # Within its window new.xml's content is still rejected.
+    site.drop("orders_in", "copy.xml", order("new"))
+    site.wait_in("copy.xml", "joberrors")
+    assert daemon.said("expired content entries removed", interface="orders_in", removed=1)
+    daemon.stop()
+
+
 def test_a_bad_same_content_setting_is_refused(site):
     site.configure({"orders_in": {"command": ["/bin/true"], "same_content": "maybe"}})
     assert "reject or flag" in site.fails(78, "init")
