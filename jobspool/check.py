@@ -351,10 +351,10 @@ def _locate(
 
 _LOOK_BACK = 64  # lines (or pieces of one) kept to find an element's start tag in
 _NAMED = re.compile(r"Element '(?:\{[^}]*\})?([^']+)'")
-# Where markup is only text: a tag written there is not an element's. Each
-# may be cut by the end of the lines looked back at (or begin before them).
-_TEXT_ONLY = re.compile(rb"<!--.*?(?:-->|\Z)|<!\[CDATA\[.*?(?:\]\]>|\Z)|<\?.*?(?:\?>|\Z)", re.S)
-_TEXT_ONLY_PAIRS = ((b"<!--", b"-->"), (b"<![CDATA[", b"]]>"), (b"<?", b"?>"))
+# Where markup is only text: a tag written there is not an element's. One
+# begun before the lines looked back at is not seen (their first end marker
+# cannot tell: "-->" and "?>" are allowed in plain text too).
+_TEXT_ONLY = rb"<!--.*?(?:-->|\Z)|<!\[CDATA\[.*?(?:\]\]>|\Z)|<\?.*?(?:\?>|\Z)"
 
 
 def _lines_back(recent: collections.deque[bytes], message: str) -> int:
@@ -363,26 +363,16 @@ def _lines_back(recent: collections.deque[bytes], message: str) -> int:
     if named is None:
         return 0
     local = re.escape(named.group(1).rpartition(":")[2].encode())
-    start = re.compile(rb"<(?:[^\s<>/:]+:)?" + local + rb"(?:[\s/>]|\Z)")
-    text = _markup_only(b"".join(recent))
-    begins = [m.start() for m in start.finditer(text)]
-    if not begins:
+    # One pass, left to right: a comment, CDATA or instruction is matched
+    # whole (group 1), so no start tag is ever matched inside one.
+    tag = rb"<(?:[^\s<>/:]+:)?" + local + rb"(?:[\s/>]|\Z)"
+    text = b"".join(recent)
+    found = re.finditer(b"(" + _TEXT_ONLY + b")|" + tag, text, re.S)
+    starts = [m.start() for m in found if m.group(1) is None]
+    if not starts:
         return 0
     # The last piece's own line break is the end of the line the error is on.
-    return text.count(b"\n", begins[-1], len(text) - text.endswith(b"\n"))
-
-
-def _markup_only(text: bytes) -> bytes:
-    """``text`` with comments, CDATA and processing instructions blanked, line breaks kept."""
-    for opener, end in _TEXT_ONLY_PAIRS:  # one begun before the text: blanked up to its end
-        at = text.find(end)
-        if at >= 0 and not 0 <= text.find(opener) < at:
-            text = _blank(text[: at + len(end)]) + text[at + len(end) :]
-    return _TEXT_ONLY.sub(lambda m: _blank(m.group()), text)
-
-
-def _blank(text: bytes) -> bytes:
-    return re.sub(rb"[^\n]", b" ", text)
+    return text.count(b"\n", starts[-1], len(text) - text.endswith(b"\n"))
 
 
 _LINE_PIECE = 1 << 16  # bytes: the most of one line fed at once while locating an error
