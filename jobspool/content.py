@@ -20,6 +20,7 @@ distinct content accepted within the window, with no schedule to set up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -89,28 +90,41 @@ def remember(
 
 
 def forget_expired(spool: Spool, iface: Interface, now: float) -> int:
-    """Remove the entries of ``iface`` older than its window; how many went.
+    """Remove the entries of ``iface`` older than its window at ``now``; how many went.
 
-    Looked for without the names lock, removed under it, each looked at
-    again there: a job accepted meanwhile with that content has renewed its
-    entry, which stays. Not synced: an entry back after a power cut is
-    past its window, so ignored, and removed the next time.
+    The folder is read as it goes (a huge one costs no memory), and what is
+    found expired is removed a batch at a time under the names lock, each
+    entry looked at again there: one a job renewed meanwhile stays. Not
+    synced: an entry back after a power cut is past its window, so ignored,
+    and removed the next time.
     """
     folder = spool.root / STATE / FOLDER / iface.name
     older = int((now - iface.same_within) * 1e9)
     try:
-        with os.scandir(folder) as entries:
-            expired = [e.path for e in entries if e.is_file() and e.stat().st_mtime_ns < older]
+        entries = os.scandir(folder)
     except FileNotFoundError:
         return 0
+    gone, expired = 0, []
+    with entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                old = entry.stat(follow_symlinks=False).st_mtime_ns < older
+                if old and entry.is_file(follow_symlinks=False):
+                    expired.append(entry.path)
+            if len(expired) >= _FORGET_BATCH:
+                gone += _remove_expired(spool, expired, older)
+                expired = []
+    return gone + _remove_expired(spool, expired, older)
+
+
+def _remove_expired(spool: Spool, paths: list[str], older: int) -> int:
+    if not paths:
+        return 0
     gone = 0
-    for at in range(0, len(expired), _FORGET_BATCH):
-        with spool.names_lock():
-            for path in expired[at : at + _FORGET_BATCH]:
-                try:
-                    if os.lstat(path).st_mtime_ns < older:
-                        os.unlink(path)
-                        gone += 1
-                except FileNotFoundError:
-                    pass
+    with spool.names_lock():
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_mtime_ns < older:
+                    os.unlink(path)
+                    gone += 1
     return gone

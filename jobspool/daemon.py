@@ -81,7 +81,8 @@ class Daemon:
         self.hints: collections.deque[watch.Hint] = collections.deque()  # read, not yet looked at
         self.waiting: dict[Path, tuple[float, bool]] = {}  # drop -> (look again at, renamed in)
         self.reported: set[tuple[Path, float]] = set()  # unreadable drops already reported
-        self.content_forgotten: dict[str, float] = {}  # interface -> last removal of expired
+        self.content_forgotten: dict[str, float] = {}  # interface -> monotonic start of last pass
+        self.forgetter: threading.Thread | None = None
         self.held = HeldLogs()  # logs of jobs accepted here, until their lane takes them
         self.accepted: dict[str, tuple[str, intake.Taken]] = {}  # name -> this turn's, until synced
         self.retry_commit_at = 0.0  # monotonic: after a failed sync, when to try again
@@ -450,27 +451,41 @@ class Daemon:
             self.rescan_fault.failed(faults.kind(exc), detail=repr(exc))
         else:
             self.rescan_fault.ok()
-        self.forget_expired_content(time.time())
+        self.forget_expired_content()
 
-    def forget_expired_content(self, now: float) -> None:
+    def forget_expired_content(self) -> None:
         """Remove content entries past their window (``same_content``), once an hour at most.
 
-        Or once a window, when it is shorter; for the interfaces this node
-        serves. A fault is one line; the next rescan tries again.
+        Or once a window, when that is shorter; for the interfaces this node
+        serves. In a thread: a folder of millions of entries must not hold up
+        the main loop (or systemd's watchdog). A fault is one line; the next
+        pass, an hour later, tries again.
         """
+        if self.forgetter is not None and self.forgetter.is_alive():
+            return
+        now = time.monotonic()  # a clock stepped back must not stop the passes
+        due = []
         for iface in self.cfg.interfaces.values():
             if iface.same_content is None or not self.serves(lease.interface_key(iface.name)):
                 continue
-            every = min(FORGET_EVERY, iface.same_within)
-            if now < self.content_forgotten.get(iface.name, 0.0) + every:
-                continue
+            last = self.content_forgotten.get(iface.name)
+            if last is None or now >= last + min(FORGET_EVERY, iface.same_within):
+                self.content_forgotten[iface.name] = now
+                due.append(iface)
+        if due:
+            self.forgetter = threading.Thread(
+                target=self._forget_expired, args=(due,), name="forget-content", daemon=True
+            )
+            self.forgetter.start()
+
+    def _forget_expired(self, due: list[config.Interface]) -> None:
+        for iface in due:
             bound = logs.get(interface=iface.name)
             try:
-                gone = content.forget_expired(self.spool, iface, now)
-            except OSError as exc:
+                gone = content.forget_expired(self.spool, iface, time.time())
+            except Exception as exc:  # a read-only spool, an I/O error: in an hour again
                 bound.error("cannot remove expired content entries; will try again", error=str(exc))
                 continue
-            self.content_forgotten[iface.name] = now
             if gone:
                 bound.info("expired content entries removed", removed=gone)
 

@@ -9,6 +9,8 @@ import re
 import time
 from typing import Any
 
+from jobspool import config, content
+from jobspool.spool import Spool
 from tests.kit import DEADLINE, VALID, Site, child, log_events, log_root, order, plain
 
 DERIVED = re.compile(r"orders\.\d{8}T\d{6}\.\d{3}\.xml")
@@ -285,26 +287,48 @@ def test_flagged_same_content_is_processed_with_a_note_and_the_window_ends(site)
 def test_content_entries_past_their_window_are_removed_by_the_daemon(site):
     # No purge schedule needed: state/content holds only what the window keeps.
     site.configure(
-        {"orders_in": {"command": ["/bin/true"], "same_content": "reject", "same_within": "2s"}},
+        {"orders_in": {"command": ["/bin/true"], "same_content": "reject", "same_within": "1h"}},
         rescan="0.5s",
     )
     site.init()
-    entries = site.root / "state/content/orders_in"
     daemon = site.start()
     site.drop("orders_in", "old.xml", order("old"))
-    site.wait_in("old.xml", "bak/orders_in")
-    (old_entry,) = entries.iterdir()
-    time.sleep(1.5)
     site.drop("orders_in", "new.xml", order("new"))
+    site.wait_in("old.xml", "bak/orders_in")
     site.wait_in("new.xml", "bak/orders_in")
-    # old.xml's entry goes once it is 2 s old; new.xml's, 1.5 s younger, stays meanwhile.
-    site.wait_for(lambda: not old_entry.exists(), "old.xml's entry removed")
-    assert [e.read_text() for e in entries.iterdir()] == ["new.xml\n"]
-    # Within its window new.xml's content is still rejected.
+    daemon.stop()
+    entries = {e.read_text(): e for e in (site.root / "state/content/orders_in").iterdir()}
+    assert sorted(entries) == ["new.xml\n", "old.xml\n"]
+    two_hours_ago = time.time() - 7200
+    os.utime(entries["old.xml\n"], (two_hours_ago, two_hours_ago))
+    daemon = site.start()
+    site.wait_for(lambda: not entries["old.xml\n"].exists(), "old.xml's entry removed")
+    assert entries["new.xml\n"].exists()  # within its window: kept, and still in force
     site.drop("orders_in", "copy.xml", order("new"))
     site.wait_in("copy.xml", "joberrors")
     assert daemon.said("expired content entries removed", interface="orders_in", removed=1)
     daemon.stop()
+
+
+def test_an_entry_renewed_while_expired_ones_are_removed_stays(spool, monkeypatch):
+    # Found expired without the lock, renewed by a job before the removal:
+    # looked at again under the lock, it stays.
+    tree = Spool.of(config.load(spool.config))
+    iface = config.Interface(name="orders_in", same_content="reject", same_within=60.0)
+    folder = spool.root / "state/content/orders_in"
+    folder.mkdir(parents=True)
+    for hexdigest in ("aa", "bb"):
+        (folder / hexdigest).write_text("old.xml\n")
+        os.utime(folder / hexdigest, (time.time() - 120, time.time() - 120))
+    real = content._remove_expired
+
+    def renewed_first(spool_, paths, older):
+        content.remember(tree, iface, "bb", "renewed.xml", time.time_ns())
+        return real(spool_, paths, older)
+
+    monkeypatch.setattr(content, "_remove_expired", renewed_first)
+    assert content.forget_expired(tree, iface, time.time()) == 1
+    assert [(e.name, e.read_text()) for e in folder.iterdir()] == [("bb", "renewed.xml\n")]
 
 
 def test_a_bad_same_content_setting_is_refused(site):
