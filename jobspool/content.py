@@ -16,6 +16,8 @@ one. An entry older than the window is ignored (and replaced by the next
 job with that content), and the daemon removes it (:func:`forget_expired`,
 at most once an hour per interface): the folder holds one small file per
 distinct content accepted within the window, with no schedule to set up.
+The folders of an interface that no longer has ``same_content`` (or is gone)
+are left as they are: turned on again, it finds its window's entries.
 """
 
 from __future__ import annotations
