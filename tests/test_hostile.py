@@ -1,6 +1,6 @@
 """Hostile partners: hostile XML and hostile names on every way into the spool.
 
-**Hostile XML.** One table of documents (:data:`tests.hostilekit.HOSTILE`) is
+**Hostile XML.** One table of documents (:data:`tests.kit.hostile.HOSTILE`) is
 sent down all three ways a job comes in: ``jobspool check``, ``jobspool
 submit`` and a drop folder watched by a real daemon. Every one is rejected
 with a one-line reason (``check``: exit 65; ``submit``: exit 65, the job in

@@ -1,4 +1,4 @@
-"""Hostile XML through the HTTPS front: the table of :data:`tests.hostilekit.HOSTILE`
+"""Hostile XML through the HTTPS front: the table of :data:`tests.kit.hostile.HOSTILE`
 uploaded to a real ``jobspool serve`` (``POST /xml/upload?Interfacename=orders_in``).
 
 Every document is refused within 2 s with a short text answer naming the
