@@ -304,7 +304,7 @@ class Daemon:
                     if stat.S_ISREG(st.st_mode):
                         lane.offer(st.st_mtime_ns, name)
             return
-        if not self.serves(lease.interface_key(iface)):
+        if not self._owns_interface(iface):
             # Cluster mode: its interface's owner takes it, so that acceptance
             # order is the order its one lane learns of jobs (docs/deployment.rst).
             self.waiting.pop(path, None)
@@ -466,7 +466,7 @@ class Daemon:
         now = time.monotonic()  # a clock stepped back must not stop the passes
         due = []
         for iface in self.cfg.interfaces.values():
-            if iface.same_content is None or not self.serves(lease.interface_key(iface.name)):
+            if iface.same_content is None or not self._owns_interface(iface.name):
                 continue
             last = self.content_forgotten.get(iface.name)
             if last is None or now >= last + min(FORGET_EVERY, iface.same_within):
@@ -611,7 +611,7 @@ class Daemon:
     def start_lanes(self) -> None:
         ctx = self.lane_context()
         for iface in self.cfg.interfaces.values():
-            if not self.serves(lease.interface_key(iface.name)):
+            if not self._owns_interface(iface.name):
                 continue  # another node's, for now (cluster mode)
             if not iface.outbound and iface.name not in self.lanes:
                 lane = self.lanes[iface.name] = Lane(iface, ctx)

@@ -455,14 +455,16 @@ def settle_drops(
     for each drop under the lock (cluster mode): one whose interface is no
     longer this node's is left in place, as a drop that changed is.
     """
-    settled: list[Settled | None] = [None] * len(drops)
+    settled = [Settled(None)] * len(drops)
     digests: list[str | None] = [None] * len(drops)
+    todo = []
     for i, (iface, screened, problems) in enumerate(drops):
         try:  # outside the lock: a big job's digest holds up nobody
             digests[i] = _digest(iface, problems, screened.path)
         except (JobspoolError, OSError) as exc:
             settled[i] = Settled(None, exc)
-    todo = [i for i, s in enumerate(settled) if s is None]
+        else:
+            todo.append(i)
     while todo:
         try:
             with spool.names_lock():
@@ -471,8 +473,7 @@ def settle_drops(
                     i = todo.pop(0)
                     iface, screened, problems = drops[i]
                     if owned is not None and not owned(iface.name):
-                        settled[i] = Settled(None)  # another node's now: left in place
-                        continue
+                        continue  # another node's now: left in place
                     try:
                         taken = _settle(
                             spool, iface, screened, problems, digests[i], next(stamps), sync
@@ -487,7 +488,7 @@ def settle_drops(
             for i in todo:
                 settled[i] = Settled(None, exc)
             todo = []
-    return [s if s is not None else Settled(None) for s in settled]
+    return settled
 
 
 def _digest(iface: Interface, problems: list[Problem], path: Path) -> str | None:
